@@ -1,0 +1,26 @@
+"""The method table: every --method name, its arguments and its quantizer."""
+
+from __future__ import annotations
+
+from salomi.quantizers.base import Quantizer
+from salomi.quantizers.simple import BinaryQuantizer, RTNQuantizer, TernaryQuantizer
+from salomi.quantizers.spec import int_arg, register_method
+
+
+@register_method("binary", "binary[:gG]", "sign x fp16 scale per row (or per group of G): ~1 bit")
+def _binary(spec: str, *args: str) -> Quantizer:
+    if len(args) > 1:
+        raise TypeError
+    return BinaryQuantizer(int_arg(spec, args[0], "g") if args else None)
+
+
+@register_method("ternary", "ternary[:gG]", "{-a,0,+a} packed 5 per byte + fp16 scale per row/group: ~1.6 bits")
+def _ternary(spec: str, *args: str) -> Quantizer:
+    if len(args) > 1:
+        raise TypeError
+    return TernaryQuantizer(int_arg(spec, args[0], "g") if args else None)
+
+
+@register_method("rtn", "rtn:K:gG", "round-to-nearest, K=1..4 bits, groups of G with fp16 scale and zero")
+def _rtn(spec: str, bits: str, group: str) -> Quantizer:
+    return RTNQuantizer(int_arg(spec, bits, "", 1, 8), int_arg(spec, group, "g"))
