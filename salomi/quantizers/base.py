@@ -65,11 +65,21 @@ def register_format(cls: type[StorageFormat]) -> type[StorageFormat]:
     return cls
 
 
+# Composite formats "BASE+SUFFIX" (e.g. "grid+lowrank"): SUFFIX -> factory(base format name).
+COMPOSITES: dict[str, Any] = {}
+
+
 def storage_format(name: str) -> StorageFormat:
-    try:
-        return FORMATS[name]
-    except KeyError:
+    if name not in FORMATS or "+" in name:
+        import salomi.quantizers.methods  # noqa: F401  (registers every format and composite)
+    fmt = FORMATS.get(name)
+    if fmt is None and "+" in name:
+        base, _, suffix = name.rpartition("+")
+        if suffix in COMPOSITES:
+            return COMPOSITES[suffix](base)
+    if fmt is None:
         raise SalomiError(f"unknown storage format {name!r} (known: {', '.join(sorted(FORMATS))})") from None
+    return fmt
 
 
 def expect(p: PackedLinear, name: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

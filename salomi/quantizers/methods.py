@@ -24,3 +24,17 @@ def _ternary(spec: str, *args: str) -> Quantizer:
 @register_method("rtn", "rtn:K:gG", "round-to-nearest, K=1..4 bits, groups of G with fp16 scale and zero")
 def _rtn(spec: str, bits: str, group: str) -> Quantizer:
     return RTNQuantizer(int_arg(spec, bits, "", 1, 8), int_arg(spec, group, "g"))
+
+
+@register_method("gptq", "gptq:K:gG[:act]", "GPTQ error feedback (needs Hessian); also gptq:binary[:gG][:act], gptq:ternary[:gG][:act]")
+def _gptq(spec: str, *args: str) -> Quantizer:
+    from salomi.quantizers.gptq import parse_gptq
+
+    return parse_gptq(spec, *args)
+
+
+@register_method("vq", "vq:dD:kK[:noft]", "Hessian-weighted k-means VQ of d-vectors, GPTQ-style feedback (needs Hessian): log2(k)/d bits + codebook")
+def _vq(spec: str, *args: str) -> Quantizer:
+    from salomi.quantizers.vq import parse_vq
+
+    return parse_vq(spec, *args)

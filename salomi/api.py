@@ -1,0 +1,295 @@
+"""The Python API behind the CLI: quantize, evaluate, inspect, export, generate."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from salomi.errors import SalomiError
+from salomi.evaluation.evaluate import Protocol, evaluate, make_windows, tokenize
+from salomi.loading.models import DEFAULT_MODEL, Reference, load_reference
+from salomi.packing import container
+from salomi.packing.model_file import QuantizedFile, build_model, load_quantized, save_quantized
+from salomi.quantizers.base import PackedLinear, Quantizer
+from salomi.quantizers.spec import parse_method
+
+DEFAULT_CALIB = "austen"
+DEFAULT_EVAL = "brown"
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _text_ids(tokenizer: Any, text: str) -> torch.Tensor:
+    from salomi.data.texts import load_text
+
+    ids = tokenize(tokenizer, load_text(text))
+    if ids.numel() == 0:
+        raise SalomiError(f"text {text!r} is empty after tokenization; give a text with content")
+    return ids
+
+
+def _float_dtype(name: str) -> torch.dtype:
+    try:
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    except KeyError:
+        raise SalomiError(f"--float-dtype must be float16, bfloat16 or float32 (got {name!r})") from None
+
+
+def quantize(
+    model: str = DEFAULT_MODEL,
+    method: str = "rtn:2:g64",
+    out: str | Path = "model.salomi",
+    calib: str = DEFAULT_CALIB,
+    segments: int = 128,
+    seg_len: int = 512,
+    seed: int = 0,
+    float_dtype: str = "float16",
+    resume: bool = False,
+    progress: bool = True,
+    reference: Reference | None = None,
+    recipe: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Quantize `model` with `method` (or a per-layer `recipe`) and write the packed file."""
+    start = time.perf_counter()
+    quantizer = parse_method(method)
+    per_layer = {name: parse_method(spec) for name, spec in (recipe or {}).items()}
+    fdtype = _float_dtype(float_dtype)
+    torch.manual_seed(seed)
+    ref = reference or load_reference(model)
+    if reference is not None:  # the caller keeps its copy pristine; quantize a clone
+        import copy
+
+        ref = copy.copy(reference)
+        ref.model = copy.deepcopy(reference.model)
+
+    def choose(name: str) -> Quantizer:
+        return per_layer.get(name, quantizer)
+
+    from salomi.loading.models import block_linears, decoder_blocks, linear_weight
+
+    for block in decoder_blocks(ref.model):
+        for mod in block_linears(block).values():
+            choose("").check_shape(tuple(linear_weight(mod).shape))
+    needs_h = quantizer.needs_hessian or any(q.needs_hessian for q in per_layer.values())
+    segs = None
+    calib_info: dict[str, Any] = {}
+    if needs_h:
+        from salomi.calibration.data import calibration_segments
+
+        ids = _text_ids(ref.tokenizer, calib)
+        segs = calibration_segments(ids, segments, seg_len, seed, calib)
+        calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed}
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    done: dict[str, PackedLinear] = {}
+    if resume and partial.exists():
+        done = _load_partial(partial, method)
+        print(f"[salomi] resuming: {len(done)} layers already quantized", file=sys.stderr)
+
+    def checkpoint(_i: int, packed: dict[str, PackedLinear]) -> None:
+        _save_partial(partial, packed, method)
+
+    from salomi.calibration.sequential import quantize_sequential
+
+    packed = quantize_sequential(ref.model, choose, segs, progress=progress, on_block_done=checkpoint, done=done)
+    seconds = time.perf_counter() - start
+    meta = {
+        "model": {"id": model, "name": ref.name, "source": ref.source},
+        "recipe": {"label": method if not recipe else f"recipe({method})", "default": method,
+                   "layers": {n: p.method for n, p in packed.items()}},
+        "calibration": calib_info,
+        "quantize": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()), "seed": seed,
+                     "git_commit": git_commit(), "torch": torch.__version__},
+    }
+    size = save_quantized(out, ref.model, ref.tokenizer, packed, meta, fdtype)
+    partial.unlink(missing_ok=True)
+    qf = load_quantized(out)
+    return {"file": str(out), "file_bytes": size, "linear_bpw": qf.linear_bpw, "model_bpw": qf.model_bpw,
+            "method": method, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
+
+
+def _save_partial(path: Path, packed: dict[str, PackedLinear], method: str) -> None:
+    tensors, layers = {}, {}
+    for n, p in packed.items():
+        layers[n] = {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params,
+                     "tensors": sorted(p.tensors)}
+        tensors.update({f"q/{n}/{t}": a for t, a in p.tensors.items()})
+    container.save(path, tensors, {"kind": "salomi-partial", "method": method, "layers": layers})
+
+
+def _load_partial(path: Path, method: str) -> dict[str, PackedLinear]:
+    c = container.load(path)
+    if c.metadata.get("kind") != "salomi-partial" or c.metadata.get("method") != method:
+        raise SalomiError(f"{path}: checkpoint is for another method; delete it or drop --resume")
+    return {
+        n: PackedLinear(i["method"], i["format"], tuple(i["shape"]), {t: np.array(c.tensors[f"q/{n}/{t}"])
+                                                                       for t in i["tensors"]}, i["params"])
+        for n, i in c.metadata["layers"].items()
+    }
+
+
+def reference_for(qf: QuantizedFile, model: str | None = None) -> Reference:
+    src = model or qf.metadata.get("model", {}).get("id") or qf.metadata.get("model", {}).get("source")
+    if not src:
+        raise SalomiError(f"{qf.path}: the file does not say which reference it came from; pass --model")
+    return load_reference(src)
+
+
+def evaluate_files(
+    files: Sequence[str | Path],
+    text: str = DEFAULT_EVAL,
+    seq_len: int = 1024,
+    windows: int = 64,
+    model: str | None = None,
+    runtime: str = "dequant",
+    progress: bool = True,
+    reference: Reference | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate packed files against their reference on the same windows (one reference pass)."""
+    qfs = [load_quantized(f) for f in files]
+    ref = reference or reference_for(qfs[0], model)
+    ids = _text_ids(ref.tokenizer, text)
+    w = make_windows(ids, seq_len, windows, text)
+    start = time.perf_counter()
+    models = [build_model(qf, runtime) for qf in qfs]
+    ref_m, rows = evaluate(ref.model, models, w, progress=progress)
+    seconds = time.perf_counter() - start
+    out = []
+    for qf, r in zip(qfs, rows):
+        out.append(_row(ref, qf.method, r, qf.linear_bpw, qf.model_bpw, qf.file_bytes, text, seq_len, windows,
+                        seconds / len(qfs), qf.metadata.get("calibration", {}), str(qf.path)))
+    return out
+
+
+def evaluate_reference(model: str = DEFAULT_MODEL, text: str = DEFAULT_EVAL, seq_len: int = 1024, windows: int = 64,
+                       progress: bool = True, reference: Reference | None = None) -> dict[str, Any]:
+    from salomi.evaluation.evaluate import (
+        cached_reference_ppl,
+        perplexity,
+        reference_cache_key,
+        store_reference_ppl,
+    )
+
+    ref = reference or load_reference(model)
+    ids = _text_ids(ref.tokenizer, text)
+    w = make_windows(ids, seq_len, windows, text)
+    key = reference_cache_key(ref.source, Protocol(text, seq_len, windows), w)
+    start = time.perf_counter()
+    ppl = cached_reference_ppl(key)
+    cached = ppl is not None
+    if ppl is None:
+        ppl = perplexity(ref.model, w, progress=progress, label="reference")
+        store_reference_ppl(key, ppl, {"model": ref.source, "text": text, "seq_len": seq_len, "windows": windows})
+    r = {"ppl": ppl, "kl": 0.0, "top1": 1.0, "ref_ppl": ppl, "ratio": 1.0}
+    row = _row(ref, "reference (float32)", r, 32.0, 32.0, None, text, seq_len, windows,
+               time.perf_counter() - start, {}, None)
+    row["cached"] = cached
+    return row
+
+
+def _row(ref: Reference, method: str, r: dict[str, float], linear_bpw: float, model_bpw: float, file_bytes: int | None,
+         text: str, seq_len: int, windows: int, seconds: float, calib: dict[str, Any], file: str | None) -> dict[str, Any]:
+    return {
+        "model": ref.name, "method": method, "ppl": r["ppl"], "ref_ppl": r["ref_ppl"], "ratio": r["ratio"],
+        "kl": r["kl"], "top1": r["top1"], "linear_bpw": linear_bpw, "model_bpw": model_bpw, "file_bytes": file_bytes,
+        "text": text, "tokens": windows * (seq_len - 1), "seq_len": seq_len, "windows": windows,
+        "seconds": round(seconds, 1), "calibration": calib, "file": file, "git_commit": git_commit(),
+    }
+
+
+def export_dequantized(file: str | Path, out_dir: str | Path) -> Path:
+    """Write a plain float32 Hugging Face checkpoint of the quantized weights."""
+    import shutil
+    import tempfile
+
+    qf = load_quantized(file)
+    model = build_model(qf, "dequant")
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    state = {k: v for k, v in model.state_dict().items()}
+    for name, p in qf.packed.items():
+        w = p.dequantize()
+        target = plain.get_submodule(name)
+        state[f"{name}.weight"] = w.t().contiguous() if isinstance(target, Conv1D) else w
+    plain.load_state_dict(state, strict=False)
+    if getattr(plain.config, "tie_word_embeddings", False):
+        plain.tie_weights()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    plain.save_pretrained(tmp)
+    qf.tokenizer().save_pretrained(tmp)
+    (tmp / "salomi_export.json").write_text(json.dumps({"source": str(qf.path), "method": qf.method,
+                                                         "linear_bpw": qf.linear_bpw, "model_bpw": qf.model_bpw}))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: str = "auto",
+             temperature: float = 0.0, seed: int = 0) -> Iterator[str]:
+    """Stream decoded text pieces; the last item is a stats line (tokens/s)."""
+    qf = load_quantized(file)
+    tok = qf.tokenizer()
+    model = build_model(qf, runtime)
+    if not prompt:
+        raise SalomiError("--prompt is empty; give some text to continue")
+    ids = tokenize(tok, prompt)[None]
+    torch.manual_seed(seed)
+    past = None
+    generated: list[int] = []
+    printed = ""
+    eos = getattr(tok, "eos_token_id", None)
+    t0 = time.perf_counter()
+    t_first = None
+    with torch.inference_mode():
+        x = ids
+        for _ in range(max_new_tokens):
+            out = model(x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[0, -1].float()
+            if temperature > 0:
+                nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+            else:
+                nxt = int(logits.argmax())
+            if t_first is None:
+                t_first = time.perf_counter()
+            if nxt == eos:
+                break
+            generated.append(nxt)
+            text = tok.decode(generated, skip_special_tokens=True)
+            yield text[len(printed):]
+            printed = text
+            x = torch.tensor([[nxt]])
+    t1 = time.perf_counter()
+    n = len(generated)
+    decode_s = t1 - (t_first or t1)
+    tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
+    yield (f"\n[{n} tokens; prefill {ids.shape[1]} tokens in {(t_first or t1) - t0:.2f}s; "
+           f"decode {tps:.1f} tokens/s; runtime {runtime}]\n")
+

@@ -1,0 +1,127 @@
+"""Quantize a model block by block, each block seeing the outputs of the already
+quantized blocks before it (GPTQ's sequential scheme).
+
+For every linear of a block the input Hessian H = 2/n * sum(x x^T) is accumulated
+from the block's current inputs; each linear is then quantized with its method and
+its float weight replaced by the dequantized one, and the block is run again to give
+the next block its (quantized) inputs. Peak memory: the model, one block's
+Hessians, and the calibration activations.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from salomi.loading.models import block_linears, decoder_blocks, linear_weight
+from salomi.quantizers.base import PackedLinear, Quantizer
+
+
+class _Stop(Exception):
+    pass
+
+
+def _set_weight(mod: nn.Module, w: torch.Tensor) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    mod.weight.data.copy_(w.t() if isinstance(mod, Conv1D) else w)
+
+
+def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, segments: torch.Tensor, batch: int) -> list[tuple]:
+    """Run the model up to block 0 and keep what block 0 receives (args, kwargs) per batch."""
+    captured: list[tuple] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(segments), batch):
+            try:
+                model(segments[i : i + batch].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    return captured
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+@torch.no_grad()
+def quantize_sequential(
+    model: nn.Module,
+    choose: Callable[[str], Quantizer],
+    segments: torch.Tensor | None,
+    batch: int = 8,
+    progress: bool = True,
+    on_block_done: Callable[[int, dict[str, PackedLinear]], None] | None = None,
+    done: dict[str, PackedLinear] | None = None,
+) -> dict[str, PackedLinear]:
+    """Quantize every block linear of `model` in place; returns name -> PackedLinear.
+
+    `choose(name)` gives the quantizer for a linear. `segments` (calibration token ids)
+    may be None when no chosen quantizer needs a Hessian. `done` holds layers of an
+    interrupted run: they are re-applied, not recomputed.
+    """
+    from salomi.progress import bar as progress_bar
+
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    names = {i: {f"{prefix}.{i}.{n}": m for n, m in block_linears(b).items()} for i, b in enumerate(blocks)}
+    need_h = any(choose(n).needs_hessian for layer in names.values() for n in layer)
+    packed: dict[str, PackedLinear] = dict(done or {})
+    total = sum(len(v) for v in names.values())
+    bar = progress_bar(total, "quantize", "layer", disable=not progress)
+    inputs = _capture_block_inputs(model, blocks, segments, batch) if need_h and segments is not None else None
+    for i, block in enumerate(blocks):
+        layer = names[i]
+        hessians: dict[str, torch.Tensor] = {}
+        todo = [n for n in layer if n not in packed]
+        if inputs is not None and any(choose(n).needs_hessian for n in todo):
+            counts = {n: 0 for n in layer}
+            hooks = []
+            for n, m in layer.items():
+                hessians[n] = torch.zeros(m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0],
+                                          m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0],
+                                          device=m.weight.device)
+
+                def acc(mod: nn.Module, args: tuple, _out: Any, n: str = n) -> None:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    hessians[n].addmm_(x.t(), x)
+                    counts[n] += x.shape[0]
+
+                hooks.append(m.register_forward_hook(acc))
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+            for h in hooks:
+                h.remove()
+            for n in layer:
+                hessians[n].mul_(2.0 / max(counts[n], 1))
+        for n, m in layer.items():
+            if n in packed:
+                _set_weight(m, packed[n].dequantize().to(m.weight.device))
+                bar.update(1)
+                continue
+            q = choose(n)
+            w = linear_weight(m).float()
+            p = q.quantize(w, hessians.get(n) if q.needs_hessian else None)
+            packed[n] = p
+            _set_weight(m, p.dequantize().to(w.device))
+            bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {p.bpw:.2f}bpw")
+            bar.update(1)
+        del hessians
+        if inputs is not None and i + 1 < len(blocks):
+            inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        if on_block_done is not None:
+            on_block_done(i, packed)
+    bar.close()
+    return packed

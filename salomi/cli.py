@@ -1,0 +1,175 @@
+"""`salomi` command line: a thin layer over salomi.api. User errors print one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from salomi.errors import SalomiError
+
+
+def _write_json(path: str | None, obj: object) -> None:
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+        tmp.replace(p)
+
+
+def _fmt_row(r: dict) -> str:
+    return (f"{r['method']:<22} ppl {r['ppl']:10.3f}  ratio {r['ratio']:10.3f}  KL {r['kl']:7.4f}  "
+            f"top1 {r['top1']:.3f}  linear {r['linear_bpw']:.3f} bpw  model {r['model_bpw']:.3f} bpw")
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from salomi import api
+
+    res = api.quantize(model=a.model, method=a.method, out=a.out, calib=a.calib, segments=a.calib_segments,
+                       seg_len=a.calib_len, seed=a.seed, float_dtype=a.float_dtype, resume=a.resume)
+    print(f"wrote {res['file']}: {res['file_bytes']:,} bytes, linear {res['linear_bpw']:.4f} bpw, "
+          f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s, peak {res['peak_rss_mb']:.0f} MB")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    from salomi import api
+
+    if a.reference:
+        rows = [api.evaluate_reference(a.model or "smollm2", a.text, a.seq_len, a.windows)]
+    else:
+        if not a.files:
+            raise SalomiError("give a packed file to evaluate, or --reference --model M")
+        rows = api.evaluate_files(a.files, a.text, a.seq_len, a.windows, model=a.model, runtime=a.runtime)
+    for r in rows:
+        print(_fmt_row(r))
+    _write_json(a.json, rows[0] if len(rows) == 1 else rows)
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from salomi.packing.model_file import describe, load_quantized
+
+    d = describe(load_quantized(a.file))
+    if a.json:
+        print(json.dumps(d, indent=2, default=str))
+        return
+    print(f"{d['file']}: {d['file_bytes']:,} bytes, model {d['model']}, method {d['method']}")
+    print(f"linear bpw {d['linear_bpw']:.4f} ({d['linear_bytes']:,} bytes / {d['linear_weights']:,} weights); "
+          f"model bpw {d['model_bpw']:.4f} ({d['reference_params']:,} reference params); "
+          f"unquantized tensors stored as {d['float_dtype']}")
+    print(f"{'layer':<44} {'method':<20} {'format':<14} {'shape':<12} {'bytes':>10} {'bpw':>7}")
+    for l in d["layers"]:
+        shape = "x".join(map(str, l["shape"]))
+        print(f"{l['name']:<44} {l['method']:<20} {l['format']:<14} {shape:<12} {l['bytes']:>10,} {l['bpw']:>7.3f}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from salomi import api
+
+    for piece in api.generate(a.file, a.prompt, a.max_new_tokens, a.runtime, a.temperature, a.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def cmd_export(a: argparse.Namespace) -> None:
+    from salomi import api
+
+    out = api.export_dequantized(a.file, a.dequantized)
+    print(f"wrote a float32 Hugging Face checkpoint to {out}")
+
+
+def cmd_setup(a: argparse.Namespace) -> None:
+    from salomi.assets import ensure_all
+
+    for name, path in ensure_all().items():
+        print(f"{name:<16} {path}")
+
+
+def cmd_demo(a: argparse.Namespace) -> None:
+    from salomi.reports.demo import run_demo
+
+    run_demo(windows=a.windows, seq_len=a.seq_len, out_dir=a.out_dir, results=a.results, methods=a.methods)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from salomi.quantizers.spec import methods_help
+
+    p = argparse.ArgumentParser(prog="salomi", description="Compress LMs to 1-2 bits per weight and measure the cost.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model into a packed .salomi file",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=methods_help())
+    q.add_argument("--model", default="smollm2", help="GGUF file, Hugging Face directory or hub id (default: smollm2)")
+    q.add_argument("--method", default="rtn:2:g64", help="method spec, see below")
+    q.add_argument("--out", required=True)
+    q.add_argument("--calib", default="austen", help="calibration text name or .txt path (default: austen)")
+    q.add_argument("--calib-segments", type=int, default=128)
+    q.add_argument("--calib-len", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--float-dtype", default="float16", help="storage of unquantized tensors (embeddings, head)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the reference")
+    e.add_argument("files", nargs="*")
+    e.add_argument("--reference", action="store_true", help="evaluate the unquantized reference")
+    e.add_argument("--model", default=None, help="reference model (default: the one recorded in the file)")
+    e.add_argument("--text", default="brown")
+    e.add_argument("--seq-len", type=int, default=1024)
+    e.add_argument("--windows", type=int, default=64)
+    e.add_argument("--runtime", default="dequant", choices=["auto", "kernels", "dequant"])
+    e.add_argument("--json", default=None)
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="per-layer method, shape, bytes and bpw of a packed file")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate text from a packed file (streams tokens)")
+    g.add_argument("file")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--runtime", default="auto", choices=["auto", "kernels", "dequant"])
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=cmd_generate)
+
+    x = sub.add_parser("export", help="write a plain float Hugging Face checkpoint of the quantized weights")
+    x.add_argument("file")
+    x.add_argument("--dequantized", required=True, metavar="DIR")
+    x.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("setup", help="fetch the default model and texts into the cache")
+    s.set_defaults(fn=cmd_setup)
+
+    d = sub.add_parser("demo", help="quantize the default model with the baselines and print the table")
+    d.add_argument("--windows", type=int, default=16)
+    d.add_argument("--seq-len", type=int, default=1024)
+    d.add_argument("--out-dir", default="runs/demo")
+    d.add_argument("--results", default="docs/RESULTS.md")
+    d.add_argument("--methods", default="binary,ternary,rtn:2:g64,rtn:3:g64,rtn:4:g64")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except SalomiError as e:
+        print(f"salomi: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("salomi: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

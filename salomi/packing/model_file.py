@@ -1,0 +1,226 @@
+"""A quantized model as one SALOMI container file.
+
+Tensor names:   q/<linear>/<name>   packed arrays of each quantized linear
+                f/<param>           every other parameter (embeddings, norms, head, biases)
+                tokenizer/<file>    the tokenizer's files, byte for byte
+Metadata: the reference's architecture config, the recipe (method per linear), each
+linear's format/shape/params, provenance (source, calibration), and the reference's
+parameter count, so the file runs on its own and its bpw can be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from salomi.errors import SalomiError
+from salomi.packing import container
+from salomi.quantizers.base import PackedLinear
+
+KIND = "salomi-model"
+
+
+def _tokenizer_files(tokenizer: Any) -> dict[str, np.ndarray]:
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        return {
+            f"tokenizer/{p.name}": np.frombuffer(p.read_bytes(), dtype=np.uint8).copy()
+            for p in sorted(Path(d).iterdir())
+            if p.is_file()
+        }
+
+
+def float_state(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Every parameter not quantized, once each (tied weights share storage and are stored once)."""
+    out: dict[str, np.ndarray] = {}
+    for name, p in model.named_parameters():  # de-duplicates tied parameters
+        if name in skip:
+            continue
+        keep = dtype if p.ndim >= 2 else torch.float32  # norms and biases are tiny; keep them exact
+        out[f"f/{name}"] = p.detach().to(keep).cpu().numpy()
+    return out
+
+
+def save_quantized(
+    path: str | Path,
+    model: nn.Module,
+    tokenizer: Any,
+    packed: dict[str, PackedLinear],
+    metadata: dict[str, Any],
+    float_dtype: torch.dtype = torch.float16,
+) -> int:
+    """Write the quantized model; returns the file size. `model` supplies the unquantized parts."""
+    tensors: dict[str, np.ndarray] = {}
+    layers: dict[str, Any] = {}
+    for name, p in packed.items():
+        p.validate()
+        layers[name] = {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params,
+                        "tensors": sorted(p.tensors)}
+        for t, a in p.tensors.items():
+            tensors[f"q/{name}/{t}"] = a
+    skip = {f"{n}.weight" for n in packed}
+    tensors.update(float_state(model, skip, float_dtype))
+    tensors.update(_tokenizer_files(tokenizer))
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    meta = {
+        "kind": KIND,
+        "config": cfg,
+        "layers": layers,
+        "float_dtype": str(float_dtype).removeprefix("torch."),
+        "reference_params": int(sum(p.numel() for p in model.parameters())),
+        **metadata,
+    }
+    return container.save(path, tensors, meta)
+
+
+@dataclass
+class QuantizedFile:
+    path: Path
+    metadata: dict[str, Any]
+    packed: dict[str, PackedLinear]
+    floats: dict[str, np.ndarray]
+    tokenizer_files: dict[str, bytes]
+    file_bytes: int
+    linear_bytes: int
+    linear_weights: int
+
+    @property
+    def reference_params(self) -> int:
+        return int(self.metadata["reference_params"])
+
+    @property
+    def linear_bpw(self) -> float:
+        return self.linear_bytes * 8 / self.linear_weights
+
+    @property
+    def model_bpw(self) -> float:
+        return self.file_bytes * 8 / self.reference_params
+
+    @property
+    def method(self) -> str:
+        return str(self.metadata.get("recipe", {}).get("label", ""))
+
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in self.tokenizer_files.items():
+                (Path(d) / name).write_bytes(data)
+            return AutoTokenizer.from_pretrained(d)
+
+
+def load_quantized(path: str | Path) -> QuantizedFile:
+    c = container.load(path)
+    meta = c.metadata
+    if meta.get("kind") != KIND:
+        raise SalomiError(f"{path}: a SALOMI container but not a quantized model (kind={meta.get('kind')!r})")
+    packed: dict[str, PackedLinear] = {}
+    linear_bytes = linear_weights = 0
+    try:
+        for name, info in meta["layers"].items():
+            tensors = {t: c.tensors[f"q/{name}/{t}"] for t in info["tensors"]}
+            p = PackedLinear(info["method"], info["format"], tuple(info["shape"]), tensors, info["params"])
+            p.validate()
+            packed[name] = p
+            linear_bytes += sum(c.nbytes(f"q/{name}/{t}") for t in info["tensors"])
+            linear_weights += p.n_weights
+    except KeyError as e:
+        raise SalomiError(f"{path}: layer table refers to a missing tensor {e} (corrupt file)") from None
+    floats = {k[2:]: v for k, v in c.tensors.items() if k.startswith("f/")}
+    tok = {k[len("tokenizer/"):]: bytes(v) for k, v in c.tensors.items() if k.startswith("tokenizer/")}
+    return QuantizedFile(Path(path), meta, packed, floats, tok, c.file_bytes, linear_bytes, linear_weights)
+
+
+def _empty_model(config: dict[str, Any]) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(config)
+    model_type = cfg.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return m
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch.device = "cpu") -> nn.Module:
+    """An nn.Module that runs the file: QuantLinear for packed layers, floats for the rest."""
+    from salomi.runtime.qlinear import QuantLinear
+
+    model = _empty_model(qf.metadata["config"])
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in qf.floats.items()}
+    for name, p in qf.packed.items():
+        bias = state.pop(f"{name}.bias", None)
+        _set_module(model, name, QuantLinear(p, bias, runtime))
+    model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
+    if unexpected:
+        raise SalomiError(f"{qf.path}: tensors {unexpected[:3]} do not belong to this architecture (corrupt file?)")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    still_missing = [k for k in missing if not _is_tied_or_buffer(model, k)]
+    if still_missing:
+        raise SalomiError(f"{qf.path}: missing tensors {still_missing[:3]} (corrupt or incomplete file)")
+    _reset_buffers(model, device)
+    return model.eval()
+
+
+def _is_tied_or_buffer(model: nn.Module, key: str) -> bool:
+    if key.endswith("lm_head.weight") and getattr(model.config, "tie_word_embeddings", False):
+        return True
+    return key in dict(model.named_buffers())
+
+
+def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
+    """Buffers (rotary frequencies, causal masks) were on the meta device: rebuild them."""
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    fresh_buffers = dict(fresh.named_buffers())
+    for name, _ in list(model.named_buffers()):
+        mod_name, _, buf = name.rpartition(".")
+        mod = model.get_submodule(mod_name) if mod_name else model
+        mod._buffers[buf] = fresh_buffers[name].to(device)
+    for mod_f, mod in zip(fresh.modules(), model.modules()):
+        for attr in ("original_inv_freq",):
+            if hasattr(mod_f, attr) and isinstance(getattr(mod_f, attr), torch.Tensor):
+                setattr(mod, attr, getattr(mod_f, attr).to(device))
+
+
+def describe(qf: QuantizedFile) -> dict[str, Any]:
+    """What `salomi inspect --json` prints."""
+    layers = [
+        {"name": n, "method": p.method, "format": p.format, "shape": list(p.shape), "bytes": p.nbytes,
+         "bpw": p.bpw}
+        for n, p in qf.packed.items()
+    ]
+    return {
+        "file": str(qf.path),
+        "file_bytes": qf.file_bytes,
+        "model": qf.metadata.get("model", {}).get("name"),
+        "method": qf.method,
+        "linear_bpw": qf.linear_bpw,
+        "model_bpw": qf.model_bpw,
+        "linear_bytes": qf.linear_bytes,
+        "linear_weights": qf.linear_weights,
+        "reference_params": qf.reference_params,
+        "float_dtype": qf.metadata.get("float_dtype"),
+        "recipe": qf.metadata.get("recipe"),
+        "layers": layers,
+    }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,43 @@
+/* salomi packed-weight matmul kernels: y[M, out] = x[M, in] @ W^T, W read straight
+ * from the packed storage formats of salomi/quantizers/simple.py (never materialised
+ * as a whole float matrix).
+ *
+ * Layouts (see salomi/packing/bits.py):
+ *   sign    bits  uint8 [out, ceil(in/8)]   LSB-first, w = scale[o, j/G] * (bit ? +1 : -1)
+ *   ternary trits uint8 [out, ceil(in/5)]   byte = sum_k t_k 3^k, w = scale[o, j/G] * (t - 1)
+ *   grid    codes uint8 [out, ceil(in*K/8)] LSB-first K-bit stream per row,
+ *           w = scale[o, g] * (q - zero[o, g]); optional perm: stored column j is
+ *           weight column perm[j].
+ * scale / zero are IEEE fp16 bit patterns [out, in/G]. x and y are float32, row-major,
+ * contiguous. All functions return 0 on success, -1 on an invalid argument, -2 when
+ * out of memory. Calls are thread safe (they are serialised on the internal pool).
+ */
+#ifndef SALOMI_KERNELS_H
+#define SALOMI_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum { SALOMI_ISA_SCALAR = 0, SALOMI_ISA_AVX2 = 1, SALOMI_ISA_AVX512 = 2 };
+
+int salomi_cpu_isa(void);            /* best ISA this CPU (and OS) supports */
+int salomi_get_isa(void);            /* ISA the kernels currently use */
+int salomi_set_isa(int isa);         /* force an ISA; -1 = default (SALOMI_ISA env or best). 0 ok, -1 unsupported */
+const char *salomi_isa_name(int isa);
+
+int salomi_sign_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *bits,
+                       const uint16_t *scale, int64_t group, float *y, int threads);
+int salomi_ternary_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *trits,
+                          const uint16_t *scale, int64_t group, float *y, int threads);
+/* perm may be NULL; otherwise int32 [in] with values in [0, in) (checked). */
+int salomi_grid_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *codes, int bits,
+                       const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm,
+                       float *y, int threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

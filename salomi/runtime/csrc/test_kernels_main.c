@@ -1,0 +1,187 @@
+/* Stand-alone check of kernels.c, meant to be built with -fsanitize=address,undefined
+ * (bench/sanitize_kernels.sh): random packed layers of every format, awkward shapes and
+ * group sizes, every ISA this CPU supports, 1..3 threads, compared against a naive
+ * double-precision reference written independently of the kernels (bit-by-bit decode).
+ *
+ * Usage: test_kernels [n_cases_per_isa] [seed]. Exit status 0 = all passed.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static uint64_t rnd(void) { /* xorshift64* */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * 2685821657736338717ull;
+}
+static int64_t rndi(int64_t n) { return (int64_t)(rnd() % (uint64_t)n); }
+static float rndf(void) { return (float)((double)(rnd() >> 11) / 9007199254740992.0 * 2.0 - 1.0); }
+
+static double ref_h2f(uint16_t h) {
+    int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double v = e == 0 ? ldexp(m, -24) : ldexp(1.0 + m / 1024.0, e - 15);
+    return s ? -v : v;
+}
+
+/* fp16 with exponent in [elo, ehi] (biased), random mantissa and given sign. */
+static uint16_t rnd_half(int elo, int ehi, int neg) {
+    return (uint16_t)((neg ? 0x8000 : 0) | ((elo + rndi(ehi - elo + 1)) << 10) | rndi(1024));
+}
+
+static int bit_at(const uint8_t *row, int64_t bit) { return (row[bit >> 3] >> (bit & 7)) & 1; }
+
+enum { SIGN, TERN, GRID };
+
+static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_t M, int use_perm, int threads,
+                      int isa) {
+    const int64_t ng = in / G;
+    const int64_t rb = fmt == SIGN ? (in + 7) / 8 : fmt == TERN ? (in + 4) / 5 : (in * K + 7) / 8;
+    uint8_t *data = malloc((size_t)(out * rb));
+    uint16_t *scale = malloc(sizeof(uint16_t) * (size_t)(out * ng)), *zero = malloc(sizeof(uint16_t) * (size_t)(out * ng));
+    int32_t *perm = malloc(sizeof(int32_t) * (size_t)in);
+    float *x = malloc(sizeof(float) * (size_t)(M * in)), *y = malloc(sizeof(float) * (size_t)(M * out));
+    double *w = malloc(sizeof(double) * (size_t)(out * in));
+    for (int64_t i = 0; i < out * rb; i++) data[i] = fmt == TERN ? (uint8_t)rndi(243) : (uint8_t)rnd();
+    if (fmt != TERN) /* the format pads rows with zero bits */
+        for (int64_t o = 0; o < out; o++) {
+            int64_t used = fmt == SIGN ? in : in * K;
+            if (used % 8) data[o * rb + rb - 1] &= (uint8_t)((1u << (used % 8)) - 1);
+        }
+    for (int64_t i = 0; i < out * ng; i++) {
+        scale[i] = rndi(20) == 0 ? (uint16_t)rndi(1024) /* subnormal */ : rnd_half(10, 17, rndi(8) == 0);
+        zero[i] = rnd_half(12, 14 + K, rndi(6) == 0);
+    }
+    for (int64_t j = 0; j < in; j++) perm[j] = (int32_t)j;
+    for (int64_t j = in - 1; j > 0; j--) {
+        int64_t k = rndi(j + 1);
+        int32_t t = perm[j]; perm[j] = perm[k]; perm[k] = t;
+    }
+    double big = rndi(4) == 0 ? 1000.0 : 1.0; /* sometimes large activations */
+    for (int64_t i = 0; i < M * in; i++) x[i] = (float)(rndf() * big + (rndi(3) == 0 ? 0.5 * big : 0.0));
+
+    /* reference dequantization, column order of the true weight */
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *row = data + o * rb;
+        for (int64_t j = 0; j < in; j++) {
+            int64_t g = j / G;
+            double s = ref_h2f(scale[o * ng + g]), v;
+            if (fmt == SIGN) v = s * (bit_at(row, j) ? 1.0 : -1.0);
+            else if (fmt == TERN) {
+                int b = row[j / 5], t = b;
+                for (int k = 0; k < j % 5; k++) t /= 3;
+                v = s * (double)(t % 3 - 1);
+            } else {
+                int q = 0;
+                for (int k = 0; k < K; k++) q |= bit_at(row, j * K + k) << k;
+                v = s * ((double)q - ref_h2f(zero[o * ng + g]));
+            }
+            int64_t col = (fmt == GRID && use_perm) ? perm[j] : j; /* stored column j is weight column perm[j] */
+            w[o * in + col] = v;
+        }
+    }
+    memset(y, 0xFF, sizeof(float) * (size_t)(M * out)); /* NaN: every output must be written */
+    int rc = fmt == SIGN    ? salomi_sign_matmul(x, M, in, out, data, scale, G, y, threads)
+             : fmt == TERN ? salomi_ternary_matmul(x, M, in, out, data, scale, G, y, threads)
+                           : salomi_grid_matmul(x, M, in, out, data, K, scale, zero, G, use_perm ? perm : NULL, y,
+                                                threads);
+    int bad = 0;
+    if (rc != 0) {
+        printf("FAIL rc=%d\n", rc);
+        bad = 1;
+    }
+    for (int64_t m = 0; m < M && !bad; m++)
+        for (int64_t o = 0; o < out && !bad; o++) {
+            double ref = 0, nx = 0, nw = 0;
+            for (int64_t j = 0; j < in; j++) {
+                ref += (double)x[m * in + j] * w[o * in + j];
+                nx += (double)x[m * in + j] * x[m * in + j];
+                nw += w[o * in + j] * w[o * in + j];
+            }
+            double err = fabs((double)y[m * out + o] - ref), tol = 1e-5 * sqrt(nx * nw) + 1e-30;
+            if (!(err <= tol)) {
+                printf("FAIL m=%lld o=%lld got %.9g want %.9g (err %.3g tol %.3g)\n", (long long)m, (long long)o,
+                       (double)y[m * out + o], ref, err, tol);
+                bad = 1;
+            }
+        }
+    if (bad)
+        printf("  case: isa=%s fmt=%d K=%d in=%lld out=%lld G=%lld M=%lld perm=%d threads=%d\n", salomi_isa_name(isa),
+               fmt, K, (long long)in, (long long)out, (long long)G, (long long)M, use_perm, threads);
+    free(data), free(scale), free(zero), free(perm), free(x), free(y), free(w);
+    return bad;
+}
+
+static int64_t pick_group(int64_t in) {
+    int64_t divs[256];
+    int n = 0;
+    for (int64_t d = 1; d <= in && n < 256; d++)
+        if (in % d == 0) divs[n++] = d;
+    switch (rndi(4)) {
+    case 0: return in; /* one group per row */
+    case 1: /* SIMD-friendly multiples of 16 / 8 when there are some */
+        for (int t = 0; t < 8; t++) {
+            int64_t d = divs[rndi(n)];
+            if (d % 8 == 0) return d;
+        }
+        return divs[rndi(n)];
+    default: return divs[rndi(n)];
+    }
+}
+
+int main(int argc, char **argv) {
+    int n_cases = argc > 1 ? atoi(argv[1]) : 300;
+    if (argc > 2) rng_state ^= strtoull(argv[2], NULL, 10) * 0x2545F4914F6CDD1Dull;
+    static const int64_t ins[] = {1, 2, 3, 4, 5, 7, 8, 9, 10, 15, 16, 17, 24, 31, 32, 33, 40, 48, 63, 64, 65, 80,
+                                  100, 128, 129, 192, 200, 255, 576, 1283, 1536, 2600};
+    static const int64_t Ms[] = {1, 1, 1, 1, 2, 3, 4, 5, 7, 33, 70};
+    static const int Ks[] = {1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4};
+    int failures = 0, total = 0;
+    int best = salomi_cpu_isa();
+    printf("cpu isa: %s\n", salomi_isa_name(best));
+
+    /* argument checks */
+    {
+        float x[8] = {0}, y[2];
+        uint8_t d[2] = {0};
+        uint16_t s[2] = {0x3c00, 0x3c00}, z[2] = {0, 0};
+        int32_t bad_perm[8] = {0, 1, 2, 3, 4, 5, 6, 8};
+        int r1 = salomi_sign_matmul(x, 1, 8, 1, d, s, 3, y, 1);              /* 3 does not divide 8 */
+        int r2 = salomi_grid_matmul(x, 1, 8, 1, d, 9, s, z, 8, NULL, y, 1);  /* bits 9 */
+        int r3 = salomi_grid_matmul(x, 1, 8, 1, d, 1, s, z, 8, bad_perm, y, 1);
+        int r4 = salomi_sign_matmul(x, 0, 8, 1, d, s, 8, y, 1);              /* M = 0 is fine */
+        if (r1 != -1 || r2 != -1 || r3 != -1 || r4 != 0) {
+            printf("FAIL argument checks: %d %d %d %d\n", r1, r2, r3, r4);
+            failures++;
+        }
+    }
+
+    for (int isa = 0; isa <= best; isa++) {
+        if (salomi_set_isa(isa) != 0 || salomi_get_isa() != isa) {
+            printf("FAIL cannot select isa %s\n", salomi_isa_name(isa));
+            failures++;
+            continue;
+        }
+        int f0 = failures;
+        for (int c = 0; c < n_cases; c++) {
+            int fmt = (int)rndi(3), K = Ks[rndi(12)];
+            int64_t in = ins[rndi(sizeof ins / sizeof ins[0])];
+            int64_t out = rndi(5) == 0 ? 1 : 1 + rndi(21);
+            int64_t M = Ms[rndi(sizeof Ms / sizeof Ms[0])];
+            if (in * out * M > 4000000) M = 1;
+            int64_t G = pick_group(in);
+            int threads = 1 + (int)rndi(3);
+            failures += check_case(fmt, fmt == GRID ? K : 1, in, out, G, M, fmt == GRID && rndi(2), threads, isa);
+            total++;
+        }
+        printf("isa %-6s: %d cases, %d failures\n", salomi_isa_name(isa), n_cases, failures - f0);
+    }
+    salomi_set_isa(-1);
+    printf("%s: %d cases, %d failures\n", failures ? "FAILED" : "OK", total, failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,54 @@
+"""QuantLinear: a Linear whose weight lives only in packed form.
+
+Two ways to run it: "kernels" multiplies straight from the packed bytes with the C
+kernels (the point of the format: no float copy of the weight), and "dequant"
+expands the weight to float once and uses torch's matmul (the reference path the
+kernels are checked against; also what runs on CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salomi.quantizers.base import PackedLinear
+
+RUNTIMES = ("auto", "kernels", "dequant")
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None = None, runtime: str = "dequant") -> None:
+        super().__init__()
+        self.packed = packed
+        self.out_features, self.in_features = packed.shape
+        self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
+        self.runtime = runtime
+        self._weight: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.packed.method}, {self.packed.bpw:.3f} bpw, {self.runtime}"
+
+    def dequantized_weight(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        if self._weight is None or self._weight.device != torch.device(device):
+            self._weight = self.packed.dequantize().to(device)
+        return self._weight
+
+    def uses_kernels(self, x: torch.Tensor) -> bool:
+        if self.runtime == "dequant" or x.device.type != "cpu":
+            return False
+        from salomi.runtime import kernels
+
+        ok = kernels.available() and kernels.supports(self.packed)
+        if self.runtime == "kernels" and not ok:
+            raise RuntimeError(f"no CPU kernel for format {self.packed.format!r}; use --runtime dequant")
+        return ok
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_kernels(x):
+            from salomi.runtime import kernels
+
+            y = kernels.packed_matmul(x.float().contiguous(), self.packed)
+            return y + self.bias if self.bias is not None else y
+        w = self.dequantized_weight(x.device)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
