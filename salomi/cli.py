@@ -60,9 +60,10 @@ def cmd_inspect(a: argparse.Namespace) -> None:
           f"model bpw {d['model_bpw']:.4f} ({d['reference_params']:,} reference params); "
           f"unquantized tensors stored as {d['float_dtype']}")
     print(f"{'layer':<44} {'method':<20} {'format':<14} {'shape':<12} {'bytes':>10} {'bpw':>7}")
-    for l in d["layers"]:
-        shape = "x".join(map(str, l["shape"]))
-        print(f"{l['name']:<44} {l['method']:<20} {l['format']:<14} {shape:<12} {l['bytes']:>10,} {l['bpw']:>7.3f}")
+    for layer in d["layers"]:
+        shape = "x".join(map(str, layer["shape"]))
+        print(f"{layer['name']:<44} {layer['method']:<20} {layer['format']:<14} {shape:<12} "
+              f"{layer['bytes']:>10,} {layer['bpw']:>7.3f}")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:

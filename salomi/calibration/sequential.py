@@ -10,7 +10,6 @@ Hessians, and the calibration activations.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -90,13 +89,13 @@ def quantize_sequential(
             counts = {n: 0 for n in layer}
             hooks = []
             for n, m in layer.items():
-                hessians[n] = torch.zeros(m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0],
-                                          m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0],
-                                          device=m.weight.device)
+                cols = linear_weight(m).shape[1]
+                hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
 
-                def acc(mod: nn.Module, args: tuple, _out: Any, n: str = n) -> None:
+                def acc(mod: nn.Module, args: tuple, _out: Any, n: str = n, h: torch.Tensor = hessians[n],
+                        counts: dict[str, int] = counts) -> None:
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    hessians[n].addmm_(x.t(), x)
+                    h.addmm_(x.t(), x)
                     counts[n] += x.shape[0]
 
                 hooks.append(m.register_forward_hook(acc))
@@ -118,7 +117,7 @@ def quantize_sequential(
             _set_weight(m, p.dequantize().to(w.device))
             bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {p.bpw:.2f}bpw")
             bar.update(1)
-        del hessians
+        hessians.clear()
         if inputs is not None and i + 1 < len(blocks):
             inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         if on_block_done is not None:

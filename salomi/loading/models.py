@@ -135,8 +135,8 @@ def load_reference(model: str = DEFAULT_MODEL, device: str | torch.device = "cpu
 
 
 def _CAUSAL_CONFIGS() -> set[str]:  # noqa: N802
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return {CONFIG_MAPPING_NAMES[k] for k in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if k in CONFIG_MAPPING_NAMES}
 

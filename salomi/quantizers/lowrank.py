@@ -109,8 +109,9 @@ def fit_lowrank(
 class LowRankQuantizer(Quantizer):
     needs_hessian = True
 
-    def __init__(self, base: Quantizer, rank: int, spec: str) -> None:
-        self.base, self.rank, self.spec = base, rank, spec
+    def __init__(self, base: Quantizer, rank: int) -> None:
+        self.base, self.rank = base, rank
+        self.spec = f"{base.spec}+lowrank:r{rank}"
 
     def check_shape(self, shape: tuple[int, int]) -> None:
         self.base.check_shape(shape)
@@ -138,4 +139,4 @@ def wrap_lowrank(spec: str, base: Quantizer, *args: str) -> LowRankQuantizer:
 
     if len(args) != 1:
         raise TypeError
-    return LowRankQuantizer(base, int_arg(spec, args[0], "r", 1, 1 << 16), spec)
+    return LowRankQuantizer(base, int_arg(spec, args[0], "r", 1, 1 << 16))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from salomi.quantizers.base import Quantizer
 from salomi.quantizers.simple import BinaryQuantizer, RTNQuantizer, TernaryQuantizer
-from salomi.quantizers.spec import int_arg, register_method
+from salomi.quantizers.spec import int_arg, register_method, register_wrapper
 
 
 @register_method("binary", "binary[:gG]", "sign x fp16 scale per row (or per group of G): ~1 bit")
@@ -38,3 +38,10 @@ def _vq(spec: str, *args: str) -> Quantizer:
     from salomi.quantizers.vq import parse_vq
 
     return parse_vq(spec, *args)
+
+
+@register_wrapper("lowrank", "lowrank:rR", "add an int8 rank-R U.V fit to the Hessian-weighted residual of the base (+~8R(out+in)/(out*in) bits)")
+def _lowrank(spec: str, base: Quantizer, *args: str) -> Quantizer:
+    from salomi.quantizers.lowrank import wrap_lowrank
+
+    return wrap_lowrank(spec, base, *args)

@@ -1,4 +1,8 @@
-/* Stand-alone check of kernels.c, meant to be built with -fsanitize=address,undefined
+/* Tolerance: |y - y_ref| <= 1e-5 * ||x|| * ||m|| per output, m_j = |w_j| for sign and
+ * ternary and |s| (|q_j| + |z|) for grid: the kernels sum s (sum x q - z sum x) per
+ * group, whose float rounding scales with |q| and |z| rather than with |q - z|.
+ *
+ * Stand-alone check of kernels.c, meant to be built with -fsanitize=address,undefined
  * (bench/sanitize_kernels.sh): random packed layers of every format, awkward shapes and
  * group sizes, every ISA this CPU supports, 1..3 threads, compared against a naive
  * double-precision reference written independently of the kernels (bit-by-bit decode).
@@ -47,6 +51,7 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
     int32_t *perm = malloc(sizeof(int32_t) * (size_t)in);
     float *x = malloc(sizeof(float) * (size_t)(M * in)), *y = malloc(sizeof(float) * (size_t)(M * out));
     double *w = malloc(sizeof(double) * (size_t)(out * in));
+    double *wmag = malloc(sizeof(double) * (size_t)(out * in)); /* |s| (|q| + |z|): scale of the rounding error */
     for (int64_t i = 0; i < out * rb; i++) data[i] = fmt == TERN ? (uint8_t)rndi(243) : (uint8_t)rnd();
     if (fmt != TERN) /* the format pads rows with zero bits */
         for (int64_t o = 0; o < out; o++) {
@@ -70,7 +75,7 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
         const uint8_t *row = data + o * rb;
         for (int64_t j = 0; j < in; j++) {
             int64_t g = j / G;
-            double s = ref_h2f(scale[o * ng + g]), v;
+            double s = ref_h2f(scale[o * ng + g]), v, qz = 0; /* qz = |q| + |z| for grid */
             if (fmt == SIGN) v = s * (bit_at(row, j) ? 1.0 : -1.0);
             else if (fmt == TERN) {
                 int b = row[j / 5], t = b;
@@ -80,9 +85,11 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
                 int q = 0;
                 for (int k = 0; k < K; k++) q |= bit_at(row, j * K + k) << k;
                 v = s * ((double)q - ref_h2f(zero[o * ng + g]));
+                qz = q + fabs(ref_h2f(zero[o * ng + g]));
             }
             int64_t col = (fmt == GRID && use_perm) ? perm[j] : j; /* stored column j is weight column perm[j] */
             w[o * in + col] = v;
+            wmag[o * in + col] = fmt == GRID ? fabs(s) * qz : fabs(v);
         }
     }
     memset(y, 0xFF, sizeof(float) * (size_t)(M * out)); /* NaN: every output must be written */
@@ -101,7 +108,7 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
             for (int64_t j = 0; j < in; j++) {
                 ref += (double)x[m * in + j] * w[o * in + j];
                 nx += (double)x[m * in + j] * x[m * in + j];
-                nw += w[o * in + j] * w[o * in + j];
+                nw += wmag[o * in + j] * wmag[o * in + j];
             }
             double err = fabs((double)y[m * out + o] - ref), tol = 1e-5 * sqrt(nx * nw) + 1e-30;
             if (!(err <= tol)) {
@@ -113,7 +120,7 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
     if (bad)
         printf("  case: isa=%s fmt=%d K=%d in=%lld out=%lld G=%lld M=%lld perm=%d threads=%d\n", salomi_isa_name(isa),
                fmt, K, (long long)in, (long long)out, (long long)G, (long long)M, use_perm, threads);
-    free(data), free(scale), free(zero), free(perm), free(x), free(y), free(w);
+    free(data), free(scale), free(zero), free(perm), free(x), free(y), free(w), free(wmag);
     return bad;
 }
 
