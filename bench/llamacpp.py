@@ -505,18 +505,94 @@ def cmd_dequant(args: argparse.Namespace) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
-    paths = make_paths(args)
-    ref = reference_gguf(args)
+    """Score every produced GGUF with salomi's loader (every tensor dequantized by the gguf package into a float32
+    Hugging Face model) and salomi's evaluator, against the reference on identical windows of the eval text."""
+    import shutil
+
     try:
-        from salomi.evaluation import evaluate  # noqa: F401
-        from salomi.loading import load_gguf  # noqa: F401
+        from salomi.data.texts import load_text
+        from salomi.evaluation.evaluate import evaluate, make_windows, tokenize
+        from salomi.loading.models import gguf_to_hf_dir, load_reference
     except ImportError as e:
-        sys.exit(f"salomi's loader/evaluator is not available yet ({e}); eval cannot run")
-    return _eval_with_salomi(paths, ref, args)
+        sys.exit(f"salomi's loader/evaluator is not available ({e}); eval cannot run")
+
+    paths = make_paths(args)
+    ref_path = reference_gguf(args)
+    acc_rows = {}
+    acc_file = paths.runs / "accounting.json"
+    if acc_file.is_file():
+        acc_rows = {r["label"]: r for r in json.loads(acc_file.read_text())["rows"]}
+    log(f"loading reference {ref_path}")
+    ref = load_reference(str(ref_path))
+    ids = tokenize(ref.tokenizer, load_text(args.eval_text))
+    windows = make_windows(ids, args.seq_len, args.windows, args.eval_text)
+    log(f"eval text {args.eval_text}: {ids.numel():,} tokens; {args.windows} windows x {args.seq_len} from the start")
+    labels = [lb for lb in all_labels(tuple(args.types), args.variants) if lb != REFERENCE_LABEL]
+    labels = [lb for lb in labels if label_path(paths, ref_path, lb).is_file()]
+    rows: list[dict] = []
+    common = {
+        "eval_text": args.eval_text,
+        "seq_len": args.seq_len,
+        "windows": args.windows,
+        "tokens_scored": args.windows * (args.seq_len - 1),
+        "reference": str(ref_path),
+    }
+    ref_metrics = None
+    for i in range(0, len(labels), args.group):
+        group = labels[i : i + args.group]
+        models, hf_dirs = [], []
+        t0 = time.time()
+        for lb in group:
+            p = label_path(paths, ref_path, lb)
+            log(f"loading {lb} ({p.name}) through salomi.loading")
+            hf_dirs.append(gguf_to_hf_dir(p))
+            models.append(load_reference(str(p)).model)
+        t1 = time.time()
+        ref_m, res = evaluate(ref.model, models, windows, progress=False, label="llamacpp")
+        t2 = time.time()
+        ref_metrics = ref_m
+        for lb, r in zip(group, res):
+            a = acc_rows.get(lb, {})
+            row = {
+                "label": lb,
+                "method": f"llama.cpp {lb} (imatrix: {args.calib_text})",
+                "linear_bpw": a.get("linear_bpw"),
+                "model_bpw": a.get("model_bpw"),
+                "fallback_count": a.get("fallback_count"),
+                **{k: r[k] for k in ("ppl", "ref_ppl", "ratio", "kl", "top1")},
+                "load_s": round((t1 - t0) / len(group), 1),
+                "eval_s": round((t2 - t1) / len(group), 1),
+                "gguf": str(label_path(paths, ref_path, lb)),
+                **common,
+            }
+            rows.append(row)
+            log(f"{lb:24s} ppl={r['ppl']:9.3f} ratio={r['ratio']:7.3f} KL={r['kl']:.4f} top1={r['top1']:.3f}")
+        del models
+        if not args.keep_hf:  # each float32 conversion is ~0.5 GB; they are cheap to recreate
+            for d in hf_dirs:
+                shutil.rmtree(d, ignore_errors=True)
+        _write_eval(paths, rows, ref_metrics, acc_rows, common)
+    return {"rows": rows}
 
 
-def _eval_with_salomi(paths: Paths, ref: Path, args: argparse.Namespace) -> dict:
-    raise NotImplementedError  # filled in once salomi.loading / salomi.evaluation exist
+def _write_eval(paths: Paths, rows: list[dict], ref_m: dict | None, acc_rows: dict, common: dict) -> None:
+    a = acc_rows.get(REFERENCE_LABEL, {})
+    ref_row = None
+    if ref_m is not None:
+        ref_row = {
+            "label": REFERENCE_LABEL,
+            "method": "reference (the Q4_1 GGUF, dequantized to float32)",
+            "linear_bpw": a.get("linear_bpw"),
+            "model_bpw": a.get("model_bpw"),
+            "fallback_count": 0,
+            "ppl": ref_m["ppl"],
+            "ref_ppl": ref_m["ppl"],
+            "ratio": 1.0,
+            "kl": 0.0,
+            "top1": 1.0,
+            **common,
+        }
+    write_json(paths, "eval", {**common, "rows": ([ref_row] if ref_row else []) + rows})
 
 
 # ---------------------------------------------------------------------------------------------- llama-perplexity
@@ -652,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", default="brown", help="evaluation text (salomi text name)")
     p.add_argument("--windows", type=int, default=8, help="eval: number of windows")
     p.add_argument("--seq-len", type=int, default=1024, help="eval: tokens per window")
+    p.add_argument("--group", type=int, default=4, help="eval: candidate models held in memory at once")
+    p.add_argument("--keep-hf", action="store_true", help="eval: keep the float32 conversions of the GGUFs")
     p.add_argument("--bench-types", nargs="+", default=list(BENCH_TYPES), help="labels to run llama-bench on")
     p.add_argument("--pp", type=int, default=512, help="llama-bench prompt tokens")
     p.add_argument("--tg", type=int, default=128, help="llama-bench generated tokens")

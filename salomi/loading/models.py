@@ -121,9 +121,12 @@ def load_reference(model: str = DEFAULT_MODEL, device: str | torch.device = "cpu
     where = str(hf_dir) if hf_dir is not None else source
     try:
         config = AutoConfig.from_pretrained(where)
-        arch = (config.architectures or [""])[0]
-        if not arch.endswith(("ForCausalLM", "LMHeadModel")) and type(config).__name__ not in _CAUSAL_CONFIGS():
-            raise SalomiError(f"{where}: {arch or type(config).__name__} is not a causal language model")
+        archs = config.architectures or []
+        causal = (any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) if archs
+                  else type(config).__name__ in _CAUSAL_CONFIGS())
+        if not causal:
+            what = ", ".join(archs) or type(config).__name__
+            raise SalomiError(f"{where}: {what} is not a causal language model; give a *ForCausalLM checkpoint")
         tok = AutoTokenizer.from_pretrained(where)
         m = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32)
     except SalomiError:

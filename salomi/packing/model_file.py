@@ -162,7 +162,7 @@ def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch
     model = _empty_model(qf.metadata["config"])
     state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in qf.floats.items()}
     for name, p in qf.packed.items():
-        bias = state.pop(f"{name}.bias", None)
+        bias = state.get(f"{name}.bias")  # a placeholder; load_state_dict below fills it
         _set_module(model, name, QuantLinear(p, bias, runtime))
     model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=False)

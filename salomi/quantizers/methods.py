@@ -45,3 +45,24 @@ def _lowrank(spec: str, base: Quantizer, *args: str) -> Quantizer:
     from salomi.quantizers.lowrank import wrap_lowrank
 
     return wrap_lowrank(spec, base, *args)
+
+
+@register_method("billm", "billm[:sN]", "BiLLM: salient columns residual-binarized, rest split in 2 binarized groups, GPTQ feedback (needs Hessian): ~2.1 bits")
+def _billm(spec: str, *args: str) -> Quantizer:
+    from salomi.quantizers.billm import parse_billm
+
+    return parse_billm(spec, *args)
+
+
+@register_method("pbllm", "pbllm:F[:fp16][:noft]", "PB-LLM: fraction F of salient weights int8 (or fp16) stored sparsely, rest binary, GPTQ feedback (needs Hessian)")
+def _pbllm(spec: str, *args: str) -> Quantizer:
+    from salomi.quantizers.pbllm import parse_pbllm
+
+    return parse_pbllm(spec, *args)
+
+
+@register_wrapper("ls", "ls", "learned scales: refit the base's fp16 scales/zeros to minimise tr(dW H dW^T), codes fixed (no bpw change)")
+def _ls(spec: str, base: Quantizer, *args: str) -> Quantizer:
+    from salomi.quantizers.scales import wrap_ls
+
+    return wrap_ls(spec, base, *args)

@@ -115,7 +115,9 @@ def grid_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     lo = w.min(dim=1).values.clamp(max=0) if bits > 1 else w.min(dim=1).values
     hi = w.max(dim=1).values.clamp(min=0) if bits > 1 else w.max(dim=1).values
     levels = (1 << bits) - 1
-    scale = ((hi - lo) / levels).clamp(min=1e-8)
+    # The floor keeps |zero| = |lo|/scale below 2**14, inside fp16's range, even for a
+    # constant or same-sign group; for ordinary groups (lo <= 0 <= hi) it never binds.
+    scale = torch.maximum((hi - lo) / levels, torch.maximum(lo.abs(), hi.abs()) / 2**14).clamp(min=6.1e-5)
     zero = -lo / scale
     # The file stores fp16: quantize against exactly the values the reader will see.
     scale = scale.to(torch.float16).to(torch.float32).clamp(min=6.1e-5)

@@ -1,0 +1,87 @@
+"""BiLLM-style binarization ("billm" format)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from salomi.errors import SalomiError
+from salomi.packing.container import load, save
+from salomi.quantizers.base import PackedLinear
+from salomi.quantizers.gptq import weighted_error
+from salomi.quantizers.spec import parse_method
+
+torch.set_num_threads(1)
+
+
+def correlated(o: int, n: int, seed: int = 0, ntok: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, n, generator=g) * 0.05
+    w[:, :3] *= 8  # a few salient columns
+    x = torch.randn(ntok, max(2, n // 8), generator=g) @ torch.randn(max(2, n // 8), n, generator=g)
+    x = (x + 0.3 * torch.randn(ntok, n, generator=g)) * (torch.rand(n, generator=g) * 3 + 0.2)
+    return w, 2 / ntok * x.T @ x
+
+
+def roundtrip(p: PackedLinear) -> None:
+    before = p.dequantize()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "layer.salomi"
+        save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
+        c = load(path)
+        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q.validate()
+        assert torch.equal(q.dequantize(), before)
+
+
+W, H = correlated(48, 96)
+
+
+def test_billm_beats_plain_binary() -> None:
+    b = parse_method("binary").quantize(W)
+    for spec in ("billm", "billm:s0", "billm:s8", "billm:s0.25"):
+        p = parse_method(spec).quantize(W, H)
+        assert weighted_error(W, p.dequantize(), H) < 0.5 * weighted_error(W, b.dequantize(), H)
+        assert ((W - p.dequantize()) ** 2).sum() < ((W - b.dequantize()) ** 2).sum()
+
+
+def test_bits_are_honest() -> None:
+    p = parse_method("billm").quantize(W, H)
+    o, n = 48, 96
+    assert p.nbytes == n // 8 + 2 * o * n // 8 + o * 4 * 2
+    assert p.bpw == p.nbytes * 8 / (o * n)
+
+
+@pytest.mark.parametrize("spec", ["billm", "billm:s5", "billm:s0.1", "billm:s96", "billm+ls"])
+def test_roundtrip_and_determinism(spec: str) -> None:
+    q = parse_method(spec)
+    p1, p2 = q.quantize(W, H), q.quantize(W, H)
+    roundtrip(p1)
+    for k in p1.tensors:
+        assert np.array_equal(p1.tensors[k], p2.tensors[k])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(o=st.integers(1, 9), n=st.integers(1, 40), s=st.integers(0, 40), seed=st.integers(0, 99))
+def test_round_trip_property(o: int, n: int, s: int, seed: int) -> None:
+    w, h = correlated(o, max(n, 3), seed, ntok=64)
+    roundtrip(parse_method(f"billm:s{min(s, w.shape[1])}").quantize(w, h))
+
+
+def test_impossible_settings_and_corruption() -> None:
+    for spec in ("billm:s1.5", "billm:x", "billm:s-1", "billm:s0.1:3"):
+        with pytest.raises(SalomiError):
+            parse_method(spec)
+    with pytest.raises(SalomiError):
+        parse_method("billm:s97").quantize(W, H)
+    p = parse_method("billm").quantize(W, H)
+    with pytest.raises(SalomiError):
+        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, scale=p.tensors["scale"][:, :3]), p.params).validate()
+    with pytest.raises(SalomiError):
+        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, colmask=p.tensors["colmask"][:-1]), p.params).validate()

@@ -1,0 +1,116 @@
+"""Hessian-weighted vector quantization ("vq" format)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from salomi.errors import SalomiError
+from salomi.packing.container import load, save
+from salomi.quantizers.base import PackedLinear
+from salomi.quantizers.gptq import weighted_error
+from salomi.quantizers.spec import parse_method
+from salomi.quantizers.vq import pack_codes, unpack_codes
+
+torch.set_num_threads(1)
+
+
+def correlated(o: int, n: int, seed: int = 0, ntok: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(o, n, generator=g) * 0.05
+    x = torch.randn(ntok, max(2, n // 8), generator=g) @ torch.randn(max(2, n // 8), n, generator=g)
+    x = (x + 0.3 * torch.randn(ntok, n, generator=g)) * (torch.rand(n, generator=g) * 3 + 0.2)
+    return w, 2 / ntok * x.T @ x
+
+
+def roundtrip(p: PackedLinear) -> None:
+    before = p.dequantize()
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "layer.salomi"
+        save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
+        c = load(path)
+        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q.validate()
+        assert torch.equal(q.dequantize(), before)
+
+
+W, H = correlated(64, 96)
+
+
+def test_error_decreases_with_codebook_size() -> None:
+    errs = [weighted_error(W, parse_method(f"vq:d4:k{k}").quantize(W, H).dequantize(), H) for k in (4, 16, 64, 256)]
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+
+
+def test_feedback_helps_and_bpw_is_honest() -> None:
+    ft = parse_method("vq:d4:k64").quantize(W, H)
+    noft = parse_method("vq:d4:k64:noft").quantize(W, H)
+    assert weighted_error(W, ft.dequantize(), H) < weighted_error(W, noft.dequantize(), H)
+    n = 64 * 96
+    expected = (64 * (96 // 4 * 6 // 8) + 64 * 4 * 2 + 64 * 2) * 8 / n  # 6-bit codes + fp16 codebook + fp16 row scales
+    assert ft.bpw == ft.nbytes * 8 / n == expected
+
+
+@pytest.mark.parametrize("spec", ["vq:d2:k16", "vq:d4:k256", "vq:d8:k512", "vq:d6:k300:noft", "vq:d4:k64+ls", "vq:d2:k2048"])
+def test_roundtrip_and_determinism(spec: str) -> None:
+    q = parse_method(spec)
+    p1, p2 = q.quantize(W, H), q.quantize(W, H)
+    roundtrip(p1)
+    for k in p1.tensors:
+        assert np.array_equal(p1.tensors[k], p2.tensors[k])
+    assert p1.bpw == p1.nbytes * 8 / W.numel()
+
+
+def test_seed_changes_codebook() -> None:
+    from salomi.quantizers.vq import VQQuantizer
+
+    a = VQQuantizer(4, 16, seed=0).quantize(W, H)
+    b = VQQuantizer(4, 16, seed=1).quantize(W, H)
+    assert not np.array_equal(a.tensors["codebook"], b.tensors["codebook"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 5), n=st.integers(1, 40), bits=st.integers(1, 16), seed=st.integers(0, 99))
+def test_code_packing_round_trip(rows: int, n: int, bits: int, seed: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, 1 << bits, size=(rows, n))
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (rows, (n * bits + 7) // 8) and packed.dtype == np.uint8
+    assert np.array_equal(unpack_codes(packed, n, bits).astype(np.int64), codes)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(o=st.integers(2, 8), nv=st.integers(1, 6), d=st.integers(2, 8), kb=st.integers(1, 4), seed=st.integers(0, 99))
+def test_vq_layer_round_trip_property(o: int, nv: int, d: int, kb: int, seed: int) -> None:
+    w, h = correlated(o, nv * d, seed, ntok=64)
+    k = min(1 << kb, o * nv)
+    if k < 2:
+        return
+    roundtrip(parse_method(f"vq:d{d}:k{k}").quantize(w, h))
+
+
+def test_impossible_settings() -> None:
+    for spec in ("vq:d1:k16", "vq:d9:k16", "vq:d4:k1", "vq:d4:k70000", "vq:d4", "vq:d4:k16:foo"):
+        with pytest.raises(SalomiError):
+            parse_method(spec)
+    with pytest.raises(SalomiError):  # 5 does not divide 96
+        parse_method("vq:d5:k16").quantize(W, H)
+    with pytest.raises(SalomiError):  # more codewords than vectors
+        parse_method("vq:d8:k1024").quantize(W, H)
+
+
+def test_validate_rejects_corruption() -> None:
+    p = parse_method("vq:d4:k5").quantize(W, H)  # 3-bit codes, values 5..7 are out of range
+    codes = p.tensors["codes"].copy()
+    codes[0, 0] |= 0b111
+    with pytest.raises(SalomiError):
+        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, codes=codes), p.params).validate()
+    with pytest.raises(SalomiError):
+        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, codebook=p.tensors["codebook"][:-1]), p.params).validate()
+    with pytest.raises(SalomiError):
+        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, scale=p.tensors["scale"].astype(np.float32)), p.params).validate()
