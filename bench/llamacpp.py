@@ -428,7 +428,7 @@ def cmd_accounting(args: argparse.Namespace) -> dict:
     if qfile.is_file():
         qrows = {r["label"]: r for r in json.loads(qfile.read_text())["rows"]}
     rows = []
-    for label in all_labels(tuple(args.types)):
+    for label in all_labels(tuple(args.types), args.variants):
         p = label_path(paths, ref, label)
         if not p.is_file():
             log(f"{label}: {p} missing, skipped")
@@ -472,7 +472,7 @@ def cmd_dequant(args: argparse.Namespace) -> dict:
     rref = gguf.GGUFReader(str(ref))
     ref_t = {t.name: t for t in rref.tensors}
     seen: dict[str, dict] = {}
-    for label in all_labels(tuple(args.types)):
+    for label in all_labels(tuple(args.types), args.variants):
         p = label_path(paths, ref, label)
         if not p.is_file():
             continue

@@ -94,6 +94,18 @@ def cmd_demo(a: argparse.Namespace) -> None:
     run_demo(windows=a.windows, seq_len=a.seq_len, out_dir=a.out_dir, results=a.results, methods=a.methods)
 
 
+def cmd_sweep(a: argparse.Namespace) -> None:
+    from salomi.reports.sweep import run_sweep
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    if not methods:
+        raise SalomiError("--methods is empty; give a comma-separated list of method specs")
+    run_sweep(methods, model=a.model, out_dir=a.out_dir, text=a.text, seq_len=a.seq_len, windows=a.windows,
+              calib=a.calib, segments=a.calib_segments, seg_len=a.calib_len, seed=a.seed,
+              llamacpp_json=a.llamacpp, results=a.results or None, plot_path=a.plot,
+              command="salomi " + " ".join(sys.argv[1:]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from salomi.quantizers.spec import methods_help
 
@@ -142,6 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("file")
     x.add_argument("--dequantized", required=True, metavar="DIR")
     x.set_defaults(fn=cmd_export)
+
+    w = sub.add_parser("sweep", help="quantize with many methods, evaluate on the same windows, plot vs bpw")
+    w.add_argument("--methods", required=True, help="comma-separated method specs")
+    w.add_argument("--model", default="smollm2")
+    w.add_argument("--out-dir", default="runs/sweep")
+    w.add_argument("--text", default="brown")
+    w.add_argument("--seq-len", type=int, default=1024)
+    w.add_argument("--windows", type=int, default=8)
+    w.add_argument("--calib", default="austen")
+    w.add_argument("--calib-segments", type=int, default=128)
+    w.add_argument("--calib-len", type=int, default=512)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--llamacpp", default="runs/llamacpp/eval.json", help="llama.cpp rows from bench/llamacpp.py")
+    w.add_argument("--results", default="docs/RESULTS.md", help="Markdown file to update ('' to skip)")
+    w.add_argument("--plot", default="docs/sweep.png")
+    w.set_defaults(fn=cmd_sweep)
 
     s = sub.add_parser("setup", help="fetch the default model and texts into the cache")
     s.set_defaults(fn=cmd_setup)

@@ -35,7 +35,13 @@ def roundtrip(p: PackedLinear) -> None:
         path = Path(d) / "layer.salomi"
         save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
         c = load(path)
-        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q = PackedLinear(
+            c.metadata["method"],
+            c.metadata["format"],
+            tuple(c.metadata["shape"]),
+            dict(c.tensors),
+            c.metadata["params"],
+        )
         q.validate()
         assert torch.equal(q.dequantize(), before)
 
@@ -84,4 +90,6 @@ def test_impossible_settings_and_corruption() -> None:
     with pytest.raises(SalomiError):
         PackedLinear(p.method, p.format, p.shape, dict(p.tensors, scale=p.tensors["scale"][:, :3]), p.params).validate()
     with pytest.raises(SalomiError):
-        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, colmask=p.tensors["colmask"][:-1]), p.params).validate()
+        PackedLinear(
+            p.method, p.format, p.shape, dict(p.tensors, colmask=p.tensors["colmask"][:-1]), p.params
+        ).validate()

@@ -37,7 +37,13 @@ def roundtrip(p: PackedLinear) -> None:
         meta = {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params}
         save(path, p.tensors, meta)
         c = load(path)
-        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q = PackedLinear(
+            c.metadata["method"],
+            c.metadata["format"],
+            tuple(c.metadata["shape"]),
+            dict(c.tensors),
+            c.metadata["params"],
+        )
         q.validate()
         assert torch.equal(q.dequantize(), before)
         assert q.nbytes == p.nbytes
@@ -55,7 +61,9 @@ def test_gptq_beats_rtn_on_weighted_error(bits: int) -> None:
         assert weighted_error(W, p.dequantize(), H) < 0.8 * weighted_error(W, rtn.dequantize(), H)
 
 
-@pytest.mark.parametrize("spec,base", [("gptq:binary", "binary"), ("gptq:binary:g32:act", "binary:g32"), ("gptq:ternary", "ternary")])
+@pytest.mark.parametrize(
+    "spec,base", [("gptq:binary", "binary"), ("gptq:binary:g32:act", "binary:g32"), ("gptq:ternary", "ternary")]
+)
 def test_gptq_binary_ternary_beat_plain(spec: str, base: str) -> None:
     b = parse_method(base).quantize(W)
     p = parse_method(spec).quantize(W, H)
@@ -75,7 +83,17 @@ def test_act_order_perm_round_trips() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["gptq:2:g32", "gptq:3:g16:act", "gptq:4:g96", "gptq:binary", "gptq:binary:g32:act", "gptq:ternary:g16:act", "gptq:2:g32+ls", "gptq:binary:act+ls"]
+    "spec",
+    [
+        "gptq:2:g32",
+        "gptq:3:g16:act",
+        "gptq:4:g96",
+        "gptq:binary",
+        "gptq:binary:g32:act",
+        "gptq:ternary:g16:act",
+        "gptq:2:g32+ls",
+        "gptq:binary:act+ls",
+    ],
 )
 def test_roundtrip_bpw_determinism(spec: str) -> None:
     q = parse_method(spec)

@@ -35,7 +35,13 @@ def roundtrip(p: PackedLinear) -> None:
         path = Path(d) / "layer.salomi"
         save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
         c = load(path)
-        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q = PackedLinear(
+            c.metadata["method"],
+            c.metadata["format"],
+            tuple(c.metadata["shape"]),
+            dict(c.tensors),
+            c.metadata["params"],
+        )
         q.validate()
         assert torch.equal(q.dequantize(), before)
 
@@ -43,7 +49,9 @@ def roundtrip(p: PackedLinear) -> None:
 W, H = correlated(48, 96)
 
 
-@pytest.mark.parametrize("base", ["rtn:2:g32", "gptq:2:g32:act", "binary", "gptq:ternary", "vq:d4:k16", "billm", "pbllm:0.05"])
+@pytest.mark.parametrize(
+    "base", ["rtn:2:g32", "gptq:2:g32:act", "binary", "gptq:ternary", "vq:d4:k16", "billm", "pbllm:0.05"]
+)
 def test_lowrank_reduces_error_and_costs_exactly_its_bytes(base: str) -> None:
     p = parse_method(base).quantize(W, H)
     r = 4
@@ -101,7 +109,10 @@ def test_impossible_settings_and_corruption() -> None:
     with pytest.raises(SalomiError):
         parse_method("binary+lowrank:r2+lowrank:r2").quantize(W, H)
     p = parse_method("binary+lowrank:r4").quantize(W, H)
-    for name, arr in (("lowrank.v", p.tensors["lowrank.v"][:, :-1]), ("lowrank.u_scale", p.tensors["lowrank.u_scale"][:-1])):
+    for name, arr in (
+        ("lowrank.v", p.tensors["lowrank.v"][:, :-1]),
+        ("lowrank.u_scale", p.tensors["lowrank.u_scale"][:-1]),
+    ):
         with pytest.raises(SalomiError):
             PackedLinear(p.method, p.format, p.shape, dict(p.tensors, **{name: arr}), p.params).validate()
     t = dict(p.tensors)

@@ -35,7 +35,13 @@ def roundtrip(p: PackedLinear) -> None:
         path = Path(d) / "layer.salomi"
         save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
         c = load(path)
-        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q = PackedLinear(
+            c.metadata["method"],
+            c.metadata["format"],
+            tuple(c.metadata["shape"]),
+            dict(c.tensors),
+            c.metadata["params"],
+        )
         q.validate()
         assert torch.equal(q.dequantize(), before)
 
@@ -58,7 +64,9 @@ def test_feedback_helps() -> None:
     assert weighted_error(W, a.dequantize(), H) < weighted_error(W, b.dequantize(), H)
 
 
-@pytest.mark.parametrize("spec", ["pbllm:0", "pbllm:0.05", "pbllm:0.2:fp16", "pbllm:1", "pbllm:0.1:noft", "pbllm:0.05+ls"])
+@pytest.mark.parametrize(
+    "spec", ["pbllm:0", "pbllm:0.05", "pbllm:0.2:fp16", "pbllm:1", "pbllm:0.1:noft", "pbllm:0.05+ls"]
+)
 def test_roundtrip_bpw_determinism(spec: str) -> None:
     q = parse_method(spec)
     p1, p2 = q.quantize(W, H), q.quantize(W, H)

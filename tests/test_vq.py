@@ -35,7 +35,13 @@ def roundtrip(p: PackedLinear) -> None:
         path = Path(d) / "layer.salomi"
         save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
         c = load(path)
-        q = PackedLinear(c.metadata["method"], c.metadata["format"], tuple(c.metadata["shape"]), dict(c.tensors), c.metadata["params"])
+        q = PackedLinear(
+            c.metadata["method"],
+            c.metadata["format"],
+            tuple(c.metadata["shape"]),
+            dict(c.tensors),
+            c.metadata["params"],
+        )
         q.validate()
         assert torch.equal(q.dequantize(), before)
 
@@ -57,7 +63,9 @@ def test_feedback_helps_and_bpw_is_honest() -> None:
     assert ft.bpw == ft.nbytes * 8 / n == expected
 
 
-@pytest.mark.parametrize("spec", ["vq:d2:k16", "vq:d4:k256", "vq:d8:k512", "vq:d6:k300:noft", "vq:d4:k64+ls", "vq:d2:k2048"])
+@pytest.mark.parametrize(
+    "spec", ["vq:d2:k16", "vq:d4:k256", "vq:d8:k512", "vq:d6:k300:noft", "vq:d4:k64+ls", "vq:d2:k2048"]
+)
 def test_roundtrip_and_determinism(spec: str) -> None:
     q = parse_method(spec)
     p1, p2 = q.quantize(W, H), q.quantize(W, H)
@@ -111,6 +119,10 @@ def test_validate_rejects_corruption() -> None:
     with pytest.raises(SalomiError):
         PackedLinear(p.method, p.format, p.shape, dict(p.tensors, codes=codes), p.params).validate()
     with pytest.raises(SalomiError):
-        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, codebook=p.tensors["codebook"][:-1]), p.params).validate()
+        PackedLinear(
+            p.method, p.format, p.shape, dict(p.tensors, codebook=p.tensors["codebook"][:-1]), p.params
+        ).validate()
     with pytest.raises(SalomiError):
-        PackedLinear(p.method, p.format, p.shape, dict(p.tensors, scale=p.tensors["scale"].astype(np.float32)), p.params).validate()
+        PackedLinear(
+            p.method, p.format, p.shape, dict(p.tensors, scale=p.tensors["scale"].astype(np.float32)), p.params
+        ).validate()

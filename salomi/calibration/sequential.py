@@ -115,7 +115,7 @@ def quantize_sequential(
             p = q.quantize(w, hessians.get(n) if q.needs_hessian else None)
             packed[n] = p
             _set_weight(m, p.dequantize().to(w.device))
-            bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {p.bpw:.2f}bpw")
+            bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {p.bpw:.2f}bpw", refresh=False)
             bar.update(1)
         hessians.clear()
         if inputs is not None and i + 1 < len(blocks):

@@ -49,7 +49,11 @@ def prepare_hessian(
     w = weight.detach().float().clone()
     n = w.shape[1]
     dev = w.device
-    h = torch.eye(n, dtype=torch.float64, device=dev) if hessian is None else hessian.detach().to(dev, torch.float64).clone()
+    h = (
+        torch.eye(n, dtype=torch.float64, device=dev)
+        if hessian is None
+        else hessian.detach().to(dev, torch.float64).clone()
+    )
     dead = torch.diag(h) <= 0
     if bool(dead.any()):
         idx = torch.nonzero(dead).flatten()

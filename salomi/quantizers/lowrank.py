@@ -63,9 +63,20 @@ class LowRankFormat(StorageFormat):
 
 
 def lowrank_product(lr: dict[str, np.ndarray]) -> torch.Tensor:
-    u = torch.from_numpy(np.asarray(lr["u"], dtype=np.float32)) * torch.from_numpy(np.asarray(lr["u_scale"], dtype=np.float32))[:, None]
-    v = torch.from_numpy(np.asarray(lr["v"], dtype=np.float32)) * torch.from_numpy(np.asarray(lr["v_scale"], dtype=np.float32))[:, None]
-    return u @ v
+    """(u * u_scale) @ (v * v_scale), summed rank by rank with elementwise ops in a fixed order:
+    bit-identical wherever it runs (a BLAS matmul may round differently with memory alignment)."""
+    u = (
+        torch.from_numpy(np.asarray(lr["u"], dtype=np.float32))
+        * torch.from_numpy(np.asarray(lr["u_scale"], dtype=np.float32))[:, None]
+    )
+    v = (
+        torch.from_numpy(np.asarray(lr["v"], dtype=np.float32))
+        * torch.from_numpy(np.asarray(lr["v_scale"], dtype=np.float32))[:, None]
+    )
+    out = torch.zeros(u.shape[0], v.shape[1])
+    for r in range(u.shape[1]):
+        out = out + u[:, r : r + 1] * v[r : r + 1, :]
+    return out
 
 
 COMPOSITES[SUFFIX[1:]] = LowRankFormat
@@ -98,7 +109,9 @@ def fit_lowrank(
     vq, vs = int8_rows(v.float())
     vhat = (vq * vs[:, None]).double()
     gram = vhat @ h @ vhat.T
-    gram = gram + 1e-10 * float(torch.diag(gram).mean().clamp(min=1e-30)) * torch.eye(rank, dtype=torch.float64, device=e.device)
+    gram = gram + 1e-10 * float(torch.diag(gram).mean().clamp(min=1e-30)) * torch.eye(
+        rank, dtype=torch.float64, device=e.device
+    )
     u = torch.linalg.solve(gram, (e @ h @ vhat.T).T).T  # least squares for U given the rounded V
     if not bool(torch.isfinite(u).all()):
         u = a[:, :rank] * root[None, :]
@@ -116,7 +129,9 @@ class LowRankQuantizer(Quantizer):
     def check_shape(self, shape: tuple[int, int]) -> None:
         self.base.check_shape(shape)
         if self.rank > min(shape):
-            raise SalomiError(f"{self.spec}: rank {self.rank} exceeds min(out, in) = {min(shape)} of a {shape[0]}x{shape[1]} layer")
+            raise SalomiError(
+                f"{self.spec}: rank {self.rank} exceeds min(out, in) = {min(shape)} of a {shape[0]}x{shape[1]} layer"
+            )
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> PackedLinear:
         self.check_shape(tuple(weight.shape))

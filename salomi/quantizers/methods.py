@@ -26,42 +26,66 @@ def _rtn(spec: str, bits: str, group: str) -> Quantizer:
     return RTNQuantizer(int_arg(spec, bits, "", 1, 8), int_arg(spec, group, "g"))
 
 
-@register_method("gptq", "gptq:K:gG[:act]", "GPTQ error feedback (needs Hessian); also gptq:binary[:gG][:act], gptq:ternary[:gG][:act]")
+@register_method(
+    "gptq",
+    "gptq:K:gG[:act]",
+    "GPTQ error feedback (needs Hessian); also gptq:binary[:gG][:act], gptq:ternary[:gG][:act]",
+)
 def _gptq(spec: str, *args: str) -> Quantizer:
     from salomi.quantizers.gptq import parse_gptq
 
     return parse_gptq(spec, *args)
 
 
-@register_method("vq", "vq:dD:kK[:noft]", "Hessian-weighted k-means VQ of d-vectors, GPTQ-style feedback (needs Hessian): log2(k)/d bits + codebook")
+@register_method(
+    "vq",
+    "vq:dD:kK[:noft]",
+    "Hessian-weighted k-means VQ of d-vectors, GPTQ-style feedback (needs Hessian): log2(k)/d bits + codebook",
+)
 def _vq(spec: str, *args: str) -> Quantizer:
     from salomi.quantizers.vq import parse_vq
 
     return parse_vq(spec, *args)
 
 
-@register_wrapper("lowrank", "lowrank:rR", "add an int8 rank-R U.V fit to the Hessian-weighted residual of the base (+~8R(out+in)/(out*in) bits)")
+@register_wrapper(
+    "lowrank",
+    "lowrank:rR",
+    "add an int8 rank-R U.V fit to the Hessian-weighted residual of the base (+~8R(out+in)/(out*in) bits)",
+)
 def _lowrank(spec: str, base: Quantizer, *args: str) -> Quantizer:
     from salomi.quantizers.lowrank import wrap_lowrank
 
     return wrap_lowrank(spec, base, *args)
 
 
-@register_method("billm", "billm[:sN]", "BiLLM: salient columns residual-binarized, rest split in 2 binarized groups, GPTQ feedback (needs Hessian): ~2.1 bits")
+@register_method(
+    "billm",
+    "billm[:sN]",
+    "BiLLM: salient columns residual-binarized, rest split in 2 binarized groups, GPTQ feedback (needs Hessian): ~2.1 bits",
+)
 def _billm(spec: str, *args: str) -> Quantizer:
     from salomi.quantizers.billm import parse_billm
 
     return parse_billm(spec, *args)
 
 
-@register_method("pbllm", "pbllm:F[:fp16][:noft]", "PB-LLM: fraction F of salient weights int8 (or fp16) stored sparsely, rest binary, GPTQ feedback (needs Hessian)")
+@register_method(
+    "pbllm",
+    "pbllm:F[:fp16][:noft]",
+    "PB-LLM: fraction F of salient weights int8 (or fp16) stored sparsely, rest binary, GPTQ feedback (needs Hessian)",
+)
 def _pbllm(spec: str, *args: str) -> Quantizer:
     from salomi.quantizers.pbllm import parse_pbllm
 
     return parse_pbllm(spec, *args)
 
 
-@register_wrapper("ls", "ls", "learned scales: refit the base's fp16 scales/zeros to minimise tr(dW H dW^T), codes fixed (no bpw change)")
+@register_wrapper(
+    "ls",
+    "ls",
+    "learned scales: refit the base's fp16 scales/zeros to minimise tr(dW H dW^T), codes fixed (no bpw change)",
+)
 def _ls(spec: str, base: Quantizer, *args: str) -> Quantizer:
     from salomi.quantizers.scales import wrap_ls
 

@@ -183,4 +183,6 @@ def parse_pbllm(spec: str, *args: str) -> PBLLMQuantizer:
 
     if not args or any(a not in ("fp16", "noft") for a in args[1:]):
         raise TypeError
-    return PBLLMQuantizer(float_arg(spec, args[0], 0.0, 1.0), "fp16" if "fp16" in args[1:] else "int8", "noft" not in args[1:])
+    return PBLLMQuantizer(
+        float_arg(spec, args[0], 0.0, 1.0), "fp16" if "fp16" in args[1:] else "int8", "noft" not in args[1:]
+    )

@@ -94,7 +94,15 @@ def _rounded(p: PackedLinear, theta: torch.Tensor) -> tuple[torch.Tensor, torch.
     return r, ~torch.isfinite(r).all(dim=2).all(dim=1)
 
 
-def refit_scales(p: PackedLinear, weight: torch.Tensor, hessian: torch.Tensor | None, rows_per_chunk: int = 32) -> PackedLinear:
+def _quad(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    """Per-row error t^T H t - 2 x^T b + x^T A x of parameters x."""
+    x = x.double().reshape(a.shape[0], a.shape[1], 1)
+    return const - 2 * (b[:, :, None] * x).sum((1, 2)) + (x.transpose(1, 2) @ a @ x)[:, 0, 0]
+
+
+def refit_scales(
+    p: PackedLinear, weight: torch.Tensor, hessian: torch.Tensor | None, rows_per_chunk: int = 32
+) -> PackedLinear:
     """The same packed layer with output-error-optimal fp16 scales (codes untouched)."""
     if p.format.endswith("+lowrank"):
         from salomi.quantizers.lowrank import PREFIX, lowrank_product, split_lowrank
@@ -131,11 +139,7 @@ def refit_scales(p: PackedLinear, weight: torch.Tensor, hessian: torch.Tensor | 
         new_r, bad = _rounded(p, new.float().reshape(c, T, ng))
         old = theta0[r0:r1].double().reshape(c, T * ng)
 
-        def err(x: torch.Tensor) -> torch.Tensor:
-            x = x.double().reshape(c, T * ng, 1)
-            return const - 2 * (b[:, :, None] * x).sum((1, 2)) + (x.transpose(1, 2) @ a @ x)[:, 0, 0]
-
-        better = (err(new_r) < err(old)) & ~bad
+        better = (_quad(new_r, a, b, const) < _quad(old, a, b, const)) & ~bad
         th[r0:r1] = torch.where(better[:, None, None], new_r.reshape(th[r0:r1].shape), th[r0:r1])
     return PackedLinear(p.method, p.format, p.shape, _write(p, th), p.params)
 

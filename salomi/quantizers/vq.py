@@ -116,7 +116,9 @@ def _argmin_rows(dist: torch.Tensor) -> torch.Tensor:
     return dist.argmin(dim=1)
 
 
-def weighted_kmeans(x: torch.Tensor, wx: torch.Tensor, k: int, iters: int, seed: int, sample: int = 1 << 30) -> torch.Tensor:
+def weighted_kmeans(
+    x: torch.Tensor, wx: torch.Tensor, k: int, iters: int, seed: int, sample: int = 1 << 30
+) -> torch.Tensor:
     """k-means on rows of x [N, d] with per-coordinate weights wx [N, d]; returns [k, d]."""
     n, d = x.shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -139,12 +141,22 @@ def weighted_kmeans(x: torch.Tensor, wx: torch.Tensor, k: int, iters: int, seed:
 class VQQuantizer(Quantizer):
     needs_hessian = True
 
-    def __init__(self, d: int, k: int, feedback: bool = True, iters: int = 12, seed: int = 0, percdamp: float = 0.01):
+    def __init__(
+        self,
+        d: int,
+        k: int,
+        feedback: bool = True,
+        iters: int = 12,
+        seed: int = 0,
+        percdamp: float = 0.01,
+        refine: bool = True,
+    ):
         if not 2 <= d <= 8:
             raise SalomiError(f"vq: vector length d={d} must be 2..8")
         if not 2 <= k <= 65536:
             raise SalomiError(f"vq: codebook size k={k} must be 2..65536")
         self.d, self.k, self.feedback, self.iters, self.seed, self.percdamp = d, k, feedback, iters, seed, percdamp
+        self.refine = refine
         self.spec = f"vq:d{d}:k{k}" + ("" if feedback else ":noft")
 
     def check_shape(self, shape: tuple[int, int]) -> None:
@@ -152,7 +164,9 @@ class VQQuantizer(Quantizer):
         if i % self.d:
             raise SalomiError(f"{self.spec}: vector length {self.d} does not divide a row of {i} weights")
         if self.k > o * i // self.d:
-            raise SalomiError(f"{self.spec}: codebook of {self.k} entries exceeds the {o * i // self.d} vectors of a {o}x{i} layer")
+            raise SalomiError(
+                f"{self.spec}: codebook of {self.k} entries exceeds the {o * i // self.d} vectors of a {o}x{i} layer"
+            )
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> PackedLinear:
         o, n = weight.shape
@@ -161,7 +175,6 @@ class VQQuantizer(Quantizer):
         d, k = self.d, self.k
         nv = n // d
         w, u, _, hd = prepare_hessian(weight, hessian, self.percdamp)
-        dev = w.device
         scale = w.pow(2).mean(dim=1).sqrt().clamp(min=1e-6).to(torch.float16).float().clamp(min=6.1e-5)
         xn = w / scale[:, None]
         hdiag = torch.diag(hd).float()
@@ -172,28 +185,73 @@ class VQQuantizer(Quantizer):
         if not self.feedback:
             codes = _nearest(xn.reshape(o * nv, d), cb, wx).reshape(o, nv)
         else:
-            codes = torch.zeros(o, nv, dtype=torch.long, device=dev)
-            block = max(d, (128 // d) * d)
-            for i1 in range(0, n, block):
-                i2 = min(i1 + block, n)
-                w1 = w[:, i1:i2].clone()
-                err1 = torch.zeros_like(w1)
-                for a in range(0, i2 - i1, d):
-                    j = i1 + a
-                    ub = u[j : j + d, j : j + d]
-                    t = torch.linalg.inv(ub)  # metric of the block: ||(x - c) ub^-1||^2
-                    x = w1[:, a : a + d] / scale[:, None]
-                    c = _nearest(x @ t, cb @ t)
-                    codes[:, j // d] = c
-                    qb = cb[c] * scale[:, None]
-                    e = (w1[:, a : a + d] - qb) @ t
-                    w1[:, a:] -= e @ u[j : j + d, j:i2]
-                    err1[:, a : a + d] = e
-                if i2 < n:
-                    w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            codes, xs = _gptq_pass(w, u, scale, cb, d)
+            if self.refine:
+                # GPTVQ-style codebook update: each centroid becomes the metric-weighted mean of the
+                # (error-updated) vectors assigned to it; keep it only if the layer error drops.
+                cb2 = _update_codebook(codes, xs, u, scale, cb, d)
+                codes2, _ = _gptq_pass(w, u, scale, cb2, d)
+                e1 = _layer_error(w, cb[codes].reshape(o, n) * scale[:, None], hd)
+                e2 = _layer_error(w, cb2[codes2].reshape(o, n) * scale[:, None], hd)
+                if e2 < e1:
+                    codes, cb = codes2, cb2
         b = code_bits(k)
         tensors = {"codes": pack_codes(codes.cpu().numpy(), b), "codebook": f16(cb), "scale": f16(scale)}
         return PackedLinear(self.spec, "vq", (o, n), tensors, {"d": d, "k": k})
+
+
+def _gptq_pass(
+    w0: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, cb: torch.Tensor, d: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assign vector columns left to right with GPTQ error feedback; returns (codes [o, nv],
+    the normalised error-updated vectors that were matched [o, nv, d])."""
+    w = w0.clone()
+    o, n = w.shape
+    codes = torch.zeros(o, n // d, dtype=torch.long, device=w.device)
+    xs = torch.zeros(o, n // d, d, device=w.device)
+    block = max(d, (128 // d) * d)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        for a in range(0, i2 - i1, d):
+            j = i1 + a
+            t = torch.linalg.inv(u[j : j + d, j : j + d])  # metric of this block: ||(x - c) ub^-1||^2
+            x = w1[:, a : a + d] / scale[:, None]
+            c = _nearest(x @ t, cb @ t)
+            codes[:, j // d] = c
+            xs[:, j // d] = x
+            e = (w1[:, a : a + d] - cb[c] * scale[:, None]) @ t
+            w1[:, a:] -= e @ u[j : j + d, j:i2]
+            err1[:, a : a + d] = e
+        if i2 < n:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return codes, xs
+
+
+def _update_codebook(
+    codes: torch.Tensor, xs: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, cb: torch.Tensor, d: int
+) -> torch.Tensor:
+    o, nv = codes.shape
+    k = cb.shape[0]
+    ts = torch.stack([torch.linalg.inv(u[v * d : (v + 1) * d, v * d : (v + 1) * d]) for v in range(nv)])
+    g = ts @ ts.transpose(1, 2)  # [nv, d, d] metric of each vector column
+    m = (scale[:, None, None, None] ** 2) * g[None]  # [o, nv, d, d]
+    flat = codes.reshape(-1)
+    msum = torch.zeros(k, d, d, device=cb.device, dtype=torch.float64).index_add_(0, flat, m.reshape(-1, d, d).double())
+    mx = (m @ xs[..., None]).reshape(-1, d).double()
+    rhs = torch.zeros(k, d, device=cb.device, dtype=torch.float64).index_add_(0, flat, mx)
+    used = torch.bincount(flat, minlength=k) > 0
+    eye = torch.eye(d, dtype=torch.float64, device=cb.device)
+    tr = msum.diagonal(dim1=1, dim2=2).sum(1).clamp(min=1e-30)
+    sol = torch.linalg.solve(msum + (1e-9 * tr)[:, None, None] * eye, rhs[..., None])[..., 0]
+    new = torch.where(used[:, None], sol.float(), cb)
+    return new.to(torch.float16).float()
+
+
+def _layer_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    dlt = (w - q).double()
+    return float(((dlt @ h) * dlt).sum())
 
 
 def parse_vq(spec: str, *args: str) -> VQQuantizer:
@@ -201,4 +259,6 @@ def parse_vq(spec: str, *args: str) -> VQQuantizer:
 
     if len(args) not in (2, 3) or (len(args) == 3 and args[2] != "noft"):
         raise TypeError
-    return VQQuantizer(int_arg(spec, args[0], "d", 2, 8), int_arg(spec, args[1], "k", 2, 65536), feedback=len(args) == 2)
+    return VQQuantizer(
+        int_arg(spec, args[0], "d", 2, 8), int_arg(spec, args[1], "k", 2, 65536), feedback=len(args) == 2
+    )

@@ -764,13 +764,15 @@ typedef void (*task_fn)(void *ctx, int tid, int nt);
 static pthread_mutex_t g_call_mu = PTHREAD_MUTEX_INITIALIZER; /* one parallel job at a time */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_start_cv = PTHREAD_COND_INITIALIZER, g_done_cv = PTHREAD_COND_INITIALIZER;
-static int g_nworkers = 0;               /* workers have tids 1..g_nworkers */
-static _Atomic unsigned long g_gen = 0;  /* bumped once per job */
-static _Atomic int g_pending = 0;        /* workers still running the current job */
+static int g_nworkers = 0; /* workers have tids 1..g_nworkers */
+/* Per-worker mailbox: bumped only for the workers that take part in a job. A shared
+ * "job generation" is not enough: a worker left out of one job could wake late, read
+ * the next job's parameters and run it twice. */
+static _Atomic unsigned long g_mail[MAX_THREADS];
+static _Atomic int g_pending = 0; /* workers still running the current job */
 static task_fn g_fn;
 static void *g_ctx;
 static int g_nt;
-static unsigned long g_start_gen[MAX_THREADS];
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 
 static inline void cpu_relax(void) {
@@ -791,29 +793,28 @@ static inline int64_t now_ns(void) {
 
 static void *worker_main(void *arg) {
     const int tid = (int)(intptr_t)arg;
-    unsigned long seen = g_start_gen[tid];
+    unsigned long seen = atomic_load(&g_mail[tid]); /* set before the thread was created */
     for (;;) {
         unsigned long g;
         int64_t t0 = now_ns();
         int n = 0;
-        while ((g = atomic_load_explicit(&g_gen, memory_order_acquire)) == seen) {
+        while ((g = atomic_load_explicit(&g_mail[tid], memory_order_acquire)) == seen) {
             cpu_relax();
             if ((++n & 255) == 0 && now_ns() - t0 > WORKER_SPIN_NS) {
                 pthread_mutex_lock(&g_mu);
-                while ((g = atomic_load_explicit(&g_gen, memory_order_acquire)) == seen)
+                while ((g = atomic_load_explicit(&g_mail[tid], memory_order_acquire)) == seen)
                     pthread_cond_wait(&g_start_cv, &g_mu);
                 pthread_mutex_unlock(&g_mu);
                 break;
             }
         }
         seen = g;
-        if (tid < g_nt) {
-            g_fn(g_ctx, tid, g_nt);
-            if (atomic_fetch_sub_explicit(&g_pending, 1, memory_order_acq_rel) == 1) {
-                pthread_mutex_lock(&g_mu);
-                pthread_cond_signal(&g_done_cv);
-                pthread_mutex_unlock(&g_mu);
-            }
+        /* g_fn/g_ctx/g_nt stay fixed until this worker decrements g_pending */
+        g_fn(g_ctx, tid, g_nt);
+        if (atomic_fetch_sub_explicit(&g_pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&g_mu);
+            pthread_cond_signal(&g_done_cv);
+            pthread_mutex_unlock(&g_mu);
         }
     }
     return NULL;
@@ -836,7 +837,7 @@ static void run_parallel(task_fn fn, void *ctx, int nt) {
     pthread_mutex_lock(&g_call_mu);
     while (g_nworkers < nt - 1) { /* grow the pool on demand */
         int tid = g_nworkers + 1;
-        g_start_gen[tid] = atomic_load(&g_gen);
+        atomic_store(&g_mail[tid], 0);
         pthread_t th;
         pthread_attr_t at;
         pthread_attr_init(&at);
@@ -851,7 +852,7 @@ static void run_parallel(task_fn fn, void *ctx, int nt) {
     g_fn = fn, g_ctx = ctx, g_nt = nt;
     atomic_store(&g_pending, nt - 1);
     pthread_mutex_lock(&g_mu);
-    atomic_fetch_add_explicit(&g_gen, 1, memory_order_release);
+    for (int t = 1; t < nt; t++) atomic_fetch_add_explicit(&g_mail[t], 1, memory_order_release);
     pthread_cond_broadcast(&g_start_cv);
     pthread_mutex_unlock(&g_mu);
     fn(ctx, 0, nt);
