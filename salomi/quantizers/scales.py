@@ -88,7 +88,7 @@ def _rounded(p: PackedLinear, theta: torch.Tensor) -> tuple[torch.Tensor, torch.
         ok = s.abs() > 0
         z = torch.where(ok, theta[:, 1] / torch.where(ok, s, torch.ones_like(s)), torch.zeros_like(s))
         z = z.to(torch.float16).float()
-        bad = ~torch.isfinite(z)
+        bad = ~torch.isfinite(z) | ~torch.isfinite(s)
         return torch.stack([s, torch.where(bad, 0.0, s * z)], 1), bad.any(1)
     r = theta.to(torch.float16).float()
     return r, ~torch.isfinite(r).all(dim=2).all(dim=1)

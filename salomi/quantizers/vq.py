@@ -4,9 +4,14 @@ Each row is normalised by an fp16 scale (its RMS) and cut into vectors of d cons
 weights; one per-layer codebook of k fp16 vectors is fitted by k-means in which each
 coordinate is weighted by the Hessian diagonal of its column (times the row scale^2, so
 the k-means objective is the diagonal approximation of the layer's output error).
-Then the vector columns are assigned left to right like GPTQ: the d columns of a
-vector column are matched jointly under the metric of the remaining inverse Hessian,
-and their error is spread over the columns not yet quantized. bpw = ceil(log2 k)/d plus
+k-means is seeded by weighted k-means++ (k <= 1024; a seeded random sample above) and
+runs a fixed number of iterations on a fixed seeded subset, so the result depends only
+on `seed`. Then the vector columns are assigned left to right like GPTQ: the d columns
+of a vector column are matched jointly under the metric of the remaining inverse
+Hessian, and their error is spread over the columns not yet quantized. Finally each
+centroid is re-fitted to the (error-updated) vectors assigned to it under the same
+metric and the assignment pass is repeated; the second result is kept only if the
+layer's output error tr(dW H dW^T) drops. bpw = ceil(log2 k)/d plus
 the codebook (16*k*d bits per layer) and one fp16 scale per row.
 """
 
@@ -116,6 +121,26 @@ def _argmin_rows(dist: torch.Tensor) -> torch.Tensor:
     return dist.argmin(dim=1)
 
 
+def _kmeanspp(x: torch.Tensor, wx: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Weighted k-means++ seeding on x [m >= k, d]: each new centre drawn with probability
+    proportional to its (weighted) distance to the nearest centre so far."""
+    m = x.shape[0]
+    idx = torch.empty(k, dtype=torch.long)
+    idx[0] = int(torch.randint(m, (1,), generator=gen))
+    best = ((x - x[idx[0]]) ** 2 * wx).sum(1)
+    for i in range(1, k):
+        p = best.clamp(min=0).cpu().double()
+        total = float(p.sum())
+        j = (
+            int(torch.multinomial(p / total, 1, generator=gen))
+            if total > 0
+            else int(torch.randint(m, (1,), generator=gen))
+        )
+        idx[i] = j
+        best = torch.minimum(best, ((x - x[j]) ** 2 * wx).sum(1))
+    return x[idx.to(x.device)].clone()
+
+
 def weighted_kmeans(
     x: torch.Tensor, wx: torch.Tensor, k: int, iters: int, seed: int, sample: int = 1 << 30
 ) -> torch.Tensor:
@@ -123,7 +148,10 @@ def weighted_kmeans(
     n, d = x.shape
     gen = torch.Generator(device="cpu").manual_seed(seed)
     order = torch.randperm(n, generator=gen).to(x.device)
-    c = x[order[:k]].clone()
+    if k <= 1024:  # k-means++ seeding on a subset (cost k passes over 16k vectors)
+        c = _kmeanspp(x[order[: min(n, 16 * k)]], wx[order[: min(n, 16 * k)]], k, gen)
+    else:
+        c = x[order[:k]].clone()
     if n > sample:  # fit on a fixed random subset (enough vectors per centroid), for speed
         x, wx = x[order[:sample]], wx[order[:sample]]
     for _ in range(iters):

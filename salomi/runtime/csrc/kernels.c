@@ -793,7 +793,7 @@ static inline int64_t now_ns(void) {
 
 static void *worker_main(void *arg) {
     const int tid = (int)(intptr_t)arg;
-    unsigned long seen = atomic_load(&g_mail[tid]); /* set before the thread was created */
+    unsigned long seen = 0; /* run_parallel zeroes g_mail[tid] before creating the thread */
     for (;;) {
         unsigned long g;
         int64_t t0 = now_ns();

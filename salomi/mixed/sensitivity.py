@@ -1,0 +1,377 @@
+"""Per-layer sensitivity table: for every quantized linear and every candidate method,
+the exact stored bytes and a damage estimate.
+
+Damage of quantizing linear W (with input Hessian H = 2/n sum x x^T over calibration
+activations) to Q is the Hessian-weighted output error tr(dW H dW^T), dW = W - Q,
+reported both raw ("error") and normalised by the layer's output energy tr(W H W^T)
+("damage", what the allocator minimises by default). Hessians come from the float
+model, block by block (one forward pass per block both accumulates the block's
+Hessians and produces the next block's inputs), so the table does not depend on the
+budget and is cached in <cache>/mixed/ for reuse across targets: one JSON file per
+(model weights, calibration tokens), holding every candidate ever computed, so a new
+candidate list only computes what is missing. The file is rewritten after each block,
+so an interrupted run resumes where it stopped.
+
+Bytes are what PackedLinear.nbytes says, i.e. exactly what the file stores for the
+layer; a candidate whose size turns out to depend on the data (two layers of the same
+shape with different sizes) is dropped with a warning, since the budget could not be
+guaranteed when the layer is re-quantized with sequential Hessians.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from salomi.errors import SalomiError
+from salomi.quantizers.base import PackedLinear, Quantizer
+
+# Ordered roughly by bits/weight; every spec must parse with salomi.quantizers.spec.parse_method.
+DEFAULT_CANDIDATES: tuple[str, ...] = (
+    "binary",
+    "gptq:binary",
+    "gptq:binary+lowrank:r8",
+    "vq:d2:k8",
+    "gptq:ternary",
+    "gptq:ternary+lowrank:r8",
+    "billm",
+    "vq:d4:k256",
+    "gptq:2:g64",
+    "gptq:3:g64",
+    "gptq:4:g64",
+)
+
+TABLE_VERSION = 1
+
+
+def canonical(candidates: Sequence[str]) -> list[str]:
+    """Parse every spec (SalomiError on a bad one) and return the canonical specs, de-duplicated, in order."""
+    from salomi.quantizers.spec import parse_method
+
+    if not candidates:
+        raise SalomiError("the candidate method list is empty; give at least one method")
+    out: list[str] = []
+    for c in candidates:
+        s = parse_method(c).spec
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def linear_names(model: nn.Module) -> dict[int, dict[str, nn.Module]]:
+    """Block index -> {full linear name: module}, the names quantize_sequential uses."""
+    from salomi.loading.models import block_linears, decoder_blocks
+
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return {i: {f"{prefix}.{i}.{n}": m for n, m in block_linears(b).items()} for i, b in enumerate(blocks)}
+
+
+@torch.no_grad()
+def block_hessians(
+    model: nn.Module, segments: torch.Tensor, batch: int = 8, skip: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, dict[str, tuple[nn.Module, torch.Tensor | None]]]]:
+    """Yield (block index, {linear name: (module, H)}) for each block of the float model.
+
+    H = 2/n * sum(x x^T) over the block's inputs from the float model (the same statistic
+    quantize_sequential uses). One forward pass per block accumulates the Hessians and
+    produces the next block's inputs. Blocks with skip(i) true are only run forward
+    (H is None) - used to resume a cached table.
+    """
+    from salomi.calibration.sequential import _block_output, _capture_block_inputs
+    from salomi.loading.models import decoder_blocks, linear_weight
+
+    blocks = decoder_blocks(model)
+    names = linear_names(model)
+    inputs = _capture_block_inputs(model, blocks, segments, batch)
+    for i, block in enumerate(blocks):
+        layer = names[i]
+        hessians: dict[str, torch.Tensor] = {}
+        hooks = []
+        counts = {n: 0 for n in layer}
+        if not (skip and skip(i)):
+            for n, m in layer.items():
+                cols = linear_weight(m).shape[1]
+                hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
+
+                def acc(_mod: nn.Module, args: tuple, _out: Any, n: str = n) -> None:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    hessians[n].addmm_(x.t(), x)
+                    counts[n] += x.shape[0]
+
+                hooks.append(m.register_forward_hook(acc))
+        try:
+            outs = [_block_output(block(*args, **kwargs)) for args, kwargs in inputs]
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in hessians:
+            hessians[n].mul_(2.0 / max(counts[n], 1))
+        yield i, {n: (m, hessians.get(n)) for n, m in layer.items()}
+        inputs = [((o,) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
+
+
+def output_error(weight: torch.Tensor, q: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(dW H dW^T) with dW = weight - q (float64 accumulation)."""
+    d = (weight.float() - q.float().to(weight.device)).double()
+    return float(((d @ hessian.double()) * d).sum())
+
+
+def layer_entry(p: PackedLinear) -> dict[str, Any]:
+    """What the file accounting needs to know about one packed layer, besides the error."""
+    return {
+        "bytes": p.nbytes,
+        "method": p.method,
+        "format": p.format,
+        "params": p.params,
+        "tensors": [[t, str(a.dtype), list(a.shape)] for t, a in sorted(p.tensors.items())],
+    }
+
+
+def measure(q: Quantizer, weight: torch.Tensor, hessian: torch.Tensor) -> tuple[PackedLinear, dict[str, Any]]:
+    """Quantize one layer with q; return the packed layer and its table entry (bytes + error)."""
+    p = q.quantize(weight, hessian.clone() if q.needs_hessian else None)
+    e = layer_entry(p)
+    e["error"] = output_error(weight, p.dequantize(), hessian)
+    return p, e
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """Hash of every block linear's weights: the table is only valid for these exact weights."""
+    from salomi.loading.models import linear_weight
+
+    h = hashlib.blake2b(digest_size=12)
+    for layer in linear_names(model).values():
+        for n, m in layer.items():
+            w = linear_weight(m).float().contiguous()
+            h.update(n.encode())
+            h.update(str(tuple(w.shape)).encode())
+            h.update(w.cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _table_path(key: str):  # noqa: ANN202
+    from salomi.assets import cache_dir
+
+    return cache_dir() / "mixed" / f"sens-{key}.json"
+
+
+def _write_json(path, obj: dict[str, Any]) -> None:  # noqa: ANN001
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, separators=(",", ":")))
+    tmp.replace(path)
+
+
+def calibration_tokens(tokenizer: Any, calib: str, segments: int, seg_len: int, seed: int) -> torch.Tensor:
+    """The calibration segments exactly as api.quantize draws them."""
+    from salomi.api import _text_ids
+    from salomi.calibration.data import calibration_segments
+
+    if segments < 1 or seg_len < 2:
+        raise SalomiError(f"calibration needs segments >= 1 and seg_len >= 2 (got {segments} x {seg_len})")
+    torch.manual_seed(seed)
+    return calibration_segments(_text_ids(tokenizer, calib), segments, seg_len, seed, calib)
+
+
+def sensitivity_table(
+    reference: Any,
+    candidates: Sequence[str] = DEFAULT_CANDIDATES,
+    calib: str = "austen",
+    segments: int = 128,
+    seg_len: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+    cache: bool = True,
+    batch: int = 8,
+) -> dict[str, Any]:
+    """Bytes and damage of every candidate on every block linear of `reference`.
+
+    Returns {"key", "candidates", "info", "layers": {name: {"shape": [o, i], "norm": tr(W H W^T),
+    "choices": {spec: {"bytes", "error", "damage", "method", "format", "params", "tensors"}}}}},
+    layers in model order. A candidate that cannot take a layer's shape is absent from that
+    layer's choices.
+    """
+    from salomi.loading.models import linear_weight
+    from salomi.progress import bar as progress_bar
+    from salomi.quantizers.spec import parse_method
+
+    model = reference.model
+    cands = canonical(candidates)
+    quantizers = {c: parse_method(c) for c in cands}
+    segs = calibration_tokens(reference.tokenizer, calib, segments, seg_len, seed)
+    info = {"model": str(reference.source), "weights": _fingerprint(model), "calib": calib, "segments": segments,
+            "seg_len": seg_len, "seed": seed,
+            "tokens": hashlib.blake2b(segs.numpy().tobytes(), digest_size=12).hexdigest(), "version": TABLE_VERSION}
+    key = hashlib.sha256(json.dumps({k: v for k, v in info.items() if k != "model"}, sort_keys=True).encode())
+    key_s = key.hexdigest()[:24]
+    path = _table_path(key_s)
+    stored: dict[str, Any] = {"info": info, "layers": {}}
+    if cache and path.exists():
+        try:
+            stored = json.loads(path.read_text())
+            if stored.get("info", {}).get("weights") != info["weights"]:
+                stored = {"info": info, "layers": {}}
+        except (OSError, ValueError):
+            stored = {"info": info, "layers": {}}
+    names = linear_names(model)
+
+    def missing(n: str) -> list[str]:
+        e = stored["layers"].get(n, {})
+        return [c for c in cands if c not in e.get("choices", {}) and c not in e.get("unfit", [])]
+
+    todo = {i: {n: missing(n) for n in layer} for i, layer in names.items()}
+    total = sum(len(v) for layer in todo.values() for v in layer.values())
+    if total:
+        bar = progress_bar(total, "sensitivity", "fit", disable=not progress)
+        last = max(i for i, layer in todo.items() if any(layer.values()))
+        for i, layer in block_hessians(model, segs, batch, skip=lambda i: not any(todo[i].values())):
+            for n, (m, h) in layer.items():
+                if not todo[i][n]:
+                    continue
+                w = linear_weight(m).float()
+                entry = stored["layers"].setdefault(n, {"shape": list(w.shape), "choices": {}, "unfit": []})
+                entry["norm"] = float(((w.double() @ h.double()) * w.double()).sum())
+                for c in todo[i][n]:
+                    q = quantizers[c]
+                    if not _fits(q, tuple(w.shape)):
+                        entry["unfit"].append(c)
+                    else:
+                        _, e = measure(q, w, h)
+                        entry["choices"][c] = e
+                    bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {c}")
+                    bar.update(1)
+            if cache:
+                _write_json(path, stored)
+            if i >= last:
+                break
+        bar.close()
+    return _select(stored, names, cands, key_s, info)
+
+
+def _fits(q: Quantizer, shape: tuple[int, int]) -> bool:
+    try:
+        q.check_shape(shape)
+    except SalomiError:
+        return False
+    return True
+
+
+def _select(stored: dict[str, Any], names: dict[int, dict[str, nn.Module]], cands: list[str], key: str,
+            info: dict[str, Any]) -> dict[str, Any]:
+    """The table restricted to `cands`, with normalised damage, and data-dependent sizes dropped."""
+    layers: dict[str, Any] = {}
+    for layer in names.values():
+        for n in layer:
+            e = stored["layers"][n]
+            norm = e.get("norm") or 0.0
+            choices = {}
+            for c in cands:
+                if c in e["choices"]:
+                    ch = dict(e["choices"][c])
+                    ch["damage"] = ch["error"] / norm if norm > 0 else ch["error"]
+                    choices[c] = ch
+            layers[n] = {"shape": e["shape"], "norm": norm, "choices": choices}
+    sizes: dict[tuple[str, tuple[int, ...]], set[int]] = {}
+    for e in layers.values():
+        for c, ch in e["choices"].items():
+            sizes.setdefault((c, tuple(e["shape"])), set()).add(ch["bytes"])
+    variable = sorted({c for (c, _), s in sizes.items() if len(s) > 1})
+    for c in variable:
+        print(f"[salomi] candidate {c}: stored size depends on the data, not only the shape; dropped "
+              "(its bytes could change when re-quantized)", file=sys.stderr)
+        for e in layers.values():
+            e["choices"].pop(c, None)
+    for n, e in layers.items():
+        if not e["choices"]:
+            raise SalomiError(f"no candidate method can quantize {n} (shape {e['shape'][0]}x{e['shape'][1]}); "
+                              f"add one that fits, e.g. binary")
+    return {"key": key, "candidates": cands, "info": info, "layers": layers}
+
+
+def table_costs(table: dict[str, Any], damage: str = "damage") -> dict[str, dict[str, tuple[int, float]]]:
+    """{layer: {spec: (bytes, damage)}} for the allocator. damage="error" uses the raw tr(dW H dW^T)."""
+    if damage not in ("damage", "error"):
+        raise SalomiError(f"damage must be 'damage' (normalised) or 'error' (raw), got {damage!r}")
+    return {n: {c: (int(ch["bytes"]), float(ch[damage])) for c, ch in e["choices"].items()}
+            for n, e in table["layers"].items()}
+
+
+@torch.no_grad()
+def validate_proxy(
+    reference: Any,
+    layers: Sequence[str],
+    methods: Sequence[str],
+    calib: str = "austen",
+    segments: int = 16,
+    seg_len: int = 256,
+    seed: int = 0,
+    eval_text: str = "brown",
+    eval_windows: int = 4,
+    eval_seq_len: int = 256,
+) -> dict[str, Any]:
+    """Check the damage proxy against the true KL(reference || model) increase when one layer
+    alone is quantized. Returns {"rows": [{"layer", "method", "damage", "error", "kl"}],
+    "spearman_damage", "spearman_error"} (rank correlations of each proxy with KL)."""
+    import torch.nn.functional as F
+
+    from salomi.api import _text_ids
+    from salomi.calibration.sequential import _set_weight
+    from salomi.evaluation.evaluate import make_windows
+    from salomi.loading.models import linear_weight
+    from salomi.quantizers.spec import parse_method
+
+    model = reference.model
+    segs = calibration_tokens(reference.tokenizer, calib, segments, seg_len, seed)
+    windows = make_windows(_text_ids(reference.tokenizer, eval_text), eval_seq_len, eval_windows, eval_text)
+    ref_logp = [F.log_softmax(model(w[None], use_cache=False).logits[0].float(), -1) for w in windows]
+    want = set(layers)
+    hs: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    for _, layer in block_hessians(model, segs):
+        hs.update({n: v for n, v in layer.items() if n in want})
+        if want <= set(hs):
+            break
+    rows = []
+    for n in layers:
+        m, h = hs[n]
+        w = linear_weight(m).float().clone()
+        norm = float(((w.double() @ h.double()) * w.double()).sum())
+        for spec in methods:
+            q = parse_method(spec)
+            p, e = measure(q, w, h)
+            _set_weight(m, p.dequantize())
+            try:
+                kl = tok = 0.0
+                for win, rl in zip(windows, ref_logp):
+                    lp = F.log_softmax(model(win[None], use_cache=False).logits[0].float(), -1)
+                    kl += float((rl.exp() * (rl - lp)).sum())
+                    tok += win.numel()
+            finally:
+                _set_weight(m, w)
+            rows.append({"layer": n, "method": q.spec, "damage": e["error"] / norm if norm > 0 else e["error"],
+                         "error": e["error"], "kl": kl / tok})
+    return {"rows": rows, "spearman_damage": spearman([r["damage"] for r in rows], [r["kl"] for r in rows]),
+            "spearman_error": spearman([r["error"] for r in rows], [r["kl"] for r in rows])}
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    if len(a) < 2:
+        return float("nan")
+
+    def ranks(x: Sequence[float]) -> torch.Tensor:
+        t = torch.tensor(list(x), dtype=torch.float64)
+        r = torch.empty_like(t)
+        r[torch.argsort(t)] = torch.arange(len(t), dtype=torch.float64)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")

@@ -1,0 +1,418 @@
+"""A differentiable view of each storage format, and its way back to the same packed layout.
+
+Every value a format stores in continuous form (fp16 scales, zero points, VQ codebooks,
+low-rank scales, PB-LLM salient values) becomes a `Cont`: value = base + mag * delta,
+with `base` the stored value (fp16-exact), `mag` a fixed per-element magnitude (|base|
+for scales, so one learning rate means "relative change" everywhere) and `delta` the
+trainable parameter, starting at 0. `snap_()` rounds the value to what the file can
+hold (fp16) and folds it back into `base`, so a trained view and the packed layer it
+repacks to compute the same weight.
+
+Discrete codes are fixed unless `train_codes=True`: then a latent float per code (in
+code units, starting at the stored code) is rounded in the forward pass and passes the
+gradient straight through (STE); at repack the codes are re-derived by the same rounding.
+
+What is trainable, per format:
+    grid      scale (relative), zero (code units); codes by STE
+    sign      scale (relative); signs by STE
+    ternary   scale (relative); trits by STE
+    vq        codebook (in units of its RMS), row scale (relative); codes frozen (no STE:
+              re-assignment is a nearest-centroid search, not a rounding)
+    billm     the four row scales (relative); both bit planes and the salient-column mask frozen
+    pbllm     row scale of the binary part and the int8 row scale (or the fp16 salient
+              values) (relative); signs, salient positions and int8 codes frozen
+    X+lowrank X as above, plus lowrank.u_scale and lowrank.v_scale (relative); the int8 u, v by STE
+    other     frozen entirely (the layer keeps its exact bytes)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from salomi.packing.bits import pack_rows, pack_trits, unpack_rows, unpack_trits
+from salomi.quantizers.base import PackedLinear
+
+FP16_MAX = 65504.0
+
+
+def to_f16(t: torch.Tensor) -> np.ndarray:
+    """fp16 array of t, clamped into fp16's finite range (non-finite values become 0)."""
+    t = torch.nan_to_num(t.detach().float(), nan=0.0, posinf=FP16_MAX, neginf=-FP16_MAX).clamp(-FP16_MAX, FP16_MAX)
+    return t.to(torch.float16).cpu().numpy()
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, dtype=np.float32).copy())
+
+
+def ste_round(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """round(clamp(u, lo, hi)) forward, identity gradient inside [lo, hi] (zero outside)."""
+    c = u.clamp(lo, hi)
+    return c + (torch.round(c) - c).detach()
+
+
+def ste_sign(u: torch.Tensor) -> torch.Tensor:
+    """+1 / -1 (u >= 0) forward, gradient of clamp(u, -1, 1)."""
+    c = u.clamp(-1.0, 1.0)
+    return c + (torch.where(u >= 0, 1.0, -1.0) - c).detach()
+
+
+class Cont(nn.Module):
+    """A stored continuous tensor made trainable: value = base + mag * delta."""
+
+    def __init__(self, init: np.ndarray, relative: bool = True, mag: float | None = None) -> None:
+        super().__init__()
+        base = _f32(init)
+        self.register_buffer("base", base)
+        if mag is not None:
+            m = torch.full_like(base, float(mag))
+        elif relative:
+            a = base.abs()
+            floor = float(a.mean()) * 1e-3 + 1e-8 if a.numel() else 1e-8
+            m = a.clamp(min=floor)
+        else:
+            m = torch.ones_like(base)
+        self.register_buffer("mag", m, persistent=False)
+        self.delta = nn.Parameter(torch.zeros_like(base))
+
+    def value(self) -> torch.Tensor:
+        return self.base + self.mag * self.delta
+
+    @torch.no_grad()
+    def snap_(self) -> None:
+        self.base.copy_(torch.from_numpy(to_f16(self.value()).astype(np.float32)).to(self.base.device))
+        self.delta.zero_()
+
+    def stored(self) -> np.ndarray:
+        return to_f16(self.value())
+
+
+class View(nn.Module):
+    """Base class: weight() -> [out, in] float, pack() -> PackedLinear with the original layout."""
+
+    trainable: str = ""
+    frozen: str = ""
+
+    def __init__(self, p: PackedLinear) -> None:
+        super().__init__()
+        self.p = p
+
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pack(self) -> PackedLinear:
+        return PackedLinear(self.p.method, self.p.format, self.p.shape, self.new_tensors(), dict(self.p.params))
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def conts(self) -> list[Cont]:
+        return [m for m in self.modules() if isinstance(m, Cont)]
+
+    def code_params(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if n.endswith("latent")]
+
+    @torch.no_grad()
+    def snap_(self) -> None:
+        for c in self.conts():
+            c.snap_()
+
+
+def _expand(t: torch.Tensor, group: int) -> torch.Tensor:
+    return t.repeat_interleave(group, dim=1)
+
+
+class GridView(View):
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        self.trainable = "scale, zero" + (", codes (STE)" if train_codes else "")
+        self.frozen = ", ".join((["codes"] if not train_codes else []) + (["perm"] if "perm" in p.tensors else []))
+        o, i = p.shape
+        self.bits, self.group = int(p.params["bits"]), int(p.params["group"])
+        self.levels = (1 << self.bits) - 1
+        q = torch.from_numpy(unpack_rows(p.tensors["codes"], i, self.bits).copy())  # stored column order
+        self.scale = Cont(p.tensors["scale"], relative=True)
+        self.zero = Cont(p.tensors["zero"], relative=False)
+        if train_codes:
+            self.latent = nn.Parameter(q.float())
+        else:
+            self.register_buffer("q", q, persistent=False)
+        if "perm" in p.tensors:
+            perm = torch.from_numpy(np.asarray(p.tensors["perm"]).astype(np.int64))
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel())
+            self.register_buffer("inv", inv, persistent=False)
+        else:
+            self.inv = None
+
+    def codes(self) -> torch.Tensor:
+        if hasattr(self, "latent"):
+            return ste_round(self.latent, 0.0, float(self.levels))
+        return self.q.float()
+
+    def weight(self) -> torch.Tensor:
+        g = self.group
+        w = _expand(self.scale.value(), g) * (self.codes() - _expand(self.zero.value(), g))
+        return w if self.inv is None else w.index_select(1, self.inv)
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        t = dict(self.p.tensors)
+        t["scale"], t["zero"] = self.scale.stored(), self.zero.stored()
+        if hasattr(self, "latent"):
+            c = torch.round(self.latent.detach().clamp(0, self.levels)).to(torch.uint8).cpu().numpy()
+            t["codes"] = pack_rows(c, self.bits)
+        return t
+
+
+class SignView(View):
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        self.trainable = "scale" + (", signs (STE)" if train_codes else "")
+        self.frozen = "" if train_codes else "signs"
+        o, i = p.shape
+        self.group = int(p.params["group"])
+        s = torch.from_numpy(unpack_rows(p.tensors["bits"], i, 1).astype(np.int8)) * 2 - 1
+        self.scale = Cont(p.tensors["scale"], relative=True)
+        if train_codes:
+            self.latent = nn.Parameter(s.float())
+        else:
+            self.register_buffer("s", s, persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        s = ste_sign(self.latent) if hasattr(self, "latent") else self.s.float()
+        return _expand(self.scale.value(), self.group) * s
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        t = dict(self.p.tensors)
+        t["scale"] = self.scale.stored()
+        if hasattr(self, "latent"):
+            t["bits"] = pack_rows((self.latent.detach() >= 0).to(torch.uint8).cpu().numpy(), 1)
+        return t
+
+
+class TernaryView(View):
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        self.trainable = "scale" + (", trits (STE)" if train_codes else "")
+        self.frozen = "" if train_codes else "trits"
+        o, i = p.shape
+        self.group = int(p.params["group"])
+        t = torch.from_numpy(unpack_trits(p.tensors["trits"], i).astype(np.int8)) - 1
+        self.scale = Cont(p.tensors["scale"], relative=True)
+        if train_codes:
+            self.latent = nn.Parameter(t.float())
+        else:
+            self.register_buffer("t", t, persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        t = ste_round(self.latent, -1.0, 1.0) if hasattr(self, "latent") else self.t.float()
+        return _expand(self.scale.value(), self.group) * t
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        t = dict(self.p.tensors)
+        t["scale"] = self.scale.stored()
+        if hasattr(self, "latent"):
+            tr = torch.round(self.latent.detach().clamp(-1, 1)) + 1
+            t["trits"] = pack_trits(tr.to(torch.uint8).cpu().numpy())
+        return t
+
+
+class VQView(View):
+    trainable, frozen = "codebook, scale", "codes (no STE for VQ)"
+
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        from salomi.quantizers.base import storage_format
+
+        codes = storage_format("vq")._codes(p).astype(np.int64)
+        self.register_buffer("codes", torch.from_numpy(codes), persistent=False)
+        cb = np.asarray(p.tensors["codebook"], dtype=np.float32)
+        rms = float(np.sqrt((cb * cb).mean())) or 1.0
+        self.codebook = Cont(p.tensors["codebook"], relative=False, mag=rms)
+        self.scale = Cont(p.tensors["scale"], relative=True)
+
+    def weight(self) -> torch.Tensor:
+        o, i = self.p.shape
+        return F.embedding(self.codes, self.codebook.value()).reshape(o, i) * self.scale.value()[:, None]
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        t = dict(self.p.tensors)
+        t["codebook"], t["scale"] = self.codebook.stored(), self.scale.stored()
+        return t
+
+
+class BiLLMView(View):
+    trainable, frozen = "scale (a1, a2, a_lo, a_hi per row)", "bits, bits2, colmask"
+
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        o, i = p.shape
+        col = unpack_rows(np.asarray(p.tensors["colmask"])[None, :], i, 1)[0].astype(bool)
+        self.register_buffer("col", torch.from_numpy(col)[None, :], persistent=False)
+        s1 = torch.from_numpy(unpack_rows(p.tensors["bits"], i, 1).astype(np.int8)) * 2 - 1
+        b2 = torch.from_numpy(unpack_rows(p.tensors["bits2"], i, 1).astype(bool))
+        self.register_buffer("s1", s1, persistent=False)
+        self.register_buffer("b2", b2, persistent=False)
+        self.scale = Cont(p.tensors["scale"], relative=True)
+
+    def weight(self) -> torch.Tensor:
+        sc = self.scale.value()
+        s1 = self.s1.float()
+        s2 = self.b2.float() * 2 - 1
+        sal = sc[:, 0:1] * s1 + sc[:, 1:2] * s2
+        rest = s1 * torch.where(self.b2, sc[:, 3:4], sc[:, 2:3])
+        return torch.where(self.col, sal, rest)
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        t = dict(self.p.tensors)
+        t["scale"] = self.scale.stored()
+        return t
+
+
+class PBLLMView(View):
+    trainable, frozen = "scale, sal_scale or sal_val", "bits, salient positions, sal_q"
+
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        from salomi.quantizers.base import storage_format
+
+        o, i = p.shape
+        rows, cols = storage_format("pbllm").positions(p)
+        rows, cols = torch.from_numpy(np.asarray(rows, np.int64)), torch.from_numpy(np.asarray(cols, np.int64))
+        s = torch.from_numpy(unpack_rows(p.tensors["bits"], i, 1).astype(np.int8)) * 2 - 1
+        s[rows, cols] = 0
+        self.register_buffer("s", s, persistent=False)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.scale = Cont(p.tensors["scale"], relative=True)
+        self.fp16_values = p.params.get("values") == "fp16"
+        if self.fp16_values:
+            self.sal_val = Cont(p.tensors["sal_val"], relative=True)
+        else:
+            self.register_buffer("sal_q", _f32(p.tensors["sal_q"]), persistent=False)
+            self.sal_scale = Cont(p.tensors["sal_scale"], relative=True)
+
+    def weight(self) -> torch.Tensor:
+        w = self.s.float() * self.scale.value()[:, None]
+        vals = self.sal_val.value() if self.fp16_values else self.sal_q * self.sal_scale.value()[self.rows]
+        return w.index_put((self.rows, self.cols), vals)
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        t = dict(self.p.tensors)
+        t["scale"] = self.scale.stored()
+        if self.fp16_values:
+            t["sal_val"] = self.sal_val.stored()
+        else:
+            t["sal_scale"] = self.sal_scale.stored()
+        return t
+
+
+class LowRankView(View):
+    """BASE+lowrank: the base's view plus (u * u_scale) @ (v * v_scale)."""
+
+    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+        super().__init__(p)
+        from salomi.quantizers.lowrank import split_lowrank
+
+        base, lr = split_lowrank(p)
+        self.base = make_view(base, train_codes)
+        self.trainable = f"{self.base.trainable}; lowrank u_scale, v_scale" + (", u, v (STE)" if train_codes else "")
+        self.frozen = "; ".join(x for x in (self.base.frozen, "" if train_codes else "lowrank u, v") if x)
+        self.u_scale = Cont(lr["u_scale"], relative=True)
+        self.v_scale = Cont(lr["v_scale"], relative=True)
+        u, v = _f32(lr["u"]), _f32(lr["v"])
+        if train_codes:
+            self.u_latent, self.v_latent = nn.Parameter(u), nn.Parameter(v)
+        else:
+            self.register_buffer("u", u, persistent=False)
+            self.register_buffer("v", v, persistent=False)
+
+    def code_params(self) -> list[nn.Parameter]:
+        own = [self.u_latent, self.v_latent] if hasattr(self, "u_latent") else []
+        return self.base.code_params() + own
+
+    def weight(self) -> torch.Tensor:
+        if hasattr(self, "u_latent"):
+            u, v = ste_round(self.u_latent, -127.0, 127.0), ste_round(self.v_latent, -127.0, 127.0)
+        else:
+            u, v = self.u, self.v
+        return self.base.weight() + (u * self.u_scale.value()[:, None]) @ (v * self.v_scale.value()[:, None])
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        from salomi.quantizers.lowrank import PREFIX
+
+        t = dict(self.p.tensors)
+        t.update(self.base.new_tensors())
+        t[PREFIX + "u_scale"], t[PREFIX + "v_scale"] = self.u_scale.stored(), self.v_scale.stored()
+        if hasattr(self, "u_latent"):
+            for name, lat in (("u", self.u_latent), ("v", self.v_latent)):
+                t[PREFIX + name] = torch.round(lat.detach().clamp(-127, 127)).to(torch.int8).cpu().numpy()
+        return t
+
+
+class FrozenView(View):
+    """A format with no trainable view: the layer keeps its exact bytes."""
+
+    trainable = ""
+
+    def __init__(self, p: PackedLinear, train_codes: bool = False) -> None:
+        super().__init__(p)
+        self.frozen = f"everything (no trainable view for format {p.format!r})"
+        self.register_buffer("w", p.dequantize().float(), persistent=False)
+
+    def weight(self) -> torch.Tensor:
+        return self.w
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        return dict(self.p.tensors)
+
+
+VIEWS: dict[str, type[View]] = {
+    "grid": GridView,
+    "sign": SignView,
+    "ternary": TernaryView,
+    "vq": VQView,
+    "billm": BiLLMView,
+    "pbllm": PBLLMView,
+}
+
+
+def make_view(p: PackedLinear, train_codes: bool = False) -> View:
+    if p.format.endswith("+lowrank"):
+        return LowRankView(p, train_codes)
+    return VIEWS.get(p.format, FrozenView)(p, train_codes)
+
+
+class TrainableLinear(nn.Module):
+    """A linear layer computing its weight from a View on every forward."""
+
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, train_codes: bool = False) -> None:
+        super().__init__()
+        self.view = make_view(packed, train_codes)
+        self.out_features, self.in_features = packed.shape
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.view.weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.view.p.format}, trainable: {self.view.trainable or '-'}"
+
+
+def describe_views(views: dict[str, TrainableLinear]) -> dict[str, Any]:
+    """What is trained and what is frozen, per format (for the report)."""
+    out: dict[str, Any] = {}
+    for mod in views.values():
+        v = mod.view
+        e = out.setdefault(v.p.format, {"layers": 0, "trainable": v.trainable or "-", "frozen": v.frozen or "-",
+                                        "trainable_values": 0, "latent_codes": 0})
+        e["layers"] += 1
+        e["trainable_values"] += sum(c.delta.numel() for c in v.conts())
+        e["latent_codes"] += sum(p.numel() for p in v.code_params())
+    return out

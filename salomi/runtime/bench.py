@@ -1,0 +1,100 @@
+"""End-to-end speed and memory: prefill and decode tokens/s and peak RSS, each model
+in its own process (so memory is its own), all in one run on the same machine.
+
+    python -m salomi.runtime.bench --one FILE_OR_MODEL --runtime kernels   # one measurement, JSON on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.inference_mode()
+def measure_one(target: str, runtime: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
+    torch.set_num_threads(threads)
+    import transformers  # noqa: F401  (import cost is not the model's memory)
+
+    base_rss = _rss_mb()
+    if target.endswith(".salomi"):
+        from salomi.packing.model_file import build_model, load_quantized
+
+        qf = load_quantized(target)
+        model = build_model(qf, runtime)
+        label, size = qf.method, qf.file_bytes
+        bpw = qf.linear_bpw
+    else:
+        from salomi.loading.models import load_reference
+
+        ref = load_reference(target)
+        model, label, size, bpw = ref.model, "float32 torch", None, 32.0
+        runtime = "torch"
+    loaded_rss = _rss_mb()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (1, prompt_tokens), generator=g)
+    model(ids[:, :8], use_cache=True)  # warm-up (kernel tables, allocator)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True)
+    prefill_s = time.perf_counter() - t0
+    past = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+    decode_s = time.perf_counter() - t0
+    return {
+        "model": label, "runtime": runtime, "file_bytes": size, "linear_bpw": bpw, "threads": threads,
+        "prefill_tokens": prompt_tokens, "prefill_tok_s": prompt_tokens / prefill_s,
+        "decode_tokens": new_tokens, "decode_tok_s": new_tokens / decode_s,
+        "rss_base_mb": base_rss, "rss_loaded_mb": loaded_rss, "peak_rss_mb": _peak_mb(),
+        "model_rss_mb": _peak_mb() - base_rss,
+    }
+
+
+def measure(target: str, runtime: str = "kernels", prompt_tokens: int = 128, new_tokens: int = 64,
+            threads: int = 2) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "salomi.runtime.bench", "--one", target, "--runtime", runtime,
+           "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens), "--threads", str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"benchmark of {target} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", required=True)
+    ap.add_argument("--runtime", default="kernels")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    r = measure_one(a.one, a.runtime, a.prompt_tokens, a.new_tokens, a.threads)
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Mixed precision under a bit budget: the allocator against brute force on synthetic tables,
+exact budgets, unreachable targets, and end to end on the tiny Llama (budget met as measured
+from the written file, recipe stored in its metadata)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from salomi import api
+from salomi.errors import SalomiError
+from salomi.loading.models import load_reference
+from salomi.mixed import allocate, byte_range, make_plan, sensitivity_table, validate_proxy
+from salomi.mixed.plan import fixed_file_bytes
+from salomi.mixed.sensitivity import linear_names
+from salomi.packing.model_file import load_quantized
+
+# Rows of the tiny Llama are 64/192 wide; a fine ladder of sizes so a budget can be filled to within 0.01 bpw.
+TINY_CANDIDATES = ["binary", "gptq:binary", "gptq:binary:g32", "gptq:ternary", "gptq:ternary:g32",
+                   "gptq:2:g64", "gptq:2:g32", "gptq:3:g64", "gptq:3:g32", "gptq:4:g32"]
+CALIB = {"segments": 4, "seg_len": 64, "seed": 0}
+
+
+def _random_costs(rng: random.Random, layers: int, choices: int, unit: int = 1) -> dict:
+    costs = {}
+    for i in range(layers):
+        opts = {}
+        for j in range(choices):
+            b = unit * rng.randint(1, 40)
+            opts[f"m{j}"] = (b, rng.uniform(0, 10) / (1 + b / 10))
+        costs[f"l{i}"] = opts
+    return costs
+
+
+def _brute(costs: dict, budget: int) -> float:
+    names = list(costs)
+    best = math.inf
+    for combo in itertools.product(*(list(costs[n].values()) for n in names)):
+        if sum(b for b, _ in combo) <= budget:
+            best = min(best, sum(d for _, d in combo))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_allocator_matches_brute_force(seed: int) -> None:
+    rng = random.Random(seed)
+    costs = _random_costs(rng, rng.randint(1, 8), 3, unit=rng.choice([1, 2, 8]))
+    lo, hi = byte_range(costs)
+    for budget in sorted({lo, hi, rng.randint(lo, hi), rng.randint(lo, hi), (lo + hi) // 2}):
+        a = allocate(costs, budget)
+        assert a.bytes <= budget
+        assert a.bytes == sum(costs[n][c][0] for n, c in a.choice.items())
+        assert a.exact
+        assert a.damage == pytest.approx(_brute(costs, budget), rel=1e-12, abs=1e-12)
+
+
+def test_allocator_coarse_units_stay_feasible_and_near_optimal() -> None:
+    """With too few DP states for exact units, costs round up: never over budget, barely worse."""
+    rng = random.Random(7)
+    costs = _random_costs(rng, 8, 3, unit=1)
+    lo, hi = byte_range(costs)
+    for budget in range(lo, hi + 1, 7):
+        a = allocate(costs, budget, max_states=20)
+        assert a.bytes <= budget
+        opt = _brute(costs, budget)
+        assert a.damage <= opt * 1.25 + 1e-9
+
+
+def test_allocator_large_table_never_exceeds_budget() -> None:
+    rng = random.Random(3)
+    costs = {f"l{i}": {f"m{j}": (rng.randint(10_000, 400_000), rng.random()) for j in range(10)} for i in range(200)}
+    lo, hi = byte_range(costs)
+    for budget in (lo, lo + 1, (lo + hi) // 3, hi - 1, hi):
+        a = allocate(costs, budget)
+        assert a.bytes <= budget
+        if budget == hi:
+            assert a.damage == pytest.approx(sum(min(d for _, d in c.values()) for c in costs.values()))
+
+
+def test_allocator_below_cheapest_errors() -> None:
+    costs = {"a": {"x": (10, 1.0), "y": (20, 0.5)}, "b": {"x": (10, 1.0)}}
+    with pytest.raises(SalomiError, match="20..30"):
+        allocate(costs, 19)
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_llama_dir: Path):
+    return load_reference(str(tiny_llama_dir))
+
+
+@pytest.fixture(scope="module")
+def table(tiny_ref, austen_slice: Path):
+    return sensitivity_table(tiny_ref, TINY_CANDIDATES, calib=str(austen_slice), progress=False, cache=False,
+                             **CALIB)
+
+
+def test_sensitivity_table_is_sane(table: dict, tiny_ref) -> None:
+    from salomi.quantizers.spec import parse_method
+
+    assert len(table["layers"]) == 14
+    for e in table["layers"].values():
+        ch = e["choices"]
+        assert set(ch) == set(TINY_CANDIDATES)
+        # more bits -> less damage, and exact bytes
+        assert ch["gptq:4:g32"]["damage"] < ch["gptq:2:g32"]["damage"] < ch["binary"]["damage"]
+        assert ch["gptq:binary"]["damage"] <= ch["binary"]["damage"] * 1.0001
+        o, i = e["shape"]
+        assert ch["binary"]["bytes"] == parse_method("binary").quantize(torch.ones(o, i)).nbytes
+
+
+def test_sensitivity_cache_reuses_and_extends(tiny_ref, austen_slice: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SALOMI_CACHE", str(tmp_path))
+    t1 = sensitivity_table(tiny_ref, ["binary", "gptq:2:g32"], calib=str(austen_slice), progress=False, **CALIB)
+    files = list((tmp_path / "mixed").glob("sens-*.json"))
+    assert len(files) == 1
+    # a superset of candidates computes only the new one; the old entries are reused as stored
+    t2 = sensitivity_table(tiny_ref, ["binary", "gptq:2:g32", "gptq:3:g32"], calib=str(austen_slice),
+                           progress=False, **CALIB)
+    assert list((tmp_path / "mixed").glob("sens-*.json")) == files
+    for n, e in t1["layers"].items():
+        assert e["choices"]["binary"] == t2["layers"][n]["choices"]["binary"]
+        assert "gptq:3:g32" in t2["layers"][n]["choices"]
+
+
+@pytest.mark.parametrize("target", [1.3, 2.2, 3.1])
+def test_end_to_end_linear_budget(tiny_ref, tiny_llama_dir: Path, table: dict, austen_slice: Path,
+                                  tmp_path: Path, target: float) -> None:
+    plan = make_plan(tiny_ref, target_linear_bpw=target, table=table, progress=False)
+    assert plan.predicted_linear_bpw <= target
+    out = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="gptq:2:g32", recipe=plan.recipe, out=out,
+                 calib=str(austen_slice), progress=False, reference=tiny_ref, **CALIB)
+    qf = load_quantized(out)
+    assert qf.linear_bytes == plan.linear_bytes  # bytes depend only on shape and method
+    assert target - 0.01 <= qf.linear_bpw <= target
+    assert qf.metadata["recipe"]["layers"] == plan.recipe
+    assert len(set(plan.recipe.values())) >= 2  # genuinely mixed
+
+
+def test_end_to_end_model_budget(tiny_ref, tiny_llama_dir: Path, table: dict, austen_slice: Path,
+                                 tmp_path: Path) -> None:
+    fixed = fixed_file_bytes(tiny_ref, "float16", {"text": str(austen_slice), **CALIB})
+    params = sum(p.numel() for p in tiny_ref.model.parameters())
+    lo, hi = byte_range({n: {c: (ch["bytes"], 0.0) for c, ch in e["choices"].items()}
+                         for n, e in table["layers"].items()})
+    target = round((fixed + (lo + hi) / 2) * 8 / params, 4)
+    plan = make_plan(tiny_ref, target_model_bpw=target, table=table, progress=False, calib=str(austen_slice),
+                     **CALIB)
+    out = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="gptq:2:g32", recipe=plan.recipe, out=out,
+                 calib=str(austen_slice), progress=False, reference=tiny_ref, **CALIB)
+    qf = load_quantized(out)
+    assert qf.model_bpw <= plan.predicted_model_bpw <= target
+    assert qf.model_bpw >= target - 0.01
+
+
+def test_unreachable_targets_name_the_range(tiny_ref, table: dict) -> None:
+    with pytest.raises(SalomiError, match=r"feasible linear bpw range is 1\.\d{4}\.\.5\.0000") as e:
+        make_plan(tiny_ref, target_linear_bpw=0.9, table=table, progress=False)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SalomiError, match="feasible linear bpw range"):
+        make_plan(tiny_ref, target_linear_bpw=9.0, table=table, progress=False)
+    with pytest.raises(SalomiError, match="feasible model bpw range"):
+        make_plan(tiny_ref, target_model_bpw=1.0, table=table, progress=False)
+    with pytest.raises(SalomiError, match="exactly one target"):
+        make_plan(tiny_ref, table=table, progress=False)
+
+
+def test_proxy_tracks_true_kl(tiny_ref, austen_slice: Path, brown_slice: Path) -> None:
+    """Single-layer quantization: the damage proxy ranks methods like the measured KL does."""
+    names = list(linear_names(tiny_ref.model)[0])[:3]
+    r = validate_proxy(tiny_ref, names, ["binary", "gptq:2:g32", "gptq:4:g32"], calib=str(austen_slice),
+                       eval_text=str(brown_slice), eval_windows=2, eval_seq_len=64, **CALIB)
+    assert len(r["rows"]) == 9 and all(x["kl"] > -1e-6 for x in r["rows"])
+    for n in names:  # within a layer, more damage means more KL
+        rows = sorted((x for x in r["rows"] if x["layer"] == n), key=lambda x: x["damage"])
+        assert rows[0]["kl"] <= rows[-1]["kl"]
+    assert r["spearman_damage"] > 0.3

@@ -1,0 +1,148 @@
+"""`salomi recover`: distillation on the tiny Llama fixture (rtn:2:g32), same bytes, resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from salomi import api
+from salomi.packing import container
+from salomi.packing.model_file import load_quantized
+from salomi.recovery import run_recover
+from salomi.recovery.trainable import make_view
+
+# Tiny settings: 2 blocks x BLOCK_STEPS + STEPS steps, 4 segments of 32 tokens, batch 2.
+SMALL = dict(segments=4, seg_len=32, batch=2, eval_windows=0, progress=False, kl_segments=4)
+
+
+@pytest.fixture(scope="module")
+def packed(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("recover") / "q.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="rtn:2:g32", out=out, progress=False)
+    return out
+
+
+def _header(path: Path) -> int:
+    c = container.load(path)
+    return c.file_bytes - max(e["offsets"][1] for e in c.entries.values())
+
+
+def test_recovery_lowers_kl_and_keeps_bytes(packed: Path, austen_slice: Path, brown_slice: Path,
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "r.salomi"
+    res = run_recover(packed, out, steps=6, block_steps=4, calib=str(austen_slice), lr=3e-3, block_lr=3e-3,
+                      **{**SMALL, "eval_windows": 1}, eval_text=str(brown_slice), eval_seq_len=64)
+    assert res["complete"] and res["steps_done"] == 2 * 4 + 6 == len(res["losses"])
+    assert res["calib_kl_after"] < res["calib_kl_before"]
+    assert res["ckpt"] is None and not Path(str(out) + ".ckpt").exists()
+    # Same formats, same tensors (names, dtypes, shapes, offsets), same data bytes and linear bpw.
+    a, b = load_quantized(packed), load_quantized(out)
+    assert a.linear_bytes == b.linear_bytes and a.linear_bpw == b.linear_bpw == res["linear_bpw_after"]
+    ca, cb = container.load(packed), container.load(out)
+    assert sorted(ca.entries) == sorted(cb.entries)
+    for n, e in ca.entries.items():
+        assert (e["dtype"], e["shape"], e["offsets"]) == (cb.entries[n]["dtype"], cb.entries[n]["shape"],
+                                                          cb.entries[n]["offsets"])
+        if not n.startswith("q/") or n.endswith("/codes"):
+            assert np.array_equal(ca.tensors[n], cb.tensors[n]), n  # floats, tokenizer and codes untouched
+    # The file size differs only by the JSON header (the recovery record); the data section is identical.
+    assert out.stat().st_size - _header(out) == packed.stat().st_size - _header(packed)
+    assert res["file_bytes_after"] - res["file_bytes_before"] == _header(out) - _header(packed)
+    changed = sum(not np.array_equal(ca.tensors[n], cb.tensors[n]) for n in ca.entries if n.endswith("/scale"))
+    assert changed > 0
+    for name, p in b.packed.items():
+        q = a.packed[name]
+        assert (p.format, p.shape, p.params) == (q.format, q.shape, q.params)
+    rec = b.metadata["recovery"][-1]
+    assert rec["steps_done"] == 14 and rec["calib_kl"][1] < rec["calib_kl"][0]
+    assert b.metadata["recipe"] == a.metadata["recipe"]
+    assert res["eval_after"]["windows"] == 1 and res["ppl_ratio_after"] > 0
+
+
+def test_resume_reproduces_uninterrupted_run(packed: Path, austen_slice: Path, tmp_path: Path) -> None:
+    kw = dict(steps=4, block_steps=3, calib=str(austen_slice), ckpt_every=100, **SMALL)
+    full = run_recover(packed, tmp_path / "full.salomi", **kw)
+    out = tmp_path / "part.salomi"
+    # Interrupted inside block 1 (step 4 = block 1, step 1: optimizer state and activations restored) ...
+    r1 = run_recover(packed, out, stop_after=4, **kw)
+    assert r1["stopped"] == "stop_after" and r1["steps_done"] == 4 and Path(r1["ckpt"]).exists()
+    # ... then inside the end-to-end stage ...
+    r2 = run_recover(packed, out, resume=True, stop_after=8, **kw)
+    assert r2["steps_done"] == 8
+    # ... then to the end.
+    r3 = run_recover(packed, out, resume=True, **kw)
+    assert r3["complete"] and r3["steps_done"] == 10
+    assert len(r3["losses"]) == len(full["losses"]) == 10
+    np.testing.assert_allclose(r3["losses"], full["losses"], rtol=0, atol=1e-6)
+    assert r3["losses"][:4] == r1["losses"] and r3["losses"][:8] == r2["losses"]
+    ca, cb = container.load(tmp_path / "full.salomi"), container.load(out)
+    for n in ca.entries:
+        if n.startswith("q/"):
+            assert np.array_equal(ca.tensors[n], cb.tensors[n]), n
+    # A changed setting is refused rather than silently mixed in.
+    run_recover(packed, out, stop_after=2, **kw)
+    from salomi.errors import SalomiError
+
+    with pytest.raises(SalomiError, match="other settings"):
+        run_recover(packed, out, resume=True, **{**kw, "block_lr": 1e-2})
+
+
+def test_budget_stops_cleanly(packed: Path, austen_slice: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.salomi"
+    res = run_recover(packed, out, steps=50, block_steps=50, budget_minutes=1e-6, calib=str(austen_slice), **SMALL)
+    assert res["stopped"] == "budget" and res["steps_done"] == 1
+    assert load_quantized(out).linear_bpw == load_quantized(packed).linear_bpw
+    assert Path(res["ckpt"]).exists()
+
+
+def test_train_codes_ste_keeps_layout(packed: Path, austen_slice: Path, tmp_path: Path) -> None:
+    out = tmp_path / "c.salomi"
+    res = run_recover(packed, out, steps=3, block_steps=3, train_codes=True, code_lr=0.3,
+                      calib=str(austen_slice), **SMALL)
+    a, b = container.load(packed), container.load(out)
+    codes = [n for n in a.entries if n.endswith("/codes")]
+    assert any(not np.array_equal(a.tensors[n], b.tensors[n]) for n in codes)  # some codes moved
+    for n in a.entries:
+        assert a.entries[n]["shape"] == b.entries[n]["shape"] and a.entries[n]["dtype"] == b.entries[n]["dtype"]
+    assert res["linear_bpw_after"] == res["linear_bpw_before"]
+    assert res["views"]["grid"]["latent_codes"] > 0
+
+
+def _formats() -> list[str]:
+    return ["binary:g32", "ternary:g32", "rtn:2:g32", "gptq:2:g32:act", "vq:d2:k16", "billm", "pbllm:0.1",
+            "pbllm:0.1:fp16", "rtn:2:g32+lowrank:r4", "binary:g32+lowrank:r4"]
+
+
+@pytest.mark.parametrize("spec", _formats())
+def test_views_start_exact_and_repack_identically(spec: str) -> None:
+    """Untrained, every view computes the file's weight and repacks to the same bytes;
+    after a change, the repacked layer keeps its layout and matches the view up to fp16 rounding."""
+    from salomi.quantizers.spec import parse_method
+
+    try:
+        q = parse_method(spec)
+    except Exception as e:  # a method another branch has not landed yet
+        pytest.skip(f"{spec}: {e}")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    h = 2 * x.T @ x / 256
+    p = q.quantize(w, h if q.needs_hessian else None)
+    for codes in (False, True):
+        v = make_view(p, train_codes=codes)
+        torch.testing.assert_close(v.weight().detach(), p.dequantize(), rtol=1e-6, atol=1e-6)
+        same = v.pack()
+        for t, a in p.tensors.items():
+            assert np.array_equal(np.asarray(a), same.tensors[t]), (spec, t)
+        with torch.no_grad():
+            for c in v.conts():
+                c.delta.add_(0.01 * torch.randn(c.delta.shape, generator=g))
+        moved = v.pack()
+        moved.validate()
+        for t, a in p.tensors.items():
+            assert (np.asarray(a).dtype, np.shape(a)) == (moved.tensors[t].dtype, moved.tensors[t].shape)
+        v.snap_()
+        torch.testing.assert_close(v.weight().detach(), moved.dequantize(), rtol=1e-5, atol=1e-5)
