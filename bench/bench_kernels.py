@@ -43,8 +43,11 @@ def random_layer(fmt: str, bits: int, group: int, o: int, i: int, rng: np.random
     if fmt == "ternary":
         t = {"trits": rng.integers(0, 243, (o, (i + 4) // 5), dtype=np.uint8), "scale": scale}
         return PackedLinear("bench", "ternary", (o, i), t, {"group": group})
-    t = {"codes": rng.integers(0, 256, (o, row_bytes(i, bits)), dtype=np.uint8), "scale": scale,
-         "zero": rng.uniform(0, (1 << bits) - 1, (o, ng)).astype(np.float16)}
+    t = {
+        "codes": rng.integers(0, 256, (o, row_bytes(i, bits)), dtype=np.uint8),
+        "scale": scale,
+        "zero": rng.uniform(0, (1 << bits) - 1, (o, ng)).astype(np.float16),
+    }
     return PackedLinear("bench", "grid", (o, i), t, {"bits": bits, "group": group})
 
 
@@ -120,13 +123,23 @@ def bench_layer(fmt, bits, group, o, i, threads, m, rng, l3_bytes):
     t_tgemm = timeit(lambda: torch.matmul(xm, w.T), min_time=0.3, reps=3)
     # correctness spot check on this very layer
     err = (kernels.packed_matmul(xm[:3], preps[0], threads) - xm[:3] @ w.T).abs().max().item()
-    del w, wcopies
     name = fmt if fmt != "grid" else f"grid{bits}"
     return {
-        "format": name, "group": group, "out": o, "in": i, "bpw": round(base.bpw, 3), "weight_bytes": nbytes,
-        "cold_copies": copies, "gemv_us": t_gemv * 1e6, "gemv_gbs": nbytes / t_gemv / 1e9,
-        "torch_gemv_us": t_tgemv * 1e6, "gemm_m": m, "gemm_ms": t_gemm * 1e3,
-        "gemm_gflops": 2 * m * o * i / t_gemm / 1e9, "torch_gemm_ms": t_tgemm * 1e3, "max_abs_err": err,
+        "format": name,
+        "group": group,
+        "out": o,
+        "in": i,
+        "bpw": round(base.bpw, 3),
+        "weight_bytes": nbytes,
+        "cold_copies": copies,
+        "gemv_us": t_gemv * 1e6,
+        "gemv_gbs": nbytes / t_gemv / 1e9,
+        "torch_gemv_us": t_tgemv * 1e6,
+        "gemm_m": m,
+        "gemm_ms": t_gemm * 1e3,
+        "gemm_gflops": 2 * m * o * i / t_gemm / 1e9,
+        "torch_gemm_ms": t_tgemm * 1e3,
+        "max_abs_err": err,
     }
 
 
@@ -148,13 +161,17 @@ def main() -> None:
         pass
     bw = copy_bandwidth(args.threads)
     copy_ref = max(bw.values())
-    print(f"isa={kernels.isa()} (cpu best {kernels.cpu_isa()})  threads={args.threads}  torch {torch.__version__}  "
-          f"load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    print(
+        f"isa={kernels.isa()} (cpu best {kernels.cpu_isa()})  threads={args.threads}  torch {torch.__version__}  "
+        f"load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
+    )
     print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items()))
     rng = np.random.default_rng(0)
     rows = []
-    hdr = (f"{'format':8} {'out x in':>11} {'bpw':>5} {'MB':>7} {'cold':>4} | {'gemv us':>9} {'GB/s':>6} "
-           f"{'/copy':>6} {'torch us':>9} {'speedup':>7} | {'gemm ms':>8} {'GFLOP/s':>8} {'torch ms':>8} {'speedup':>7}")
+    hdr = (
+        f"{'format':8} {'out x in':>11} {'bpw':>5} {'MB':>7} {'cold':>4} | {'gemv us':>9} {'GB/s':>6} "
+        f"{'/copy':>6} {'torch us':>9} {'speedup':>7} | {'gemm ms':>8} {'GFLOP/s':>8} {'torch ms':>8} {'speedup':>7}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for o, i in SHAPES:
@@ -166,18 +183,30 @@ def main() -> None:
             r["gemv_speedup_vs_torch"] = r["torch_gemv_us"] / r["gemv_us"]
             r["gemm_speedup_vs_torch"] = r["torch_gemm_ms"] / r["gemm_ms"]
             rows.append(r)
-            print(f"{r['format']:8} {f'{o}x{i}':>11} {r['bpw']:5.2f} {r['weight_bytes'] / 1e6:7.2f} "
-                  f"{'yes' if r['cold_copies'] > 1 else 'no':>4} | {r['gemv_us']:9.1f} {r['gemv_gbs']:6.1f} "
-                  f"{r['gemv_vs_copy']:6.2f} {r['torch_gemv_us']:9.1f} {r['gemv_speedup_vs_torch']:6.1f}x | "
-                  f"{r['gemm_ms']:8.2f} {r['gemm_gflops']:8.1f} {r['torch_gemm_ms']:8.2f} "
-                  f"{r['gemm_speedup_vs_torch']:6.2f}x", flush=True)
-    print(f"GB/s = packed weight bytes (codes + fp16 scales/zeros) per GEMV call; /copy = that over the best copy "
-          f"bandwidth ({copy_ref:.1f} GB/s); cold = layer rotated through copies spanning >= {COLD_BYTES >> 20} MB; "
-          f"GEMM m={args.m}.")
+            print(
+                f"{r['format']:8} {f'{o}x{i}':>11} {r['bpw']:5.2f} {r['weight_bytes'] / 1e6:7.2f} "
+                f"{'yes' if r['cold_copies'] > 1 else 'no':>4} | {r['gemv_us']:9.1f} {r['gemv_gbs']:6.1f} "
+                f"{r['gemv_vs_copy']:6.2f} {r['torch_gemv_us']:9.1f} {r['gemv_speedup_vs_torch']:6.1f}x | "
+                f"{r['gemm_ms']:8.2f} {r['gemm_gflops']:8.1f} {r['torch_gemm_ms']:8.2f} "
+                f"{r['gemm_speedup_vs_torch']:6.2f}x",
+                flush=True,
+            )
+    print(
+        f"GB/s = packed weight bytes (codes + fp16 scales/zeros) per GEMV call; /copy = that over the best copy "
+        f"bandwidth ({copy_ref:.1f} GB/s); cold = layer rotated through copies spanning >= {COLD_BYTES >> 20} MB; "
+        f"GEMM m={args.m}."
+    )
     if args.json:
-        meta = {"isa": kernels.isa(), "cpu_isa": kernels.cpu_isa(), "threads": args.threads, "torch": torch.__version__,
-                "machine": platform.processor() or platform.machine(), "loadavg": os.getloadavg(), **bw,
-                "copy_ref_gbs": copy_ref}
+        meta = {
+            "isa": kernels.isa(),
+            "cpu_isa": kernels.cpu_isa(),
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "loadavg": os.getloadavg(),
+            **bw,
+            "copy_ref_gbs": copy_ref,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows}, f, indent=2)
         print(f"wrote {args.json}")

@@ -592,7 +592,17 @@ def _write_eval(paths: Paths, rows: list[dict], ref_m: dict | None, acc_rows: di
             "top1": 1.0,
             **common,
         }
-    write_json(paths, "eval", {**common, "rows": ([ref_row] if ref_row else []) + rows})
+    # Rows of earlier runs with the same protocol are kept (by label), so types can be evaluated in several runs.
+    name = f"eval-{common['eval_text'].replace(':', '-')}-{common['windows']}x{common['seq_len']}"
+    merged: dict[str, dict] = {}
+    prev = paths.runs / f"{name}.json"
+    if prev.is_file():
+        merged = {r["label"]: r for r in json.loads(prev.read_text()).get("rows", [])}
+    for r in ([ref_row] if ref_row else []) + rows:
+        merged[r["label"]] = r
+    order = {lb: i for i, lb in enumerate(all_labels(TYPES))}
+    out = sorted(merged.values(), key=lambda r: (order.get(r["label"], len(order)), r["label"]))
+    write_json(paths, name, {**common, "rows": out})
 
 
 # ---------------------------------------------------------------------------------------------- llama-perplexity

@@ -257,6 +257,10 @@ def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: s
     qf = load_quantized(file)
     tok = qf.tokenizer()
     model = build_model(qf, runtime)
+    from salomi.runtime import kernels
+
+    if runtime != "dequant" and kernels.available():
+        torch.set_num_threads(1)  # the kernels run their own 2 threads; torch's pool would fight them
     if not prompt:
         raise SalomiError("--prompt is empty; give some text to continue")
     ids = tokenize(tok, prompt)[None]

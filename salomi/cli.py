@@ -106,6 +106,19 @@ def cmd_sweep(a: argparse.Namespace) -> None:
               command="salomi " + " ".join(sys.argv[1:]))
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    from salomi.runtime.bench import run_bench
+
+    rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp)
+    print(f"{'model':<24} {'runtime':<10} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
+          f"{'peak RSS MB':>11} {'model RSS MB':>12}")
+    for r in rows:
+        print(f"{str(r.get('model')):<24} {r.get('runtime', ''):<10} {r.get('prefill_tok_s', float('nan')):>13.1f} "
+              f"{r.get('decode_tok_s', float('nan')):>12.1f} {r.get('decode_vs_fp32', float('nan')):>13.2f} "
+              f"{r.get('peak_rss_mb', float('nan')):>11.0f} {r.get('model_rss_mb', float('nan')):>12.0f}")
+    _write_json(a.json, rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from salomi.quantizers.spec import methods_help
 
@@ -170,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--results", default="docs/RESULTS.md", help="Markdown file to update ('' to skip)")
     w.add_argument("--plot", default="docs/sweep.png")
     w.set_defaults(fn=cmd_sweep)
+
+    b = sub.add_parser("bench", help="end-to-end prefill/decode tokens/s and memory: float32 torch vs packed files")
+    b.add_argument("files", nargs="*")
+    b.add_argument("--model", default="smollm2", help="the float32 baseline")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--llamacpp", default="runs/llamacpp/bench.json", help="llama-bench rows from bench/llamacpp.py")
+    b.add_argument("--json", default=None)
+    b.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("setup", help="fetch the default model and texts into the cache")
     s.set_defaults(fn=cmd_setup)

@@ -53,7 +53,11 @@ _NEEDS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c"}, 
 def isa(request):
     name = request.param
     flags = _cpu_flags()
-    supported = {"scalar": True, "avx2": kernels.cpu_isa() in ("avx2", "avx512"), "avx512": kernels.cpu_isa() == "avx512"}
+    supported = {
+        "scalar": True,
+        "avx2": kernels.cpu_isa() in ("avx2", "avx512"),
+        "avx512": kernels.cpu_isa() == "avx512",
+    }
     if name in _NEEDS and flags:
         # The library's own detection must agree with the CPU flags: a CPU that has the
         # instructions must never fall back silently.
@@ -88,10 +92,14 @@ def random_layer(fmt: str, o: int, i: int, g: int, rng: np.random.Generator, bit
     ng = i // g
     scale = _f16(rng.uniform(0.01, 2.0, (o, ng)) * rng.choice([-1.0, 1.0], (o, ng), p=[0.1, 0.9]))
     if fmt == "sign":
-        p = PackedLinear("t", "sign", (o, i), {"bits": pack_rows(rng.integers(0, 2, (o, i)), 1), "scale": scale}, {"group": g})
+        p = PackedLinear(
+            "t", "sign", (o, i), {"bits": pack_rows(rng.integers(0, 2, (o, i)), 1), "scale": scale}, {"group": g}
+        )
         mag = None
     elif fmt == "ternary":
-        p = PackedLinear("t", "ternary", (o, i), {"trits": pack_trits(rng.integers(0, 3, (o, i))), "scale": scale}, {"group": g})
+        p = PackedLinear(
+            "t", "ternary", (o, i), {"trits": pack_trits(rng.integers(0, 3, (o, i))), "scale": scale}, {"group": g}
+        )
         mag = None
     else:
         q = rng.integers(0, 1 << bits, (o, i))
@@ -159,10 +167,18 @@ def test_every_byte_value(isa):
     i = 2048
     allbytes = np.stack([rng.permutation(256) for _ in range(3)]).astype(np.uint8)  # [3, 256] bytes
     bits = np.unpackbits(allbytes, axis=1, bitorder="little").reshape(3, i)
-    sign = PackedLinear("t", "sign", (3, i), {"bits": pack_rows(bits, 1), "scale": _f16(rng.uniform(0.5, 1, (3, 32)))}, {"group": 64})
+    sign = PackedLinear(
+        "t", "sign", (3, i), {"bits": pack_rows(bits, 1), "scale": _f16(rng.uniform(0.5, 1, (3, 32)))}, {"group": 64}
+    )
     digits = (np.arange(243)[:, None] // np.array([1, 3, 9, 27, 81])) % 3  # all 243 trit bytes
     trits = np.stack([digits[rng.permutation(243)].reshape(-1) for _ in range(3)])
-    tern = PackedLinear("t", "ternary", (3, 1215), {"trits": pack_trits(trits), "scale": _f16(rng.uniform(0.5, 1, (3, 5)))}, {"group": 243})
+    tern = PackedLinear(
+        "t",
+        "ternary",
+        (3, 1215),
+        {"trits": pack_trits(trits), "scale": _f16(rng.uniform(0.5, 1, (3, 5)))},
+        {"group": 243},
+    )
     assert np.array_equal(np.sort(tern.tensors["trits"][0]), np.arange(243))
     for layer in (sign, tern):
         layer.validate()
@@ -171,18 +187,37 @@ def test_every_byte_value(isa):
             _check(kernels.packed_matmul(x, layer), x, layer)
     for k in (1, 2, 3, 4, 8):
         q = np.stack([rng.permutation(np.arange(512) % (1 << k)) for _ in range(4)])
-        p = PackedLinear("t", "grid", (4, 512), {"codes": pack_rows(q, k), "scale": _f16(rng.uniform(0.5, 1, (4, 8))),
-                                                 "zero": _f16(np.full((4, 8), ((1 << k) - 1) / 2))}, {"bits": k, "group": 64})
+        p = PackedLinear(
+            "t",
+            "grid",
+            (4, 512),
+            {
+                "codes": pack_rows(q, k),
+                "scale": _f16(rng.uniform(0.5, 1, (4, 8))),
+                "zero": _f16(np.full((4, 8), ((1 << k) - 1) / 2)),
+            },
+            {"bits": k, "group": 64},
+        )
         for m in (1, 5):
             x = torch.randn(m, 512)
             _check(kernels.packed_matmul(x, p), x, p)
 
 
 QUANTIZERS = [
-    BinaryQuantizer(), BinaryQuantizer(32), BinaryQuantizer(64), BinaryQuantizer(8),
-    TernaryQuantizer(), TernaryQuantizer(64), TernaryQuantizer(12),
-    RTNQuantizer(1, 64), RTNQuantizer(2, 64), RTNQuantizer(3, 32), RTNQuantizer(4, 192), RTNQuantizer(8, 96),
-    RTNQuantizer(2, 12), RTNQuantizer(4, 576),
+    BinaryQuantizer(),
+    BinaryQuantizer(32),
+    BinaryQuantizer(64),
+    BinaryQuantizer(8),
+    TernaryQuantizer(),
+    TernaryQuantizer(64),
+    TernaryQuantizer(12),
+    RTNQuantizer(1, 64),
+    RTNQuantizer(2, 64),
+    RTNQuantizer(3, 32),
+    RTNQuantizer(4, 192),
+    RTNQuantizer(8, 96),
+    RTNQuantizer(2, 12),
+    RTNQuantizer(4, 576),
 ]
 
 
@@ -266,7 +301,8 @@ def test_extension_is_a_python_module():
 def test_c_driver_under_address_and_ub_sanitizers():
     """bench/sanitize_kernels.sh: kernels.c + a C test driver built with ASan/UBSan, random
     shapes on every ISA against a double-precision reference written in C."""
-    r = subprocess.run(["bash", str(ROOT / "bench" / "sanitize_kernels.sh"), "150", "42"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        ["bash", str(ROOT / "bench" / "sanitize_kernels.sh"), "150", "42"], capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK:" in r.stdout and "0 failures" in r.stdout

@@ -101,9 +101,10 @@ def block_hessians(
                 cols = linear_weight(m).shape[1]
                 hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
 
-                def acc(_mod: nn.Module, args: tuple, _out: Any, n: str = n) -> None:
+                def acc(_mod: nn.Module, args: tuple, _out: Any, n: str = n, h: torch.Tensor = hessians[n],
+                        counts: dict[str, int] = counts) -> None:
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    hessians[n].addmm_(x.t(), x)
+                    h.addmm_(x.t(), x)
                     counts[n] += x.shape[0]
 
                 hooks.append(m.register_forward_hook(acc))

@@ -184,19 +184,28 @@ def _is_tied_or_buffer(model: nn.Module, key: str) -> bool:
 
 
 def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
-    """Buffers (rotary frequencies, causal masks) were on the meta device: rebuild them."""
-    from transformers import AutoModelForCausalLM
+    """Buffers (rotary frequencies, causal masks) were created on the meta device: rebuild
+    each owning module from the config on the CPU (small), falling back to one full
+    fresh model only for modules that cannot be built that way."""
+    owners = {name.rpartition(".")[0] for name, b in model.named_buffers() if b.is_meta}
+    fresh_model = None
+    for owner in sorted(owners):
+        mod = model.get_submodule(owner) if owner else model
+        try:
+            fresh = type(mod)(config=model.config)
+        except TypeError:
+            if fresh_model is None:
+                from transformers import AutoModelForCausalLM
 
-    fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
-    fresh_buffers = dict(fresh.named_buffers())
-    for name, _ in list(model.named_buffers()):
-        mod_name, _, buf = name.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
-        mod._buffers[buf] = fresh_buffers[name].to(device)
-    for mod_f, mod in zip(fresh.modules(), model.modules()):
-        for attr in ("original_inv_freq",):
-            if hasattr(mod_f, attr) and isinstance(getattr(mod_f, attr), torch.Tensor):
-                setattr(mod, attr, getattr(mod_f, attr).to(device))
+                fresh_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+            fresh = fresh_model.get_submodule(owner) if owner else fresh_model
+        for key in list(mod._buffers):
+            if mod._buffers[key] is not None and mod._buffers[key].is_meta:
+                mod._buffers[key] = fresh._buffers[key].to(device)
+        for attr, val in vars(fresh).items():
+            if isinstance(val, torch.Tensor) and not attr.startswith("_") and getattr(mod, attr, None) is not None \
+                    and isinstance(getattr(mod, attr), torch.Tensor) and getattr(mod, attr).is_meta:
+                setattr(mod, attr, val.to(device))
 
 
 def describe(qf: QuantizedFile) -> dict[str, Any]:

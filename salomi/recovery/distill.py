@@ -427,7 +427,8 @@ def run_recover(
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise SalomiError(f"recovery diverged at step {g} ({kind}); lower the learning rate")
-        history.append({"step": g, "stage": kind, "block": b, "loss": lv})
+        history.append({"step": g, "stage": kind, "block": b, "loss": lv,
+                        "t": round(prev_seconds + time.perf_counter() - t0, 2)})
         stage_done = s + 1 == rec.stage_len(kind)
         if stage_done:
             if kind == "block":

@@ -398,7 +398,14 @@ class TrainableLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.view.weight()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters()):
+            # Recompute the weight's intermediates in backward instead of keeping them: only
+            # the weight itself (needed by the matmul's backward) stays alive per layer.
+            from torch.utils.checkpoint import checkpoint
+
+            w = checkpoint(self.view.weight, use_reentrant=False)
+        else:
+            w = self.view.weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -32,7 +32,9 @@ def _peak_mb() -> float:
 
 @torch.inference_mode()
 def measure_one(target: str, runtime: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
+    # Our kernels bring their own thread pool; torch's OpenMP pool spinning beside it
+    # costs far more than the small ops (attention, norms) it would speed up.
+    torch.set_num_threads(1 if runtime == "kernels" else threads)
     import transformers  # noqa: F401  (import cost is not the model's memory)
 
     base_rss = _rss_mb()
@@ -98,3 +100,26 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run_bench(files: list[str], model: str = "smollm2", prompt_tokens: int = 128, new_tokens: int = 64,
+              threads: int = 2, llamacpp_json: str | None = "runs/llamacpp/bench.json") -> list[dict[str, Any]]:
+    """float32 torch, then each packed file through the kernels (and llama.cpp's rows if measured)."""
+    from salomi.runtime import kernels
+
+    rows = [measure(model, "torch", prompt_tokens, new_tokens, threads)]
+    if threads > 1:  # the float baseline at its best thread count, so the ratio is not flattered
+        one = measure(model, "torch", prompt_tokens, new_tokens, 1)
+        one["runtime"] = "torch-1thread"
+        rows.append(one)
+    for f in files:
+        rows.append(measure(f, "kernels", prompt_tokens, new_tokens, threads))
+    base = max(rows[: 2 if threads > 1 else 1], key=lambda r: r["decode_tok_s"])
+    for r in rows:
+        r["decode_vs_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["prefill_vs_fp32"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+        r["isa"] = kernels.isa() if kernels.available() else "none"
+    if llamacpp_json and os.path.exists(llamacpp_json):
+        for r in json.load(open(llamacpp_json)):
+            rows.append({**r, "runtime": "llama.cpp"})
+    return rows

@@ -201,9 +201,23 @@ def packed_matmul(x: torch.Tensor, p: PackedLinear | PreparedLayer, threads: int
     else:
         assert prep.zero is not None
         rc = lib.salomi_grid_matmul(
-            *args, prep.bits, prep.scale.ctypes.data, prep.zero.ctypes.data, prep.group,
-            None if prep.perm is None else prep.perm.ctypes.data, y.data_ptr(), threads,
+            *args,
+            prep.bits,
+            prep.scale.ctypes.data,
+            prep.zero.ctypes.data,
+            prep.group,
+            None if prep.perm is None else prep.perm.ctypes.data,
+            y.data_ptr(),
+            threads,
         )
     if rc != 0:
         raise SalomiError(f"packed_matmul kernel failed: {_ERRORS.get(rc, rc)}")
     return y
+
+
+KERNEL_FORMATS = ("sign", "ternary", "grid")
+
+
+def supports(p: PackedLinear) -> bool:
+    """True when a C kernel runs this layer's storage format straight from its bytes."""
+    return p.format in KERNEL_FORMATS

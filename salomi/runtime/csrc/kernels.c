@@ -28,6 +28,7 @@
 #include "kernels.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -790,6 +791,14 @@ static inline int64_t now_ns(void) {
 /* Spin this long for the next job before sleeping: back-to-back layer calls during
  * decode then never pay a futex wake-up, while an idle process does not burn a core. */
 #define WORKER_SPIN_NS 200000
+/* After this much pure spinning, yield between polls: on an oversubscribed machine the
+ * thread we wait for may need our CPU. */
+#define YIELD_AFTER_NS 20000
+
+static inline void spin_pause(int64_t waited_ns) {
+    if (waited_ns > YIELD_AFTER_NS) sched_yield();
+    else cpu_relax();
+}
 
 static void *worker_main(void *arg) {
     const int tid = (int)(intptr_t)arg;
@@ -798,9 +807,10 @@ static void *worker_main(void *arg) {
         unsigned long g;
         int64_t t0 = now_ns();
         int n = 0;
+        int64_t waited = 0;
         while ((g = atomic_load_explicit(&g_mail[tid], memory_order_acquire)) == seen) {
-            cpu_relax();
-            if ((++n & 255) == 0 && now_ns() - t0 > WORKER_SPIN_NS) {
+            spin_pause(waited);
+            if ((++n & 63) == 0 && (waited = now_ns() - t0) > WORKER_SPIN_NS) {
                 pthread_mutex_lock(&g_mu);
                 while ((g = atomic_load_explicit(&g_mail[tid], memory_order_acquire)) == seen)
                     pthread_cond_wait(&g_start_cv, &g_mu);
@@ -856,11 +866,11 @@ static void run_parallel(task_fn fn, void *ctx, int nt) {
     pthread_cond_broadcast(&g_start_cv);
     pthread_mutex_unlock(&g_mu);
     fn(ctx, 0, nt);
-    int64_t t0 = now_ns();
+    int64_t t0 = now_ns(), waited = 0;
     int n = 0;
     while (atomic_load_explicit(&g_pending, memory_order_acquire) != 0) {
-        cpu_relax();
-        if ((++n & 255) == 0 && now_ns() - t0 > 2000000) {
+        spin_pause(waited);
+        if ((++n & 63) == 0 && (waited = now_ns() - t0) > 2000000) {
             pthread_mutex_lock(&g_mu);
             while (atomic_load_explicit(&g_pending, memory_order_acquire) != 0) pthread_cond_wait(&g_done_cv, &g_mu);
             pthread_mutex_unlock(&g_mu);
