@@ -529,6 +529,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     log(f"eval text {args.eval_text}: {ids.numel():,} tokens; {args.windows} windows x {args.seq_len} from the start")
     labels = [lb for lb in all_labels(tuple(args.types), args.variants) if lb != REFERENCE_LABEL]
     labels = [lb for lb in labels if label_path(paths, ref_path, lb).is_file()]
+    if args.labels:
+        labels = [lb for lb in labels if lb in args.labels]
     rows: list[dict] = []
     common = {
         "eval_text": args.eval_text,
@@ -739,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=int, default=8, help="eval: number of windows")
     p.add_argument("--seq-len", type=int, default=1024, help="eval: tokens per window")
     p.add_argument("--group", type=int, default=4, help="eval: candidate models held in memory at once")
+    p.add_argument("--labels", nargs="+", help="eval: only these labels (e.g. IQ1_M 'Q4_1+ffn_down=IQ1_M')")
     p.add_argument("--keep-hf", action="store_true", help="eval: keep the float32 conversions of the GGUFs")
     p.add_argument("--bench-types", nargs="+", default=list(BENCH_TYPES), help="labels to run llama-bench on")
     p.add_argument("--pp", type=int, default=512, help="llama-bench prompt tokens")

@@ -70,8 +70,27 @@ def quantize(
     progress: bool = True,
     reference: Reference | None = None,
     recipe: dict[str, str] | None = None,
+    label: str | None = None,
+    target_linear_bpw: float | None = None,
+    target_model_bpw: float | None = None,
+    candidates: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Quantize `model` with `method` (or a per-layer `recipe`) and write the packed file."""
+    """Quantize `model` with `method`, a per-layer `recipe`, or the best recipe for a bpw target.
+
+    With `target_linear_bpw` / `target_model_bpw` a sensitivity table is measured (cached) and
+    a recipe chosen whose stored bytes fit the target exactly; `method` is then only the
+    default for layers the recipe does not name.
+    """
+    if target_linear_bpw is not None or target_model_bpw is not None:
+        from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
+
+        reference = reference or load_reference(model)
+        recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
+                             candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib, segments=segments,
+                             seg_len=seg_len, seed=seed, float_dtype=float_dtype, progress=progress)
+        label = label or (f"budget:{target_linear_bpw}bpw" if target_linear_bpw is not None
+                          else f"budget:model{target_model_bpw}bpw")
+        method = "binary"
     start = time.perf_counter()
     quantizer = parse_method(method)
     per_layer = {name: parse_method(spec) for name, spec in (recipe or {}).items()}
@@ -117,7 +136,7 @@ def quantize(
     seconds = time.perf_counter() - start
     meta = {
         "model": {"id": model, "name": ref.name, "source": ref.source},
-        "recipe": {"label": method if not recipe else f"recipe({method})", "default": method,
+        "recipe": {"label": label or (method if not recipe else f"recipe({method})"), "default": method,
                    "layers": {n: p.method for n, p in packed.items()}},
         "calibration": calib_info,
         "quantize": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()), "seed": seed,

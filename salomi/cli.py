@@ -28,8 +28,12 @@ def _fmt_row(r: dict) -> str:
 def cmd_quantize(a: argparse.Namespace) -> None:
     from salomi import api
 
+    if a.bpw is not None and a.model_bpw is not None:
+        raise SalomiError("give --bpw (linear layers) or --model-bpw (whole file), not both")
+    cands = [c.strip() for c in a.candidates.split(",")] if a.candidates else None
     res = api.quantize(model=a.model, method=a.method, out=a.out, calib=a.calib, segments=a.calib_segments,
-                       seg_len=a.calib_len, seed=a.seed, float_dtype=a.float_dtype, resume=a.resume)
+                       seg_len=a.calib_len, seed=a.seed, float_dtype=a.float_dtype, resume=a.resume,
+                       target_linear_bpw=a.bpw, target_model_bpw=a.model_bpw, candidates=cands)
     print(f"wrote {res['file']}: {res['file_bytes']:,} bytes, linear {res['linear_bpw']:.4f} bpw, "
           f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s, peak {res['peak_rss_mb']:.0f} MB")
 
@@ -136,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--float-dtype", default="float16", help="storage of unquantized tensors (embeddings, head)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.partial")
+    q.add_argument("--bpw", type=float, default=None,
+                   help="mixed precision: best recipe whose measured linear bpw is <= this (within 0.01)")
+    q.add_argument("--model-bpw", type=float, default=None, help="mixed precision: target for the whole file")
+    q.add_argument("--candidates", default=None, help="comma-separated methods the budget may choose from")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the reference")

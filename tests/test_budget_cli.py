@@ -1,0 +1,32 @@
+"""`salomi quantize --bpw`: the measured linear bpw of the file lands at or just below the target."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from salomi.packing.model_file import load_quantized
+
+CANDS = "binary,gptq:binary,gptq:ternary,gptq:2:g32,gptq:3:g32,gptq:4:g32"
+
+
+def test_bpw_target_met_from_the_file(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path) -> None:
+    out = tmp_path / "b.salomi"
+    p = subprocess.run([sys.executable, "-m", "salomi.cli", "quantize", "--model", str(tiny_llama_dir), "--bpw", "2.3",
+                        "--candidates", CANDS, "--calib", str(austen_slice), "--calib-segments", "4",
+                        "--calib-len", "64", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    qf = load_quantized(out)
+    assert 2.29 <= qf.linear_bpw <= 2.3
+    assert len(set(qf.metadata["recipe"]["layers"].values())) > 1  # really mixed
+    assert qf.method == "budget:2.3bpw"
+
+
+def test_unreachable_target_names_the_range(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "salomi.cli", "quantize", "--model", str(tiny_llama_dir), "--bpw", "0.5",
+                        "--candidates", CANDS, "--calib", str(austen_slice), "--calib-segments", "4",
+                        "--calib-len", "64", "--out", str(tmp_path / "x.salomi")], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "feasible" in p.stderr and ".." in p.stderr
