@@ -34,7 +34,11 @@ def _file_for(out_dir: Path, spec: str) -> Path:
 
 def quantize_in_subprocess(model: str, spec: str, path: Path, calib: str, segments: int, seg_len: int,
                            seed: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "salomi.cli", "quantize", "--model", model, "--method", spec, "--out", str(path),
+    how = ["--method", spec]
+    if spec.startswith("budget:"):  # budget:B[:cand1/cand2/...] -> mixed precision at B linear bpw
+        _, target, *cands = spec.split(":", 2)
+        how = ["--bpw", target] + (["--candidates", cands[0].replace("/", ",")] if cands else [])
+    cmd = [sys.executable, "-m", "salomi.cli", "quantize", "--model", model, *how, "--out", str(path),
            "--calib", calib, "--calib-segments", str(segments), "--calib-len", str(seg_len), "--seed", str(seed),
            "--resume"]
     print(f"[sweep] {' '.join(cmd[2:])}", file=sys.stderr)
