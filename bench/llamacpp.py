@@ -550,7 +550,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
             hf_dirs.append(gguf_to_hf_dir(p))
             models.append(load_reference(str(p)).model)
         t1 = time.time()
-        ref_m, res = evaluate(ref.model, models, windows, progress=False, label="llamacpp")
+        ref_m, res = evaluate(ref.model, models, windows, progress=True, label="llamacpp")
         t2 = time.time()
         ref_metrics = ref_m
         for lb, r in zip(group, res):
@@ -693,6 +693,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
                 "command": " ".join(map(str, cmd)),
             })  # fmt: skip
             log(f"{label:10s} {rows[-1]['test']:6s} {e['avg_ts']:9.1f} ± {e['stddev_ts']:.1f} tok/s")
+        write_json(paths, "bench", {"rows": rows, "note": "partial: run in progress"})  # keep what is measured
     write_json(paths, "bench", {"rows": rows, "note": "machine shared with other jobs; see loadavg_before"})
     return {"rows": rows}
 

@@ -123,6 +123,17 @@ def cmd_bench(a: argparse.Namespace) -> None:
     _write_json(a.json, rows)
 
 
+def cmd_recover(a: argparse.Namespace) -> None:
+    from salomi.recovery import format_report, run_recover
+
+    res = run_recover(a.file, a.out, steps=a.steps, budget_minutes=a.budget_minutes, resume=a.resume,
+                      block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, train_codes=a.train_codes,
+                      calib=a.calib, segments=a.calib_segments, seg_len=a.calib_len, batch=a.batch, seed=a.seed,
+                      ckpt_every=a.ckpt_every, eval_text=a.eval_text, eval_windows=a.eval_windows, model=a.model)
+    print(format_report(res))
+    _write_json(a.json, res)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from salomi.quantizers.spec import methods_help
 
@@ -201,6 +212,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--llamacpp", default="runs/llamacpp/bench.json", help="llama-bench rows from bench/llamacpp.py")
     b.add_argument("--json", default=None)
     b.set_defaults(fn=cmd_bench)
+
+    r = sub.add_parser("recover", help="distill a packed file toward its reference at the same bpw")
+    r.add_argument("file")
+    r.add_argument("--out", required=True)
+    r.add_argument("--steps", type=int, default=100, help="end-to-end KL steps (after the block stage)")
+    r.add_argument("--block-steps", type=int, default=20, help="MSE steps per block before the end-to-end stage")
+    r.add_argument("--budget-minutes", type=float, default=None,
+                   help="stop cleanly after this long (result + OUT.ckpt written)")
+    r.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
+    r.add_argument("--train-codes", action="store_true", help="also train the discrete codes (straight-through)")
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--block-lr", type=float, default=2e-3)
+    r.add_argument("--calib", default="austen", help="calibration text (never the eval text)")
+    r.add_argument("--calib-segments", type=int, default=64)
+    r.add_argument("--calib-len", type=int, default=256)
+    r.add_argument("--batch", type=int, default=4)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--ckpt-every", type=int, default=25)
+    r.add_argument("--eval-text", default="brown")
+    r.add_argument("--eval-windows", type=int, default=16, help="held-out windows for before/after (0: skip)")
+    r.add_argument("--model", default=None, help="reference model (default: the one recorded in the file)")
+    r.add_argument("--json", default=None)
+    r.set_defaults(fn=cmd_recover)
 
     s = sub.add_parser("setup", help="fetch the default model and texts into the cache")
     s.set_defaults(fn=cmd_setup)

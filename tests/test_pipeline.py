@@ -126,3 +126,33 @@ def test_resume_reuses_finished_layers(tiny_llama_dir: Path, tmp_path: Path) -> 
         same = np.array_equal(p.tensors["codes"], full.packed[n].tensors["codes"])
         assert same == (n not in first)
     assert not out2.with_name(out2.name + ".partial").exists()
+
+
+def test_file_model_equals_reference_with_dequantized_weights(tiny: Path, tmp_path: Path) -> None:
+    """The model built from the file is the reference with its linears swapped for the stored
+    weights: same logits, buffers (rotary frequencies) included, identical on a rebuild."""
+    from salomi.loading.models import block_linears, decoder_blocks
+    from salomi.packing.model_file import build_model
+
+    out = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny), method="rtn:4:g32", out=out, progress=False, float_dtype="float32")
+    qf = load_quantized(out)
+    ref = load_reference(str(tiny))
+    blocks = decoder_blocks(ref.model)
+    prefix = next(n for n, m in ref.model.named_modules() if m is blocks)
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.no_grad():
+        for i, b in enumerate(blocks):
+            for n, mod in block_linears(b).items():
+                w = qf.packed[f"{prefix}.{i}.{n}"].dequantize()
+                mod.weight.copy_(w.t() if isinstance(mod, Conv1D) else w)
+    ids = torch.randint(0, 50000, (1, 40), generator=torch.Generator().manual_seed(1))
+    m1, m2 = build_model(qf), build_model(qf)
+    for name, buf in ref.model.named_buffers():
+        assert torch.equal(dict(m1.named_buffers())[name], buf), name
+    with torch.inference_mode():
+        want = ref.model(ids).logits
+        got1, got2 = m1(ids).logits, m2(ids).logits
+    assert torch.equal(got1, got2)
+    torch.testing.assert_close(got1, want, rtol=1e-4, atol=1e-4)

@@ -164,6 +164,7 @@ def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch
     for name, p in qf.packed.items():
         bias = state.get(f"{name}.bias")  # a placeholder; load_state_dict below fills it
         _set_module(model, name, QuantLinear(p, bias, runtime))
+    meta_buffers = {name for name, b in model.named_buffers() if b.is_meta}
     model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
     if unexpected:
@@ -173,7 +174,7 @@ def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch
     still_missing = [k for k in missing if not _is_tied_or_buffer(model, k)]
     if still_missing:
         raise SalomiError(f"{qf.path}: missing tensors {still_missing[:3]} (corrupt or incomplete file)")
-    _reset_buffers(model, device)
+    _reset_buffers(model, device, meta_buffers - set(state))
     return model.eval()
 
 
@@ -183,11 +184,11 @@ def _is_tied_or_buffer(model: nn.Module, key: str) -> bool:
     return key in dict(model.named_buffers())
 
 
-def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
+def _reset_buffers(model: nn.Module, device: str | torch.device, names: set[str]) -> None:
     """Buffers (rotary frequencies, causal masks) were created on the meta device: rebuild
     each owning module from the config on the CPU (small), falling back to one full
     fresh model only for modules that cannot be built that way."""
-    owners = {name.rpartition(".")[0] for name, b in model.named_buffers() if b.is_meta}
+    owners = {name.rpartition(".")[0] for name in names}
     fresh_model = None
     for owner in sorted(owners):
         mod = model.get_submodule(owner) if owner else model
@@ -200,11 +201,10 @@ def _reset_buffers(model: nn.Module, device: str | torch.device) -> None:
                 fresh_model = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
             fresh = fresh_model.get_submodule(owner) if owner else fresh_model
         for key in list(mod._buffers):
-            if mod._buffers[key] is not None and mod._buffers[key].is_meta:
+            if mod._buffers[key] is not None and (f"{owner}.{key}" if owner else key) in names:
                 mod._buffers[key] = fresh._buffers[key].to(device)
-        for attr, val in vars(fresh).items():
-            if isinstance(val, torch.Tensor) and not attr.startswith("_") and getattr(mod, attr, None) is not None \
-                    and isinstance(getattr(mod, attr), torch.Tensor) and getattr(mod, attr).is_meta:
+        for attr, val in vars(fresh).items():  # plain tensor attributes (e.g. original_inv_freq)
+            if isinstance(val, torch.Tensor) and not attr.startswith("_"):
                 setattr(mod, attr, val.to(device))
 
 

@@ -173,6 +173,33 @@ def _kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum() / logq.shape[0]
 
 
+@torch.no_grad()
+def sync_buffers(model: nn.Module, ref: nn.Module) -> int:
+    """Copy the reference's non-parameter state (rotary inv_freq / original_inv_freq, causal
+    masks) into the model built from the file: same architecture and config, so the values
+    must agree, and this keeps training correct even if a file loader leaves them unset.
+    Returns how many tensors differed."""
+    changed = 0
+    ref_bufs = dict(ref.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        src = ref_bufs.get(name)
+        if src is not None and src.shape == buf.shape:
+            if not torch.equal(buf.cpu(), src.cpu()):
+                changed += 1
+            buf.copy_(src.to(buf.device, buf.dtype))
+    ref_mods = dict(ref.named_modules())
+    for name, mod in model.named_modules():
+        rm = ref_mods.get(name)
+        if rm is None:
+            continue
+        for attr in ("original_inv_freq",):
+            a, b = getattr(mod, attr, None), getattr(rm, attr, None)
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+                changed += int(not torch.equal(a.cpu(), b.cpu()))
+                setattr(mod, attr, b.detach().clone().to(a.device))
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 
@@ -186,6 +213,7 @@ class Recovery:
 
         self.qf, self.ref, self.segs, self.cfg, self.device = qf, ref, segs, cfg, device
         self.model = build_model(qf, "dequant", device)
+        sync_buffers(self.model, ref.model)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.views: dict[str, TrainableLinear] = {}
