@@ -38,7 +38,7 @@ def run_demo(windows: int = 16, seq_len: int = 1024, out_dir: str = "runs/demo",
     ref_metrics, metrics = evaluate(ref.model, [build_model(q) for q in qfs], w, label="demo eval")
     eval_s = time.perf_counter() - t0
     rows = [{"method": "reference (float32)", "ppl": ref_metrics["ppl"], "ratio": 1.0, "kl": 0.0, "top1": 1.0,
-             "linear_bpw": 32.0, "model_bpw": 32.0, "file_bytes": None}]
+             "linear_bpw": None, "model_bpw": None, "file_bytes": None}]
     for qf, m in zip(qfs, metrics):
         rows.append({"method": qf.method, **m, "linear_bpw": qf.linear_bpw, "model_bpw": qf.model_bpw,
                      "file_bytes": qf.file_bytes, "quantize_seconds": qf.metadata["quantize"]["seconds"]})

@@ -108,9 +108,12 @@ def run_sweep(methods: list[str], model: str = "smollm2", out_dir: str = "runs/s
     for spec, r in zip(methods, ev):
         rows.append({"series": "salomi", **r, **costs[spec], "method": spec})
     if llamacpp_json and Path(llamacpp_json).exists():
-        for r in json.loads(Path(llamacpp_json).read_text()):
-            if r.get("windows") == windows and r.get("seq_len") == seq_len and r.get("text") == text:
-                rows.append({"series": "llama.cpp", **r})
+        data = json.loads(Path(llamacpp_json).read_text())
+        for r in data.get("rows", []) if isinstance(data, dict) else data:
+            same = (r.get("windows") == windows and r.get("seq_len") == seq_len
+                    and (r.get("text") or r.get("eval_text")) == text)
+            if same and r.get("ratio") != 1.0 and r.get("linear_bpw") is not None:
+                rows.append({"series": "llama.cpp", **r, "method": r.get("label", r.get("method"))})
     tmp = rows_path.with_name("rows.json.tmp")
     tmp.write_text(json.dumps(rows, indent=2, default=str))
     tmp.replace(rows_path)
