@@ -156,3 +156,17 @@ def test_file_model_equals_reference_with_dequantized_weights(tiny: Path, tmp_pa
         got1, got2 = m1(ids).logits, m2(ids).logits
     assert torch.equal(got1, got2)
     torch.testing.assert_close(got1, want, rtol=1e-4, atol=1e-4)
+
+
+def test_every_format_loads_in_a_fresh_process(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path) -> None:
+    """A reader that never parsed the method still knows its storage format."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "b.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="billm+lowrank:r2", out=out, calib=str(austen_slice), segments=2,
+                 seg_len=32, progress=False)
+    code = f"from salomi.packing.model_file import load_quantized; print(load_quantized({str(out)!r}).linear_bpw)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-1500:]
+    assert float(p.stdout) == pytest.approx(load_quantized(out).linear_bpw)

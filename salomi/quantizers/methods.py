@@ -90,3 +90,12 @@ def _ls(spec: str, base: Quantizer, *args: str) -> Quantizer:
     from salomi.quantizers.scales import wrap_ls
 
     return wrap_ls(spec, base, *args)
+
+
+def _register_all_formats() -> None:
+    # Reading a file must know every storage format, even ones whose method was never parsed
+    # in this process (the factories above import their modules lazily).
+    from salomi.quantizers import billm, gptq, lowrank, pbllm, scales, vq  # noqa: F401
+
+
+_register_all_formats()
