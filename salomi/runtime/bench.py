@@ -120,6 +120,20 @@ def run_bench(files: list[str], model: str = "smollm2", prompt_tokens: int = 128
         r["prefill_vs_fp32"] = r["prefill_tok_s"] / base["prefill_tok_s"]
         r["isa"] = kernels.isa() if kernels.available() else "none"
     if llamacpp_json and os.path.exists(llamacpp_json):
-        for r in json.load(open(llamacpp_json)):
-            rows.append({**r, "runtime": "llama.cpp"})
+        with open(llamacpp_json) as f:
+            data = json.load(f)
+        merged: dict[str, dict[str, Any]] = {}
+        for r in data.get("rows", []) if isinstance(data, dict) else data:
+            if not r.get("ok", True):
+                continue
+            m = merged.setdefault(r["label"], {"model": f"llama.cpp {r['label']}", "runtime": "llama.cpp",
+                                               "threads": r.get("threads")})
+            key = "prefill_tok_s" if str(r.get("test", "")).startswith("pp") else "decode_tok_s"
+            m[key] = r["tokens_per_s"]
+        for m in merged.values():
+            if "decode_tok_s" in m:
+                m["decode_vs_fp32"] = m["decode_tok_s"] / base["decode_tok_s"]
+            if "prefill_tok_s" in m:
+                m["prefill_vs_fp32"] = m["prefill_tok_s"] / base["prefill_tok_s"]
+            rows.append(m)
     return rows
