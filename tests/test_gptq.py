@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,41 +9,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salomi.errors import SalomiError
-from salomi.packing.container import load, save
 from salomi.quantizers.base import PackedLinear
 from salomi.quantizers.gptq import weighted_error
 from salomi.quantizers.spec import parse_method
+from tests.quant_helpers import correlated, roundtrip
 
 torch.set_num_threads(1)
-
-
-def correlated(o: int, n: int, seed: int = 0, ntok: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and H = 2/n X^T X for strongly correlated inputs with uneven channel scales."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(o, n, generator=g) * 0.05
-    x = torch.randn(ntok, max(2, n // 8), generator=g) @ torch.randn(max(2, n // 8), n, generator=g)
-    x = (x + 0.3 * torch.randn(ntok, n, generator=g)) * (torch.rand(n, generator=g) * 3 + 0.2)
-    return w, 2 / ntok * x.T @ x
-
-
-def roundtrip(p: PackedLinear) -> None:
-    """pack -> container save -> load -> dequantize is exactly the pre-save dequantize."""
-    before = p.dequantize()
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "layer.salomi"
-        meta = {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params}
-        save(path, p.tensors, meta)
-        c = load(path)
-        q = PackedLinear(
-            c.metadata["method"],
-            c.metadata["format"],
-            tuple(c.metadata["shape"]),
-            dict(c.tensors),
-            c.metadata["params"],
-        )
-        q.validate()
-        assert torch.equal(q.dequantize(), before)
-        assert q.nbytes == p.nbytes
 
 
 W, H = correlated(48, 96)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,41 +9,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from salomi.errors import SalomiError
-from salomi.packing.container import load, save
 from salomi.quantizers.base import PackedLinear, storage_format
 from salomi.quantizers.gptq import weighted_error
 from salomi.quantizers.spec import parse_method
+from tests.quant_helpers import correlated, roundtrip
 
 torch.set_num_threads(1)
 
 
-def correlated(o: int, n: int, seed: int = 0, ntok: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(o, n, generator=g) * 0.05
-    w += 0.05 * torch.randn(o, 2, generator=g) @ torch.randn(2, n, generator=g)  # some low-rank structure
-    x = torch.randn(ntok, max(2, n // 8), generator=g) @ torch.randn(max(2, n // 8), n, generator=g)
-    x = (x + 0.3 * torch.randn(ntok, n, generator=g)) * (torch.rand(n, generator=g) * 3 + 0.2)
-    return w, 2 / ntok * x.T @ x
-
-
-def roundtrip(p: PackedLinear) -> None:
-    before = p.dequantize()
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "layer.salomi"
-        save(path, p.tensors, {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params})
-        c = load(path)
-        q = PackedLinear(
-            c.metadata["method"],
-            c.metadata["format"],
-            tuple(c.metadata["shape"]),
-            dict(c.tensors),
-            c.metadata["params"],
-        )
-        q.validate()
-        assert torch.equal(q.dequantize(), before)
-
-
-W, H = correlated(48, 96)
+W, H = correlated(48, 96, low_rank=True)
 
 
 @pytest.mark.parametrize(
@@ -95,7 +66,7 @@ def test_ls_on_lowrank_keeps_bytes_and_never_hurts(spec: str) -> None:
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(o=st.integers(1, 10), n=st.sampled_from([8, 16, 24]), r=st.integers(1, 8), seed=st.integers(0, 99))
 def test_round_trip_property(o: int, n: int, r: int, seed: int) -> None:
-    w, h = correlated(o, n, seed, ntok=64)
+    w, h = correlated(o, n, seed, ntok=64, low_rank=True)
     r = min(r, o, n)
     roundtrip(parse_method(f"gptq:2:g8+lowrank:r{r}").quantize(w, h))
 
