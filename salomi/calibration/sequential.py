@@ -10,7 +10,8 @@ Hessians, and the calibration activations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ def _set_weight(mod: nn.Module, w: torch.Tensor) -> None:
     mod.weight.data.copy_(w.t() if isinstance(mod, Conv1D) else w)
 
 
-def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, segments: torch.Tensor, batch: int) -> list[tuple]:
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, segments: torch.Tensor, batch: int) -> list[tuple]:
     """Run the model up to block 0 and keep what block 0 receives (args, kwargs) per batch."""
     captured: list[tuple] = []
 
@@ -51,8 +52,35 @@ def _capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, segments: tor
     return captured
 
 
-def _block_output(out: Any) -> torch.Tensor:
+def block_output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder block returns (some return a tuple, some a tensor)."""
     return out[0] if isinstance(out, tuple | list) else out
+
+
+@contextmanager
+def accumulate_hessians(layer: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """H = 2/n * sum(x x^T) of each linear's input over the forward passes run inside the
+    `with`; the dict is complete (normalised) once the block exits."""
+    hessians: dict[str, torch.Tensor] = {}
+    counts = {n: 0 for n in layer}
+    hooks = []
+    for n, m in layer.items():
+        cols = linear_weight(m).shape[1]
+        hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
+
+        def acc(_mod: nn.Module, args: tuple, _out: Any, n: str = n, h: torch.Tensor = hessians[n]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            h.addmm_(x.t(), x)
+            counts[n] += x.shape[0]
+
+        hooks.append(m.register_forward_hook(acc))
+    try:
+        yield hessians
+    finally:
+        for h in hooks:
+            h.remove()
+    for n in hessians:
+        hessians[n].mul_(2.0 / max(counts[n], 1))
 
 
 @torch.no_grad()
@@ -80,31 +108,15 @@ def quantize_sequential(
     packed: dict[str, PackedLinear] = dict(done or {})
     total = sum(len(v) for v in names.values())
     bar = progress_bar(total, "quantize", "layer", disable=not progress)
-    inputs = _capture_block_inputs(model, blocks, segments, batch) if need_h and segments is not None else None
+    inputs = capture_block_inputs(model, blocks, segments, batch) if need_h and segments is not None else None
     for i, block in enumerate(blocks):
         layer = names[i]
         hessians: dict[str, torch.Tensor] = {}
         todo = [n for n in layer if n not in packed]
         if inputs is not None and any(choose(n).needs_hessian for n in todo):
-            counts = {n: 0 for n in layer}
-            hooks = []
-            for n, m in layer.items():
-                cols = linear_weight(m).shape[1]
-                hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
-
-                def acc(mod: nn.Module, args: tuple, _out: Any, n: str = n, h: torch.Tensor = hessians[n],
-                        counts: dict[str, int] = counts) -> None:
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    h.addmm_(x.t(), x)
-                    counts[n] += x.shape[0]
-
-                hooks.append(m.register_forward_hook(acc))
-            for args, kwargs in inputs:
-                block(*args, **kwargs)
-            for h in hooks:
-                h.remove()
-            for n in layer:
-                hessians[n].mul_(2.0 / max(counts[n], 1))
+            with accumulate_hessians(layer) as hessians:
+                for args, kwargs in inputs:
+                    block(*args, **kwargs)
         for n, m in layer.items():
             if n in packed:
                 _set_weight(m, packed[n].dequantize().to(m.weight.device))
@@ -119,7 +131,7 @@ def quantize_sequential(
             bar.update(1)
         hessians.clear()
         if inputs is not None and i + 1 < len(blocks):
-            inputs = [((_block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            inputs = [((block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         if on_block_done is not None:
             on_block_done(i, packed)
     bar.close()

@@ -85,36 +85,20 @@ def block_hessians(
     produces the next block's inputs. Blocks with skip(i) true are only run forward
     (H is None) - used to resume a cached table.
     """
-    from salomi.calibration.sequential import _block_output, _capture_block_inputs
-    from salomi.loading.models import decoder_blocks, linear_weight
+    from salomi.calibration.sequential import accumulate_hessians, block_output, capture_block_inputs
+    from salomi.loading.models import decoder_blocks
 
     blocks = decoder_blocks(model)
     names = linear_names(model)
-    inputs = _capture_block_inputs(model, blocks, segments, batch)
+    inputs = capture_block_inputs(model, blocks, segments, batch)
     for i, block in enumerate(blocks):
         layer = names[i]
-        hessians: dict[str, torch.Tensor] = {}
-        hooks = []
-        counts = {n: 0 for n in layer}
-        if not (skip and skip(i)):
-            for n, m in layer.items():
-                cols = linear_weight(m).shape[1]
-                hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
-
-                def acc(_mod: nn.Module, args: tuple, _out: Any, n: str = n, h: torch.Tensor = hessians[n],
-                        counts: dict[str, int] = counts) -> None:
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    h.addmm_(x.t(), x)
-                    counts[n] += x.shape[0]
-
-                hooks.append(m.register_forward_hook(acc))
-        try:
-            outs = [_block_output(block(*args, **kwargs)) for args, kwargs in inputs]
-        finally:
-            for h in hooks:
-                h.remove()
-        for n in hessians:
-            hessians[n].mul_(2.0 / max(counts[n], 1))
+        if skip and skip(i):
+            outs = [block_output(block(*args, **kwargs)) for args, kwargs in inputs]
+            hessians: dict[str, torch.Tensor] = {}
+        else:
+            with accumulate_hessians(layer) as hessians:
+                outs = [block_output(block(*args, **kwargs)) for args, kwargs in inputs]
         yield i, {n: (m, hessians.get(n)) for n, m in layer.items()}
         inputs = [((o,) + tuple(args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from salomi.calibration.sequential import block_output, capture_block_inputs
 from salomi.errors import SalomiError
 from salomi.recovery.trainable import TrainableLinear, describe_views
 
@@ -45,10 +46,6 @@ CKPT_VERSION = 1
 # Settings that must match for --resume (steps may grow: the schedule is extension-safe).
 RESUME_KEYS = ("block_steps", "lr", "block_lr", "code_lr", "train_codes", "calib", "segments", "seg_len", "batch",
                "seed")
-
-
-class _Stop(Exception):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -98,10 +95,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
             tmp.unlink()
 
 
-def _block_out(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
 class BlockCall:
     """How a decoder block is called in this model: the captured extra args/kwargs with the
     hidden states swapped for the ones given (the same for every batch of `batch` segments)."""
@@ -120,34 +113,17 @@ class BlockCall:
 
     def __call__(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
         if self.key is None:
-            return _block_out(block(h, *self.args, **self.kwargs))
-        return _block_out(block(*self.args, **{**self.kwargs, self.key: h}))
+            return block_output(block(h, *self.args, **self.kwargs))
+        return block_output(block(*self.args, **{**self.kwargs, self.key: h}))
 
 
 @torch.no_grad()
 def capture_block0(model: nn.Module, blocks: nn.ModuleList, segs: torch.Tensor, batch: int,
                    device: torch.device) -> tuple[torch.Tensor, BlockCall]:
     """The hidden states every segment brings to block 0 [N, T, d], and how blocks are called."""
-    hs: list[torch.Tensor] = []
-    calls: list[BlockCall] = []
-
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        h = args[0] if args else kwargs["hidden_states"]
-        hs.append(h.detach())
-        if not calls:
-            calls.append(BlockCall(args, kwargs))
-        raise _Stop
-
-    hd = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(0, len(segs), batch):
-            try:
-                model(segs[i : i + batch].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        hd.remove()
-    return torch.cat(hs), calls[0]
+    captured = capture_block_inputs(model, blocks, segs.to(device), batch)
+    hs = [(args[0] if args else kwargs["hidden_states"]).detach() for args, kwargs in captured]
+    return torch.cat(hs), BlockCall(*captured[0])
 
 
 @torch.no_grad()
