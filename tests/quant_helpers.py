@@ -5,10 +5,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from salomi.packing.container import load, save
-from salomi.quantizers.base import PackedLinear
+from salomi.quantizers.base import PackedLinear, Quantizer
 
 
 def correlated(o: int, n: int, seed: int = 0, ntok: int = 1024, salient: int = 0,
@@ -36,3 +37,14 @@ def roundtrip(p: PackedLinear) -> None:
                          c.metadata["params"])
         q.validate()
         assert torch.equal(q.dequantize(), before)
+
+
+def deterministic_roundtrip(q: Quantizer, w: torch.Tensor, h: torch.Tensor) -> PackedLinear:
+    """Quantize twice: identical tensors; the file round trip is exact; bpw is the stored bytes."""
+    p1, p2 = q.quantize(w, h), q.quantize(w, h)
+    roundtrip(p1)
+    assert p1.tensors.keys() == p2.tensors.keys()
+    for k in p1.tensors:
+        assert np.array_equal(p1.tensors[k], p2.tensors[k])
+    assert p1.bpw == p1.nbytes * 8 / w.numel()
+    return p1

@@ -13,7 +13,7 @@ from salomi.quantizers.base import PackedLinear
 from salomi.quantizers.gptq import weighted_error
 from salomi.quantizers.pbllm import decode_gaps, encode_gaps
 from salomi.quantizers.spec import parse_method
-from tests.quant_helpers import correlated, roundtrip
+from tests.quant_helpers import correlated, deterministic_roundtrip, roundtrip
 
 torch.set_num_threads(1)
 
@@ -41,11 +41,7 @@ def test_feedback_helps() -> None:
 )
 def test_roundtrip_bpw_determinism(spec: str) -> None:
     q = parse_method(spec)
-    p1, p2 = q.quantize(W, H), q.quantize(W, H)
-    roundtrip(p1)
-    assert p1.bpw == p1.nbytes * 8 / W.numel()
-    for k in p1.tensors:
-        assert np.array_equal(p1.tensors[k], p2.tensors[k])
+    deterministic_roundtrip(q, W, H)
 
 
 @settings(max_examples=30, deadline=None)
