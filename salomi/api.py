@@ -106,11 +106,11 @@ def quantize(
     def choose(name: str) -> Quantizer:
         return per_layer.get(name, quantizer)
 
-    from salomi.loading.models import block_linears, decoder_blocks, linear_weight
+    from salomi.loading.models import linear_names, linear_weight
 
-    for block in decoder_blocks(ref.model):
-        for mod in block_linears(block).values():
-            choose("").check_shape(tuple(linear_weight(mod).shape))
+    for layer in linear_names(ref.model).values():  # refuse a bad shape before any slow work
+        for name, mod in layer.items():
+            choose(name).check_shape(tuple(linear_weight(mod).shape))
     needs_h = quantizer.needs_hessian or any(q.needs_hessian for q in per_layer.values())
     segs = None
     calib_info: dict[str, Any] = {}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salomi.loading.models import block_linears, decoder_blocks, linear_weight
+from salomi.loading.models import decoder_blocks, linear_names, linear_weight
 from salomi.quantizers.base import PackedLinear, Quantizer
 
 
@@ -102,8 +102,7 @@ def quantize_sequential(
     from salomi.progress import bar as progress_bar
 
     blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    names = {i: {f"{prefix}.{i}.{n}": m for n, m in block_linears(b).items()} for i, b in enumerate(blocks)}
+    names = linear_names(model)
     need_h = any(choose(n).needs_hessian for layer in names.values() for n in layer)
     packed: dict[str, PackedLinear] = dict(done or {})
     total = sum(len(v) for v in names.values())

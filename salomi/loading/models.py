@@ -157,6 +157,13 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return best
 
 
+def linear_names(model: nn.Module) -> dict[int, dict[str, nn.Module]]:
+    """Block index -> {full linear name: module}: the names a packed file stores layers under."""
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return {i: {f"{prefix}.{i}.{n}": m for n, m in block_linears(b).items()} for i, b in enumerate(blocks)}
+
+
 def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     """Linear-like layers of one block (nn.Linear and GPT-2's Conv1D), by relative name."""
     from transformers.pytorch_utils import Conv1D

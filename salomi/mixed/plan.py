@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from salomi.errors import SalomiError
+from salomi.loading.models import linear_names
 from salomi.mixed.allocate import Allocation, allocate, byte_range
-from salomi.mixed.sensitivity import DEFAULT_CANDIDATES, linear_names, sensitivity_table, table_costs
+from salomi.mixed.sensitivity import DEFAULT_CANDIDATES, sensitivity_table, table_costs
 
 # Bytes reserved for metadata api.quantize writes that we cannot know here (timings, model id,
 # the --method label), for header space padding, and for the alignment of the tensors stored after the linears.

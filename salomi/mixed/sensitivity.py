@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from salomi.errors import SalomiError
+from salomi.loading.models import linear_names
 from salomi.quantizers.base import PackedLinear, Quantizer
 
 # Ordered roughly by bits/weight; every spec must parse with salomi.quantizers.spec.parse_method.
@@ -63,15 +64,6 @@ def canonical(candidates: Sequence[str]) -> list[str]:
         if s not in out:
             out.append(s)
     return out
-
-
-def linear_names(model: nn.Module) -> dict[int, dict[str, nn.Module]]:
-    """Block index -> {full linear name: module}, the names quantize_sequential uses."""
-    from salomi.loading.models import block_linears, decoder_blocks
-
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    return {i: {f"{prefix}.{i}.{n}": m for n, m in block_linears(b).items()} for i, b in enumerate(blocks)}
 
 
 @torch.no_grad()
