@@ -60,3 +60,13 @@ def austen_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("texts") / "austen_slice.txt"
     p.write_text(load_text("austen")[:80_000])
     return p
+
+
+@pytest.fixture(scope="session")
+def packed(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama packed with rtn:2:g32 (read-only: tests copy it before damaging it)."""
+    from salomi import api
+
+    out = tmp_path_factory.mktemp("packed") / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="rtn:2:g32", out=out, progress=False)
+    return out

@@ -7,10 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from salomi import api
-
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "salomi.cli", *args], capture_output=True, text=True, timeout=300)
@@ -22,13 +18,6 @@ def assert_one_line_error(p: subprocess.CompletedProcess[str], pattern: str) -> 
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("salomi: error:")]
     assert len(lines) == 1, p.stderr
     assert pattern.lower() in lines[0].lower(), lines[0]
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cli") / "m.salomi"
-    api.quantize(model=str(tiny_llama_dir), method="rtn:2:g32", out=out, progress=False)
-    return out
 
 
 def test_missing_file(tmp_path: Path) -> None:

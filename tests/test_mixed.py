@@ -14,10 +14,9 @@ import torch
 
 from salomi import api
 from salomi.errors import SalomiError
-from salomi.loading.models import load_reference
+from salomi.loading.models import linear_names, load_reference
 from salomi.mixed import allocate, byte_range, make_plan, sensitivity_table, validate_proxy
 from salomi.mixed.plan import fixed_file_bytes
-from salomi.mixed.sensitivity import linear_names
 from salomi.packing.model_file import load_quantized
 
 # Rows of the tiny Llama are 64/192 wide; a fine ladder of sizes so a budget can be filled to within 0.01 bpw.

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from salomi import api
 from salomi.packing import container
 from salomi.packing.model_file import load_quantized
 from salomi.recovery import run_recover
@@ -16,13 +15,6 @@ from salomi.recovery.trainable import make_view
 
 # Tiny settings: 2 blocks x BLOCK_STEPS + STEPS steps, 4 segments of 32 tokens, batch 2.
 SMALL = dict(segments=4, seg_len=32, batch=2, eval_windows=0, progress=False, kl_segments=4)
-
-
-@pytest.fixture(scope="module")
-def packed(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("recover") / "q.salomi"
-    api.quantize(model=str(tiny_llama_dir), method="rtn:2:g32", out=out, progress=False)
-    return out
 
 
 def _header(path: Path) -> int:
