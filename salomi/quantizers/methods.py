@@ -92,10 +92,21 @@ def _ls(spec: str, base: Quantizer, *args: str) -> Quantizer:
     return wrap_ls(spec, base, *args)
 
 
+@register_wrapper(
+    "rot",
+    "rot[:sS]",
+    "incoherence: quantize U.W.V^T (randomized Hadamard U, V from seed S) against V.H.V^T; no stored bytes",
+)
+def _rot(spec: str, base: Quantizer, *args: str) -> Quantizer:
+    from salomi.quantizers.rotation import wrap_rot
+
+    return wrap_rot(spec, base, *args)
+
+
 def _register_all_formats() -> None:
     # Reading a file must know every storage format, even ones whose method was never parsed
     # in this process (the factories above import their modules lazily).
-    from salomi.quantizers import billm, gptq, lowrank, pbllm, scales, vq  # noqa: F401
+    from salomi.quantizers import billm, gptq, lowrank, pbllm, rotation, scales, vq  # noqa: F401
 
 
 _register_all_formats()
