@@ -74,8 +74,12 @@ def quantize(
     target_linear_bpw: float | None = None,
     target_model_bpw: float | None = None,
     candidates: Sequence[str] | None = None,
+    embed: str | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method`, a per-layer `recipe`, or the best recipe for a bpw target.
+
+    `embed` (e.g. "rtn:4:g64", "gptq:4:g64+ls") also packs the token embedding table, which a tied
+    head shares; by default it is stored as `float_dtype`.
 
     With `target_linear_bpw` / `target_model_bpw` a sensitivity table is measured (cached) and
     a recipe chosen whose stored bytes fit the target exactly; `method` is then only the
@@ -87,12 +91,17 @@ def quantize(
         reference = reference or load_reference(model)
         recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
                              candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib, segments=segments,
-                             seg_len=seg_len, seed=seed, float_dtype=float_dtype, progress=progress)
+                             seg_len=seg_len, seed=seed, float_dtype=float_dtype, progress=progress, embed=embed)
         label = label or (f"budget:{target_linear_bpw}bpw" if target_linear_bpw is not None
                           else f"budget:model{target_model_bpw}bpw")
         method = "binary"
     start = time.perf_counter()
     quantizer = parse_method(method)
+    embed_q = None
+    if embed:
+        from salomi.quantizers.embedding import parse_embed_method
+
+        embed_q = parse_embed_method(embed)
     per_layer = {name: parse_method(spec) for name, spec in (recipe or {}).items()}
     fdtype = _float_dtype(float_dtype)
     torch.manual_seed(seed)
@@ -111,7 +120,8 @@ def quantize(
     for layer in linear_names(ref.model).values():  # refuse a bad shape before any slow work
         for name, mod in layer.items():
             choose(name).check_shape(tuple(linear_weight(mod).shape))
-    needs_h = quantizer.needs_hessian or any(q.needs_hessian for q in per_layer.values())
+    needs_h = (quantizer.needs_hessian or any(q.needs_hessian for q in per_layer.values())
+               or (embed_q is not None and embed_q.needs_hessian))
     segs = None
     calib_info: dict[str, Any] = {}
     if needs_h:
@@ -133,16 +143,24 @@ def quantize(
     from salomi.calibration.sequential import quantize_sequential
 
     packed = quantize_sequential(ref.model, choose, segs, progress=progress, on_block_done=checkpoint, done=done)
+    embeddings = None
+    if embed_q is not None:
+        from salomi.quantizers.embedding import quantize_embeddings
+
+        if progress:
+            print(f"[salomi] quantizing the embedding table with {embed_q.spec}", file=sys.stderr)
+        embeddings = quantize_embeddings(ref.model, embed_q, segs)
     seconds = time.perf_counter() - start
     meta = {
         "model": {"id": model, "name": ref.name, "source": ref.source},
         "recipe": {"label": label or (method if not recipe else f"recipe({method})"), "default": method,
-                   "layers": {n: p.method for n, p in packed.items()}},
+                   "layers": {n: p.method for n, p in packed.items()},
+                   **({"embeddings": embed_q.spec} if embed_q is not None else {})},
         "calibration": calib_info,
         "quantize": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()), "seed": seed,
                      "git_commit": git_commit(), "torch": torch.__version__},
     }
-    size = save_quantized(out, ref.model, ref.tokenizer, packed, meta, fdtype)
+    size = save_quantized(out, ref.model, ref.tokenizer, packed, meta, fdtype, embeddings)
     partial.unlink(missing_ok=True)
     qf = load_quantized(out)
     return {"file": str(out), "file_bytes": size, "linear_bpw": qf.linear_bpw, "model_bpw": qf.model_bpw,
@@ -250,7 +268,7 @@ def export_dequantized(file: str | Path, out_dir: str | Path) -> Path:
 
     plain = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
     state = {k: v for k, v in model.state_dict().items()}
-    for name, p in qf.packed.items():
+    for name, p in {**qf.packed, **qf.embeddings}.items():
         w = p.dequantize()
         target = plain.get_submodule(name)
         state[f"{name}.weight"] = w.t().contiguous() if isinstance(target, Conv1D) else w

@@ -33,7 +33,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     cands = [c.strip() for c in a.candidates.split(",")] if a.candidates else None
     res = api.quantize(model=a.model, method=a.method, out=a.out, calib=a.calib, segments=a.calib_segments,
                        seg_len=a.calib_len, seed=a.seed, float_dtype=a.float_dtype, resume=a.resume,
-                       target_linear_bpw=a.bpw, target_model_bpw=a.model_bpw, candidates=cands)
+                       target_linear_bpw=a.bpw, target_model_bpw=a.model_bpw, candidates=cands, embed=a.embed)
     print(f"wrote {res['file']}: {res['file_bytes']:,} bytes, linear {res['linear_bpw']:.4f} bpw, "
           f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s, peak {res['peak_rss_mb']:.0f} MB")
 
@@ -64,10 +64,12 @@ def cmd_inspect(a: argparse.Namespace) -> None:
           f"model bpw {d['model_bpw']:.4f} ({d['reference_params']:,} reference params); "
           f"unquantized tensors stored as {d['float_dtype']}")
     print(f"{'layer':<44} {'method':<20} {'format':<14} {'shape':<12} {'bytes':>10} {'bpw':>7}")
-    for layer in d["layers"]:
+    for layer in d["layers"] + d["embeddings"]:
         shape = "x".join(map(str, layer["shape"]))
         print(f"{layer['name']:<44} {layer['method']:<20} {layer['format']:<14} {shape:<12} "
               f"{layer['bytes']:>10,} {layer['bpw']:>7.3f}")
+    if not d["embeddings"]:
+        print(f"(embeddings and head stored as {d['float_dtype']}; pack them with `salomi quantize --embed`)")
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -155,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: best recipe whose measured linear bpw is <= this (within 0.01)")
     q.add_argument("--model-bpw", type=float, default=None, help="mixed precision: target for the whole file")
     q.add_argument("--candidates", default=None, help="comma-separated methods the budget may choose from")
+    q.add_argument("--embed", default=None,
+                   help="also pack the token embedding table (= tied head) with rtn:K:gG or gptq:K:gG[+ls], "
+                        "e.g. gptq:4:g64; default: stored as --float-dtype")
     q.set_defaults(fn=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the reference")

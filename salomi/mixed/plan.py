@@ -90,9 +90,11 @@ def file_share(name: str, shape: Sequence[int], entry: dict[str, Any], upper: bo
     return n
 
 
-def fixed_file_bytes(reference: Any, float_dtype: str = "float16", calib_info: dict[str, Any] | None = None) -> int:
+def fixed_file_bytes(reference: Any, float_dtype: str = "float16", calib_info: dict[str, Any] | None = None,
+                     embed: str | None = None) -> int:
     """Upper bound on the bytes of a quantized file that do not belong to the block linears,
-    from an actual save (binary linears), minus a lower bound of those linears' share."""
+    from an actual save (binary linears), minus a lower bound of those linears' share. With
+    `embed`, the embedding table is packed as it will be (RTN on the same grid: same bytes)."""
     from salomi.api import _float_dtype
     from salomi.loading.models import linear_weight
     from salomi.mixed.sensitivity import layer_entry
@@ -113,9 +115,18 @@ def fixed_file_bytes(reference: Any, float_dtype: str = "float16", calib_info: d
         "quantize": {"seconds": 99999.9, "peak_rss_mb": 999999, "seed": 0, "git_commit": "0123456-dirty",
                      "torch": torch.__version__},
     }
+    embeddings = None
+    if embed:
+        from salomi.quantizers.base import PackedLinear
+        from salomi.quantizers.embedding import parse_embed_method, quantize_embeddings, same_bytes_rtn
+
+        eq = parse_embed_method(embed)
+        embeddings = {n: PackedLinear(eq.spec, p.format, p.shape, p.tensors, p.params)
+                      for n, p in quantize_embeddings(reference.model, same_bytes_rtn(embed), None).items()}
+        meta["recipe"]["embeddings"] = eq.spec
     with tempfile.TemporaryDirectory() as d:
         size = save_quantized(Path(d) / "probe.salomi", reference.model, reference.tokenizer, packed, meta,
-                              _float_dtype(float_dtype))
+                              _float_dtype(float_dtype), embeddings)
     return size - lower + MARGIN_BYTES
 
 
@@ -137,6 +148,7 @@ def make_plan(
     progress: bool = True,
     cache: bool = True,
     table: dict[str, Any] | None = None,
+    embed: str | None = None,
 ) -> Plan:
     """Plan a per-layer recipe meeting exactly one of the two targets (see module doc)."""
     from salomi.loading.models import load_reference
@@ -166,7 +178,7 @@ def make_plan(
         model_bpw = None
     else:
         calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed}
-        fixed = fixed_file_bytes(ref, float_dtype, calib_info)
+        fixed = fixed_file_bytes(ref, float_dtype, calib_info, embed)
         params = sum(p.numel() for p in ref.model.parameters())
         share = {n: {c: (file_share(n, e["shape"], e["choices"][c], upper=True), d) for c, (_, d) in cs.items()}
                  for n, cs in costs.items() for e in [layers[n]]}
@@ -204,8 +216,9 @@ def plan_recipe(
     damage: str = "damage",
     progress: bool = True,
     cache: bool = True,
+    embed: str | None = None,
 ) -> dict[str, str]:
     """Linear name -> method spec, for api.quantize(..., recipe=...). `reference` is a loaded
     salomi Reference or a model name/path. Give exactly one of the two targets."""
     return make_plan(reference, target_linear_bpw, target_model_bpw, candidates, calib, segments, seg_len, seed,
-                     float_dtype, damage, progress, cache).recipe
+                     float_dtype, damage, progress, cache, embed=embed).recipe

@@ -1,6 +1,7 @@
 """A quantized model as one SALOMI container file.
 
-Tensor names:   q/<linear>/<name>   packed arrays of each quantized linear
+Tensor names:   q/<linear>/<name>   packed arrays of each quantized linear (and of a quantized
+                                    embedding table, listed under "embeddings", not "layers")
                 f/<param>           every other parameter (embeddings, norms, head, biases)
                 tokenizer/<file>    the tokenizer's files, byte for byte
 Metadata: the reference's architecture config, the recipe (method per linear), each
@@ -55,17 +56,21 @@ def save_quantized(
     packed: dict[str, PackedLinear],
     metadata: dict[str, Any],
     float_dtype: torch.dtype = torch.float16,
+    embeddings: dict[str, PackedLinear] | None = None,
 ) -> int:
-    """Write the quantized model; returns the file size. `model` supplies the unquantized parts."""
+    """Write the quantized model; returns the file size. `model` supplies the unquantized parts;
+    `embeddings` holds packed embedding tables / heads (module name -> packed table)."""
     tensors: dict[str, np.ndarray] = {}
-    layers: dict[str, Any] = {}
-    for name, p in packed.items():
-        p.validate()
-        layers[name] = {"method": p.method, "format": p.format, "shape": list(p.shape), "params": p.params,
-                        "tensors": sorted(p.tensors)}
-        for t, a in p.tensors.items():
-            tensors[f"q/{name}/{t}"] = a
-    skip = {f"{n}.weight" for n in packed}
+    tables: dict[str, dict[str, Any]] = {"layers": {}, "embeddings": {}}
+    for kind, group in (("layers", packed), ("embeddings", embeddings or {})):
+        for name, p in group.items():
+            p.validate()
+            tables[kind][name] = {"method": p.method, "format": p.format, "shape": list(p.shape),
+                                  "params": p.params, "tensors": sorted(p.tensors)}
+            for t, a in p.tensors.items():
+                tensors[f"q/{name}/{t}"] = a
+    layers = tables["layers"]
+    skip = {f"{n}.weight" for n in packed} | {f"{n}.weight" for n in embeddings or {}}
     tensors.update(float_state(model, skip, float_dtype))
     tensors.update(_tokenizer_files(tokenizer))
     cfg = model.config.to_dict()
@@ -74,6 +79,7 @@ def save_quantized(
         "kind": KIND,
         "config": cfg,
         "layers": layers,
+        **({"embeddings": tables["embeddings"]} if embeddings else {}),
         "float_dtype": str(float_dtype).removeprefix("torch."),
         "reference_params": int(sum(p.numel() for p in model.parameters())),
         **metadata,
@@ -91,6 +97,7 @@ class QuantizedFile:
     file_bytes: int
     linear_bytes: int
     linear_weights: int
+    embeddings: dict[str, PackedLinear]
 
     @property
     def reference_params(self) -> int:
@@ -132,11 +139,18 @@ def load_quantized(path: str | Path) -> QuantizedFile:
             packed[name] = p
             linear_bytes += sum(c.nbytes(f"q/{name}/{t}") for t in info["tensors"])
             linear_weights += p.n_weights
+        embeddings = {}
+        for name, info in meta.get("embeddings", {}).items():
+            tensors = {t: c.tensors[f"q/{name}/{t}"] for t in info["tensors"]}
+            p = PackedLinear(info["method"], info["format"], tuple(info["shape"]), tensors, info["params"])
+            p.validate()
+            embeddings[name] = p
     except KeyError as e:
         raise SalomiError(f"{path}: layer table refers to a missing tensor {e} (corrupt file)") from None
     floats = {k[2:]: v for k, v in c.tensors.items() if k.startswith("f/")}
     tok = {k[len("tokenizer/"):]: bytes(v) for k, v in c.tensors.items() if k.startswith("tokenizer/")}
-    return QuantizedFile(Path(path), meta, packed, floats, tok, c.file_bytes, linear_bytes, linear_weights)
+    return QuantizedFile(Path(path), meta, packed, floats, tok, c.file_bytes, linear_bytes, linear_weights,
+                         embeddings)
 
 
 def _empty_model(config: dict[str, Any]) -> nn.Module:
@@ -164,18 +178,40 @@ def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch
     for name, p in qf.packed.items():
         bias = state.get(f"{name}.bias")  # a placeholder; load_state_dict below fills it
         _set_module(model, name, QuantLinear(p, bias, runtime))
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if qf.embeddings:
+        _install_embeddings(model, qf, runtime)
     meta_buffers = {name for name, b in model.named_buffers() if b.is_meta}
     model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
     if unexpected:
         raise SalomiError(f"{qf.path}: tensors {unexpected[:3]} do not belong to this architecture (corrupt file?)")
-    if getattr(model.config, "tie_word_embeddings", False):
+    if tied and not qf.embeddings:
         model.tie_weights()
     still_missing = [k for k in missing if not _is_tied_or_buffer(model, k)]
     if still_missing:
         raise SalomiError(f"{qf.path}: missing tensors {still_missing[:3]} (corrupt or incomplete file)")
     _reset_buffers(model, device, meta_buffers - set(state))
     return model.eval()
+
+
+def _install_embeddings(model: nn.Module, qf: QuantizedFile, runtime: str) -> None:
+    """QuantEmbedding for a packed input table; the head becomes a QuantLinear over the same
+    packed table when tied (or over its own packed table when not)."""
+    from salomi.quantizers.embedding import QuantEmbedding, embedding_names
+    from salomi.runtime.qlinear import QuantLinear
+
+    names = embedding_names(model)
+    out_mod = model.get_output_embeddings()
+    out_name = names["output"] or next((n for n, m in model.named_modules() if m is out_mod), "")
+    inp = qf.embeddings.get(names["input"])
+    if inp is None:
+        raise SalomiError(f"{qf.path}: packed embeddings {sorted(qf.embeddings)} do not match this architecture")
+    _set_module(model, names["input"], QuantEmbedding(inp))
+    head = qf.embeddings.get(names["output"]) if names["output"] else inp
+    if out_name and head is not None:
+        bias = getattr(out_mod, "bias", None)
+        _set_module(model, out_name, QuantLinear(head, None if bias is None else torch.zeros(bias.shape), runtime))
 
 
 def _is_tied_or_buffer(model: nn.Module, key: str) -> bool:
@@ -228,6 +264,11 @@ def describe(qf: QuantizedFile) -> dict[str, Any]:
         "float_dtype": qf.metadata.get("float_dtype"),
         "recipe": qf.metadata.get("recipe"),
         "layers": layers,
+        "embeddings": [
+            {"name": n, "method": p.method, "format": p.format, "shape": list(p.shape), "bytes": p.nbytes,
+             "bpw": p.bpw}
+            for n, p in qf.embeddings.items()
+        ],
     }
 
 

@@ -85,7 +85,8 @@ def save_recovered(
     meta["recovery"] = ([*prev] if isinstance(prev, list) else ([prev] if prev else [])) + [record]
     if len(packed) != len(source.packed) or set(packed) != set(source.packed):
         raise SalomiError("repack: the set of quantized layers changed")
-    size = save_quantized(out, model, RawTokenizer(source.tokenizer_files), packed, meta, float_dtype_of(source))
+    size = save_quantized(out, model, RawTokenizer(source.tokenizer_files), packed, meta, float_dtype_of(source),
+                          source.embeddings)
     check_same_layout(source.path, out)
     return size
 
