@@ -3,7 +3,8 @@
 Tensor names:   q/<linear>/<name>   packed arrays of each quantized linear (and of a quantized
                                     embedding table, listed under "embeddings", not "layers")
                 f/<param>           every other parameter (embeddings, norms, head, biases)
-                tokenizer/<file>    the tokenizer's files, byte for byte
+                tokenizer/<file>    the tokenizer's files, each zlib-compressed (metadata
+                                    tokenizer_encoding = "zlib"; older files: raw bytes)
 Metadata: the reference's architecture config, the recipe (method per linear), each
 linear's format/shape/params, provenance (source, calibration), and the reference's
 parameter count, so the file runs on its own and its bpw can be checked.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +31,11 @@ KIND = "salomi-model"
 
 
 def _tokenizer_files(tokenizer: Any) -> dict[str, np.ndarray]:
+    # Compressed: a BPE vocabulary is megabytes of JSON (0.2 bpw of a 135M model) and packs ~4x.
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
         return {
-            f"tokenizer/{p.name}": np.frombuffer(p.read_bytes(), dtype=np.uint8).copy()
+            f"tokenizer/{p.name}": np.frombuffer(zlib.compress(p.read_bytes(), 9), dtype=np.uint8).copy()
             for p in sorted(Path(d).iterdir())
             if p.is_file()
         }
@@ -80,6 +83,7 @@ def save_quantized(
         "config": cfg,
         "layers": layers,
         **({"embeddings": tables["embeddings"]} if embeddings else {}),
+        "tokenizer_encoding": "zlib",
         "float_dtype": str(float_dtype).removeprefix("torch."),
         "reference_params": int(sum(p.numel() for p in model.parameters())),
         **metadata,
@@ -149,6 +153,11 @@ def load_quantized(path: str | Path) -> QuantizedFile:
         raise SalomiError(f"{path}: layer table refers to a missing tensor {e} (corrupt file)") from None
     floats = {k[2:]: v for k, v in c.tensors.items() if k.startswith("f/")}
     tok = {k[len("tokenizer/"):]: bytes(v) for k, v in c.tensors.items() if k.startswith("tokenizer/")}
+    if meta.get("tokenizer_encoding") == "zlib":
+        try:
+            tok = {k: zlib.decompress(v) for k, v in tok.items()}
+        except zlib.error:
+            raise SalomiError(f"{path}: a tokenizer file does not decompress (corrupt file)") from None
     return QuantizedFile(Path(path), meta, packed, floats, tok, c.file_bytes, linear_bytes, linear_weights,
                          embeddings)
 

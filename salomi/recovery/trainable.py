@@ -22,6 +22,7 @@ What is trainable, per format:
     pbllm     row scale of the binary part and the int8 row scale (or the fp16 salient
               values) (relative); signs, salient positions and int8 codes frozen
     X+lowrank X as above, plus lowrank.u_scale and lowrank.v_scale (relative); the int8 u, v by STE
+    X+rot     X as above, in the rotated basis (the fixed Hadamard rotations are applied around it)
     other     frozen entirely (the layer keeps its exact bytes)
 """
 
@@ -382,7 +383,29 @@ VIEWS: dict[str, type[View]] = {
 }
 
 
+class RotView(View):
+    """BASE+rot: the base's view in the rotated basis; W = U^T W' V is differentiable in W'."""
+
+    def __init__(self, p: PackedLinear, train_codes: bool = False) -> None:
+        from salomi.quantizers.rotation import split_rot
+
+        super().__init__(p)
+        self.inner = make_view(split_rot(p), train_codes)
+        self.seed = int(p.params["rot_seed"])
+        self.trainable, self.frozen = self.inner.trainable, self.inner.frozen
+
+    def weight(self) -> torch.Tensor:
+        from salomi.quantizers.rotation import unrotate_weight
+
+        return unrotate_weight(self.inner.weight(), self.seed)
+
+    def new_tensors(self) -> dict[str, np.ndarray]:
+        return self.inner.new_tensors()
+
+
 def make_view(p: PackedLinear, train_codes: bool = False) -> View:
+    if p.format.endswith("+rot"):
+        return RotView(p, train_codes)
     if p.format.endswith("+lowrank"):
         return LowRankView(p, train_codes)
     return VIEWS.get(p.format, FrozenView)(p, train_codes)
