@@ -95,3 +95,15 @@ def test_bad_widths_and_corrupt_seed_fail_in_one_line() -> None:
     bad = PackedLinear(q.method, q.format, q.shape, q.tensors, {**q.params, "rot_seed": "x"})
     with pytest.raises(SalomiError, match="rot_seed"):
         bad.validate()
+
+
+@pytest.mark.parametrize("spec", ["gptq:binary+rot", "gptq:2:g32+rot", "gptq:ternary+rot"])
+def test_kernels_run_rotated_layers_between_the_two_transforms(spec: str) -> None:
+    from salomi.runtime.qlinear import QuantLinear
+
+    w, h = _outlier_layer(3)
+    p = parse_method(spec).quantize(w, h)
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4))
+    fast = QuantLinear(p, None, "kernels")
+    assert fast.uses_kernels(x)
+    torch.testing.assert_close(fast(x), QuantLinear(p, None, "dequant")(x), rtol=1e-4, atol=1e-4)

@@ -25,6 +25,15 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().float(), requires_grad=False) if bias is not None else None
         self.runtime = runtime
         self._weight: torch.Tensor | None = None
+        # A "+rot" layer runs its base format's kernel between the two Hadamard rotations:
+        # y = U^T (Q' (V x)), O(n log n) extra per token instead of a float copy of W.
+        self._rot_seed: int | None = None
+        self._kernel_packed = packed
+        if packed.format.endswith("+rot"):
+            from salomi.quantizers.rotation import split_rot
+
+            self._rot_seed = int(packed.params["rot_seed"])
+            self._kernel_packed = split_rot(packed)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.packed.method}, {self.packed.bpw:.3f} bpw, {self.runtime}"
@@ -39,7 +48,7 @@ class QuantLinear(nn.Module):
             return False
         from salomi.runtime import kernels
 
-        ok = kernels.available() and kernels.supports(self.packed)
+        ok = kernels.available() and kernels.supports(self._kernel_packed)
         if self.runtime == "kernels" and not ok:
             raise RuntimeError(f"no CPU kernel for format {self.packed.format!r}; use --runtime dequant")
         return ok
@@ -48,7 +57,14 @@ class QuantLinear(nn.Module):
         if self.uses_kernels(x):
             from salomi.runtime import kernels
 
-            y = kernels.packed_matmul(x.float().contiguous(), self.packed)
+            x = x.float()
+            if self._rot_seed is not None:
+                from salomi.quantizers.rotation import transform
+
+                x = transform(x, self._rot_seed)
+            y = kernels.packed_matmul(x.contiguous(), self._kernel_packed)
+            if self._rot_seed is not None:
+                y = transform(y, self._rot_seed + 1, inverse=True)
             return y + self.bias if self.bias is not None else y
         w = self.dequantized_weight(x.device)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
