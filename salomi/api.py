@@ -167,6 +167,51 @@ def quantize(
             "method": method, "seconds": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
+def pack_embeddings(file: str | Path, embed: str, out: str | Path, calib: str | None = None,
+                    segments: int | None = None, seg_len: int | None = None, seed: int | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """Pack the embedding table of an already quantized file (its linears are kept byte for byte).
+
+    GPTQ methods use the head-input Hessian of the *quantized* model on the file's own
+    calibration text (or the one given)."""
+    from salomi.quantizers.embedding import parse_embed_method, quantize_embeddings
+
+    start = time.perf_counter()
+    qf = load_quantized(file)
+    if qf.embeddings:
+        raise SalomiError(f"{file}: its embeddings are packed already ({qf.metadata['recipe'].get('embeddings')})")
+    q = parse_embed_method(embed)
+    cal = dict(qf.metadata.get("calibration") or {})
+    cal = {"text": calib or cal.get("text", DEFAULT_CALIB), "segments": segments or cal.get("segments", 128),
+           "seg_len": seg_len or cal.get("seg_len", 512), "seed": cal.get("seed", 0) if seed is None else seed}
+    model = build_model(qf, "dequant")
+    tok = qf.tokenizer()
+    segs = None
+    if q.needs_hessian:
+        from salomi.calibration.data import calibration_segments
+
+        segs = calibration_segments(_text_ids(tok, cal["text"]), cal["segments"], cal["seg_len"], cal["seed"],
+                                    cal["text"])
+    if progress:
+        print(f"[salomi] packing the embedding table of {file} with {q.spec}", file=sys.stderr)
+    with torch.no_grad():
+        embeddings = quantize_embeddings(model, q, segs)
+    meta = dict(qf.metadata)
+    meta["recipe"] = {**meta.get("recipe", {}), "embeddings": q.spec}
+    meta["embedding_calibration"] = cal if segs is not None else {}
+    for k in ("tokenizer_encoding", "embeddings"):  # written afresh; reference_params etc. carry over
+        meta.pop(k, None)
+    from salomi.recovery.repack import RawTokenizer, float_dtype_of
+
+    size = save_quantized(out, model, RawTokenizer(qf.tokenizer_files), qf.packed, meta, float_dtype_of(qf),
+                          embeddings)
+    new = load_quantized(out)
+    if new.reference_params != qf.reference_params:
+        raise SalomiError(f"{out}: parameter count changed while packing embeddings (bug)")
+    return {"file": str(out), "file_bytes": size, "linear_bpw": new.linear_bpw, "model_bpw": new.model_bpw,
+            "method": f"{qf.method} +embed {q.spec}", "seconds": time.perf_counter() - start}
+
+
 def _save_partial(path: Path, packed: dict[str, PackedLinear], method: str) -> None:
     tensors, layers = {}, {}
     for n, p in packed.items():

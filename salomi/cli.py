@@ -38,6 +38,14 @@ def cmd_quantize(a: argparse.Namespace) -> None:
           f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s, peak {res['peak_rss_mb']:.0f} MB")
 
 
+def cmd_embed(a: argparse.Namespace) -> None:
+    from salomi import api
+
+    res = api.pack_embeddings(a.file, a.method, a.out, calib=a.calib, segments=a.calib_segments)
+    print(f"wrote {res['file']}: {res['file_bytes']:,} bytes, linear {res['linear_bpw']:.4f} bpw, "
+          f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s")
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from salomi import api
 
@@ -161,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also pack the token embedding table (= tied head) with rtn:K:gG or gptq:K:gG[+ls], "
                         "e.g. gptq:4:g64; default: stored as --float-dtype")
     q.set_defaults(fn=cmd_quantize)
+
+    m = sub.add_parser("embed", help="pack the embedding table (= tied head) of a packed file; linears unchanged")
+    m.add_argument("file")
+    m.add_argument("--method", required=True, help="rtn:K:gG or gptq:K:gG[+ls], e.g. gptq:4:g64")
+    m.add_argument("--out", required=True)
+    m.add_argument("--calib", default=None, help="calibration text (default: the file's own)")
+    m.add_argument("--calib-segments", type=int, default=None)
+    m.set_defaults(fn=cmd_embed)
 
     e = sub.add_parser("eval", help="perplexity, KL and top-1 agreement against the reference")
     e.add_argument("files", nargs="*")

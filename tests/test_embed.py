@@ -76,3 +76,23 @@ def test_embed_rejects_methods_whose_rows_do_not_decode_alone() -> None:
     for spec in ("binary", "vq:d4:k16", "gptq:2:g32:act", "rtn:4:g32+rot", "gptq:binary"):
         with pytest.raises(SalomiError, match="--embed"):
             parse_embed_method(spec)
+
+
+def test_embed_command_packs_an_existing_file_keeping_its_linears(embed_files: dict[str, Path], tmp_path: Path) -> None:
+    from salomi.cli import main
+
+    out = tmp_path / "e.salomi"
+    assert main(["embed", str(embed_files["plain"]), "--method", "rtn:4:g32", "--out", str(out)]) == 0
+    a, b = load_quantized(embed_files["plain"]), load_quantized(out)
+    assert b.linear_bytes == a.linear_bytes and b.reference_params == a.reference_params
+    for n, p in a.packed.items():
+        for t, arr in p.tensors.items():
+            assert (arr == b.packed[n].tensors[t]).all()
+    same = load_quantized(embed_files["rtn4"])  # packed at quantize time with the same method
+    assert b.file_bytes < a.file_bytes and abs(b.file_bytes - same.file_bytes) < 2048
+    # the file holds the fp16-rounded table, quantize time the float32 one: the same grid up to that rounding
+    # (a code may flip where the fp16 rounding crosses a rounding boundary: rare)
+    diff = (b.embeddings["model.embed_tokens"].dequantize() - same.embeddings["model.embed_tokens"].dequantize()).abs()
+    assert float((diff > 2e-4).float().mean()) < 0.01
+    with pytest.raises(SalomiError, match="packed already"):
+        api.pack_embeddings(out, "rtn:4:g32", tmp_path / "again.salomi")
