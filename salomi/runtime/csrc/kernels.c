@@ -880,6 +880,11 @@ static void run_parallel(task_fn fn, void *ctx, int nt) {
     pthread_mutex_unlock(&g_call_mu);
 }
 
+void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads) {
+    ensure_init();
+    run_parallel(fn, ctx, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads);
+}
+
 /* ------------------------------------------------------------------ entry points */
 
 static int run(const layer_t *L, const float *x, int64_t M, const int32_t *perm, float *y, int threads) {

@@ -37,6 +37,13 @@ int salomi_grid_matmul(const float *x, int64_t M, int64_t in, int64_t out, const
                        const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm,
                        float *y, int threads);
 
+/* Run fn(ctx, tid, nt) for tid = 0..nt-1 on the kernels' persistent thread pool (the
+ * caller runs tid 0) and return when all are done. nt may come back smaller than asked
+ * (pool could not grow); fn must split its work by the nt it is given. Used by the
+ * engine (engine.c) so the whole process has one pool and never spawns threads per op. */
+typedef void (*salomi_task_fn)(void *ctx, int tid, int nt);
+void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads);
+
 #ifdef __cplusplus
 }
 #endif
