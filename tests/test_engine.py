@@ -1,0 +1,185 @@
+"""Native engine (salomi.runtime.engine) against the Hugging Face dequant path.
+
+Every check compares the engine's logits with build_model(qf, "dequant") on the tiny
+Llama fixture: same weights, float32 everywhere, so the only differences are the order
+of float additions. Tolerance: |engine - reference| <= 1e-4 * max(1, max|reference|).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from salomi import api
+from salomi.errors import SalomiError
+from salomi.packing.model_file import QuantizedFile, build_model, load_quantized
+from salomi.runtime import kernels
+from salomi.runtime.engine import Engine, unsupported_reason
+
+REL_TOL = 1e-4
+IDS = torch.tensor([464, 3290, 531, 262, 3931, 11, 290, 340, 373, 257, 922, 1110, 13, 50, 7, 9999])
+
+
+def assert_close_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
+    tol = REL_TOL * max(1.0, float(ref.abs().max()))
+    err = float((got - ref).abs().max())
+    assert got.shape == ref.shape
+    assert err <= tol, f"max |engine - reference| = {err:.3g} > {tol:.3g}"
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_llama_dir: Path, packed: Path, austen_slice: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Llama in each storage format the engine runs: sign, ternary, grid, vq."""
+    d = tmp_path_factory.mktemp("engine")
+    out = {"grid": packed}
+    for fmt, method in (("sign", "binary"), ("ternary", "ternary"), ("vq", "vq:d4:k16")):
+        f = d / f"{fmt}.salomi"
+        api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=4,
+                     seg_len=64, progress=False)
+        out[fmt] = f
+    return out
+
+
+def reference_logits(qf: QuantizedFile, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return build_model(qf, "dequant")(ids[None]).logits[0].float()
+
+
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid", "vq"])
+def test_prefill_and_decode_match_dequant(variants: dict[str, Path], fmt: str) -> None:
+    qf = load_quantized(variants[fmt])
+    assert {p.format for p in qf.packed.values()} == {fmt}
+    ref = reference_logits(qf, IDS)
+    eng = Engine.from_file(qf, max_seq=64)
+    assert_close_logits(eng.logits(IDS), ref)  # prefill: the M > 1 kernel path
+    assert eng.length == len(IDS)
+    eng.reset()
+    steps = torch.stack([eng.forward([int(t)]) for t in IDS])  # decode: one token at a time over the KV cache
+    assert_close_logits(steps, ref)
+    eng.reset()  # prefill a prefix, then continue token by token
+    last = eng.forward(IDS[:10])
+    assert_close_logits(last, ref[9])
+    assert_close_logits(eng.forward(IDS[10:], all_positions=True), ref[10:])
+
+
+def test_greedy_generation_matches_hf(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["sign"])
+    model = build_model(qf, "dequant")
+    ids = IDS[:6]
+    want: list[int] = []
+    with torch.inference_mode():
+        x, past = ids[None], None
+        for _ in range(12):
+            out = model(x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = int(out.logits[0, -1].argmax())
+            want.append(nxt)
+            x = torch.tensor([[nxt]])
+    eng = Engine.from_file(qf, max_seq=64)
+    assert list(eng.generate(ids, max_new_tokens=12)) == want
+
+
+def test_scalar_isa_gives_same_logits(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["grid"])
+    ref = reference_logits(qf, IDS)
+    try:
+        kernels.set_isa("scalar")
+        assert kernels.isa() == "scalar"
+        eng = Engine.from_file(qf, max_seq=64)
+        assert_close_logits(eng.logits(IDS), ref)
+        eng.reset()
+        assert_close_logits(torch.stack([eng.forward([int(t)]) for t in IDS[:5]]), ref[:5])
+    finally:
+        kernels.set_isa("auto")
+
+
+def _rtn_packed(weight: np.ndarray, group: int = 32, bits: int = 4):  # noqa: ANN202
+    from salomi.quantizers.simple import RTNQuantizer
+
+    return RTNQuantizer(bits, group).quantize(torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+
+
+def test_packed_embedding_and_head(variants: dict[str, Path]) -> None:
+    """Quantized embedding/head entries (model.embed_tokens / lm_head in qf.packed)."""
+    qf = load_quantized(variants["sign"])
+    emb = np.asarray(qf.floats["model.embed_tokens.weight"], dtype=np.float32)
+    model = build_model(qf, "dequant")
+    with torch.inference_mode():
+        # packed head, float embedding: logits = final hidden @ dequant(head)^T
+        head = _rtn_packed(emb)
+        qf2 = copy.copy(qf)
+        qf2.packed = dict(qf.packed, lm_head=head)
+        hidden = model.model(IDS[None]).last_hidden_state[0]
+        assert_close_logits(Engine.from_file(qf2, max_seq=32).logits(IDS), hidden @ head.dequantize().T)
+        # packed (tied) embedding: the lookup dequantizes one row; the head uses it too
+        qf3 = copy.copy(qf)
+        qf3.packed = dict(qf.packed, **{"model.embed_tokens": head})
+        w = head.dequantize()
+        hidden = model.model(inputs_embeds=w[IDS][None]).last_hidden_state[0]
+        assert_close_logits(Engine.from_file(qf3, max_seq=32).logits(IDS), hidden @ w.T)
+
+
+def test_wrong_architecture_is_one_line_error(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "gpt2.salomi"
+    api.quantize(model=str(tiny_gpt2_dir), method="binary", out=f, progress=False)
+    qf = load_quantized(f)
+    with pytest.raises(SalomiError) as e:
+        Engine.from_file(qf)
+    msg = str(e.value)
+    assert "\n" not in msg and "gpt2" in msg and "--runtime kernels" in msg
+    assert unsupported_reason(qf) is not None
+    assert api.resolve_runtime(qf, "auto") == "auto"  # auto falls back to the per-layer path
+    with pytest.raises(SalomiError):
+        api.resolve_runtime(qf, "engine")
+
+
+def test_corrupt_vq_code_rejected_at_load(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["vq"])
+    name = next(iter(qf.packed))
+    p = qf.packed[name]
+    assert int(p.params["k"]) == 16
+    # shrink the codebook to 12 entries and write code 15 (4-bit codes): out of range
+    codes = np.array(p.tensors["codes"])
+    codes[0, 0] = 0xFF
+    bad = copy.copy(p)
+    bad.tensors = dict(p.tensors, codes=codes, codebook=np.array(p.tensors["codebook"])[:12])
+    bad.params = dict(p.params, k=12)
+    qf.packed = dict(qf.packed, **{name: bad})
+    with pytest.raises(SalomiError, match="vq code >= codebook size 12"):
+        Engine.from_file(qf, max_seq=16)
+
+
+def test_bad_sizes_and_arguments_rejected(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["ternary"])
+    eng = Engine.from_file(qf, max_seq=8)
+    with pytest.raises(SalomiError, match="KV cache of 8"):
+        eng.logits(IDS)  # 16 positions > max_seq 8
+    with pytest.raises(SalomiError, match="outside the vocabulary"):
+        eng.logits([eng.vocab])
+    eng.reset()
+    with pytest.raises(SalomiError, match="past the 0 cached positions"):
+        eng.forward([1], pos=3)
+    name = next(iter(qf.packed))
+    p = qf.packed[name]
+    bad = copy.copy(p)
+    bad.tensors = dict(p.tensors, trits=np.array(p.tensors["trits"])[:-1])  # one row short
+    qf.packed = dict(qf.packed, **{name: bad})
+    with pytest.raises(SalomiError):
+        Engine.from_file(qf, max_seq=8)
+
+
+def test_generate_cli_engine_runtime(variants: dict[str, Path], tmp_path: Path) -> None:
+    f = tmp_path / "m.salomi"
+    shutil.copy(variants["grid"], f)
+    pieces = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="engine"))
+    assert "runtime engine" in pieces[-1]
+    auto = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="auto"))
+    assert auto[:-1] == pieces[:-1] and "runtime engine" in auto[-1]
+    hf = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="dequant"))
+    assert hf[:-1] == pieces[:-1]
