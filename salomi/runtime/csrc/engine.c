@@ -74,9 +74,12 @@ struct salomi_engine {
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* SALOMI_ENGINE_PROFILE=cpu times the calling thread's CPU time instead of wall time:
+ * stage costs then stay meaningful on a machine shared with other jobs (T=1 runs). */
+static int g_prof_cpu = 0;
 static double now_s(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(g_prof_cpu ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
@@ -187,6 +190,89 @@ A2 static void f16_gemv_avx2(const uint16_t *W, int64_t in, const float *x, int6
                                  _mm256_loadu_ps(x + j + 8), b0);
         }
         y[o] = hsum8(_mm256_add_ps(a0, b0));
+    }
+}
+
+/* exp(x) for 8 floats (Cephes expf polynomial, ~1 ulp over the clamped range): the
+ * softmax and SiLU need tens of thousands of exps per token. */
+A2I __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* g[i] = silu(g[i]) * u[i] */
+A2 static void silu_mul_avx2(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 den = _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* One query head over ctxlen cached positions (hd % 8 == 0). Scores for 8 positions
+ * are reduced together with a horizontal-add tree (one reduction per 8 dots instead
+ * of one per dot), then a vectorized softmax, then out = sum_t p_t V[t]. */
+A2 static void attn_head_avx2(const float *q, const float *K, const float *V, int64_t kvd, int64_t ctxlen, int64_t hd,
+                              float scale, float *sc, float *o) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= ctxlen; t += 8) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) {
+            const float *k = K + (t + u) * kvd;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+            for (int64_t j = 8; j < hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(k + j), acc);
+            a[u] = acc;
+        }
+        __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+        __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+        __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
+        __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+        _mm256_storeu_ps(sc + t, _mm256_mul_ps(r, vs));
+    }
+    for (; t < ctxlen; t++) sc[t] = dot_avx2(q, K + t * kvd, hd) * scale;
+    float mx = -INFINITY;
+    for (t = 0; t < ctxlen; t++) mx = sc[t] > mx ? sc[t] : mx;
+    __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= ctxlen; t += 8) {
+        __m256 ex = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+        _mm256_storeu_ps(sc + t, ex);
+        vsum = _mm256_add_ps(vsum, ex);
+    }
+    float sum = hsum8(vsum);
+    for (; t < ctxlen; t++) sum += (sc[t] = expf(sc[t] - mx));
+    const float inv = 1.0f / sum;
+    /* out = sum_t p_t V[t], 64 columns at a time held in 8 registers: 8 independent
+     * FMA chains and no load/store of the output per position. */
+    int64_t j0 = 0;
+    for (; j0 + 64 <= hd; j0 += 64) {
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (t = 0; t < ctxlen; t++) {
+            const __m256 p = _mm256_set1_ps(sc[t]);
+            const float *v = V + t * kvd + j0;
+            for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * u), acc[u]);
+        }
+        const __m256 vi = _mm256_set1_ps(inv);
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + j0 + 8 * u, _mm256_mul_ps(acc[u], vi));
+    }
+    if (j0 < hd) {
+        memset(o + j0, 0, sizeof(float) * (size_t)(hd - j0));
+        for (t = 0; t < ctxlen; t++) axpy_avx2(o + j0, sc[t] * inv, V + t * kvd + j0, hd - j0);
     }
 }
 
@@ -346,6 +432,12 @@ static void vq_sum_task(void *ctx, int tid, int nt) {
 
 /* ------------------------------------------------------------------ dispatch */
 
+static void add_bias(const salomi_weight *w, int64_t M, float *y) {
+    if (w->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t o = 0; o < w->out; o++) y[m * w->out + o] += w->bias[o];
+}
+
 static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
     const salomi_weight *w = &W->w;
     const int nt = e->c.threads;
@@ -381,9 +473,36 @@ static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M
                  (long long)w->out, (long long)w->in);
         return rc == -2 ? -2 : -3;
     }
-    if (w->bias)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t o = 0; o < w->out; o++) y[m * w->out + o] += w->bias[o];
+    add_bias(w, M, y);
+    return 0;
+}
+
+/* Projections that share their input (q/k/v, gate/up): when all are kernel formats,
+ * one pool dispatch runs them all (saves a wake-up and a sync per projection). */
+static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
+    salomi_matmul_op ops[4];
+    int ok = n <= 4;
+    for (int i = 0; ok && i < n; i++) {
+        const salomi_weight *w = &W[i].w;
+        int f = w->kind == SALOMI_W_SIGN ? SALOMI_FMT_SIGN : w->kind == SALOMI_W_TERNARY ? SALOMI_FMT_TERNARY
+                : w->kind == SALOMI_W_GRID ? SALOMI_FMT_GRID : -1;
+        if (f < 0) { ok = 0; break; }
+        ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
+                                    .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
+    }
+    if (!ok) {
+        for (int i = 0; i < n; i++) {
+            int rc = matmul(e, &W[i], x, M, y[i]);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    int rc = salomi_matmul_batch(ops, n, x, M, e->c.threads);
+    if (rc != 0) {
+        snprintf(e->err, sizeof e->err, "kernel failed (%s) on a batch of %d layers", rc == -2 ? "out of memory" : "invalid argument", n);
+        return rc == -2 ? -2 : -3;
+    }
+    for (int i = 0; i < n; i++) add_bias(&W[i].w, M, y[i]);
     return 0;
 }
 
@@ -564,6 +683,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
         goto oom;
     const char *p = getenv("SALOMI_ENGINE_PROFILE");
     e->profile = p && *p && strcmp(p, "0") != 0;
+    if (e->profile) g_prof_cpu = strcmp(p, "cpu") == 0;
     return e;
 oom:
     seterr(err, errlen, "out of memory creating the engine (KV cache of %d positions; lower max_seq)", c.max_seq);
@@ -623,6 +743,13 @@ static void attn_task(void *ctx, int tid, int nt) {
     for (int64_t p = p0; p < p1; p++) {
         const int64_t i = p / H, h = p % H, kvh = h / rep, ctxlen = J->pos0 + i + 1;
         const float *q = e->q + i * e->q_dim + h * hd;
+#if ENG_X86
+        if (J->avx2 && hd % 8 == 0) {
+            attn_head_avx2(q, K + kvh * hd, V + kvh * hd, kvd, ctxlen, hd, e->c.attn_scale, sc,
+                           e->att + i * e->q_dim + h * hd);
+            continue;
+        }
+#endif
         float mx = -INFINITY;
         for (int64_t t = 0; t < ctxlen; t++) {
             float s = dot(q, K + t * kvd + kvh * hd, hd, J->avx2) * e->c.attn_scale;
@@ -666,9 +793,8 @@ static int forward_chunk(salomi_engine *e, const int32_t *tok, int64_t n, int64_
         const weight_t *W = &e->w[1 + 7 * l];
         for (int64_t i = 0; i < n; i++) rmsnorm(e->x + i * Hd, e->norms[2 * l], e->xn + i * Hd, Hd, c->rms_eps);
         PROF(P_NORM);
-        TRY(matmul(e, &W[0], e->xn, n, e->q));
-        TRY(matmul(e, &W[1], e->xn, n, e->k));
-        TRY(matmul(e, &W[2], e->xn, n, e->v));
+        float *qkv[3] = {e->q, e->k, e->v};
+        TRY(matmul_group(e, &W[0], 3, e->xn, n, qkv));
         PROF(P_QKV);
         float *Kc = e->kcache + (l * c->max_seq + pos0) * kvd, *Vc = e->vcache + (l * c->max_seq + pos0) * kvd;
         for (int64_t i = 0; i < n; i++) {
@@ -680,20 +806,24 @@ static int forward_chunk(salomi_engine *e, const int32_t *tok, int64_t n, int64_
         ajob_t AJ = {.e = e, .layer = l, .n = n, .pos0 = pos0, .avx2 = avx2};
         /* threads only pay off when there is real work (pool wake-up is a few us) */
         int64_t work = n * c->n_heads * (pos0 + n);
-        salomi_run_parallel(attn_task, &AJ, work >= 4096 ? c->threads : 1);
+        salomi_run_parallel(attn_task, &AJ, work >= 1024 ? c->threads : 1);
         PROF(P_ATTN);
         TRY(matmul(e, &W[3], e->att, n, e->tmp));
         for (int64_t t = 0; t < n * Hd; t++) e->x[t] += e->tmp[t];
         PROF(P_O);
         for (int64_t i = 0; i < n; i++) rmsnorm(e->x + i * Hd, e->norms[2 * l + 1], e->xn + i * Hd, Hd, c->rms_eps);
         PROF(P_NORM);
-        TRY(matmul(e, &W[4], e->xn, n, e->g));
-        TRY(matmul(e, &W[5], e->xn, n, e->u));
+        float *gu[2] = {e->g, e->u};
+        TRY(matmul_group(e, &W[4], 2, e->xn, n, gu));
         PROF(P_GATEUP);
-        for (int64_t t = 0; t < n * I; t++) {
-            float g = e->g[t];
-            e->g[t] = g / (1.0f + expf(-g)) * e->u[t]; /* SiLU(gate) * up */
-        }
+#if ENG_X86
+        if (avx2) silu_mul_avx2(e->g, e->u, n * I);
+        else
+#endif
+            for (int64_t t = 0; t < n * I; t++) {
+                float g = e->g[t];
+                e->g[t] = g / (1.0f + expf(-g)) * e->u[t]; /* SiLU(gate) * up */
+            }
         PROF(P_ACT);
         TRY(matmul(e, &W[6], e->g, n, e->tmp));
         for (int64_t t = 0; t < n * Hd; t++) e->x[t] += e->tmp[t];
