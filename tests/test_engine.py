@@ -183,3 +183,18 @@ def test_generate_cli_engine_runtime(variants: dict[str, Path], tmp_path: Path) 
     assert auto[:-1] == pieces[:-1] and "runtime engine" in auto[-1]
     hf = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="dequant"))
     assert hf[:-1] == pieces[:-1]
+
+
+def test_default_rope_matches_hf(variants: dict[str, Path]) -> None:
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from salomi.runtime.engine import check_config, rope_inv_freq
+
+    cfg = dict(load_quantized(variants["sign"]).metadata["config"])
+    for theta in (10000.0, 100000.0):
+        c = dict(cfg, rope_parameters={"rope_theta": theta, "rope_type": "default"})
+        inv, scale = rope_inv_freq(check_config(c), c)
+        hf = LlamaRotaryEmbedding(config=AutoConfig.for_model(c.pop("model_type"), **c))
+        assert scale == hf.attention_scaling == 1.0
+        assert np.array_equal(inv, hf.inv_freq.numpy())  # bit-exact: same float32 arithmetic

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -94,29 +95,82 @@ def _unsupported(why: str) -> SalomiError:
     return SalomiError(f"the native engine cannot run this file ({why}); use --runtime kernels or dequant")
 
 
-def _hf_config(config: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
+@dataclass
+class Arch:
+    """The numbers the engine needs, read straight from the file's config dict (building
+    a transformers config object would import ~60 MB of modules for nothing)."""
 
-    cfg = dict(config)
-    model_type = cfg.pop("model_type", None)
+    model_type: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    rms_eps: float
+    tied: bool
+    rope_type: str
+    rope: dict[str, Any]
+
+
+def _rope_params(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 keeps rope settings in rope_parameters; older configs use
+    rope_theta + rope_scaling."""
+    rp = dict(config.get("rope_parameters") or {})
+    if not rp:
+        rp = dict(config.get("rope_scaling") or {})
+        rp.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rp["rope_type"] = rp.get("rope_type") or rp.get("type") or "default"
+    return rp
+
+
+def check_config(config: dict[str, Any]) -> Arch:
+    """The architecture if the engine implements it exactly, else a one-line SalomiError."""
+    model_type = config.get("model_type")
     if model_type not in ENGINE_ARCHS:
         raise _unsupported(f"architecture {model_type!r}; the engine runs {', '.join(ENGINE_ARCHS)}")
-    return AutoConfig.for_model(model_type, **cfg)
-
-
-def check_config(config: dict[str, Any]) -> Any:
-    """The HF config if the engine implements this architecture exactly, else SalomiError."""
-    hf = _hf_config(config)
-    act = getattr(hf, "hidden_act", "silu")
+    act = config.get("hidden_act", "silu")
     if act != "silu":
         raise _unsupported(f"activation {act!r}; the engine implements silu")
-    window = getattr(hf, "sliding_window", None)
-    if hf.model_type == "mistral" and window is not None and window < hf.max_position_embeddings:
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        arch = Arch(
+            model_type=model_type, layers=int(config["num_hidden_layers"]), hidden=hidden, heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            intermediate=int(config["intermediate_size"]), vocab=int(config["vocab_size"]),
+            max_positions=int(config.get("max_position_embeddings") or 2048),
+            rms_eps=float(config.get("rms_norm_eps", 1e-6)), tied=bool(config.get("tie_word_embeddings", False)),
+            rope_type="", rope=_rope_params(config),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise SalomiError(f"the file's model config is incomplete or corrupt ({e!r})") from None
+    arch.rope_type = str(arch.rope["rope_type"])
+    window = config.get("sliding_window")
+    if model_type == "mistral" and window is not None and int(window) < arch.max_positions:
         raise _unsupported(f"sliding-window attention ({window})")
-    rope = (getattr(hf, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope not in ("default", "linear", "llama3"):  # the others change with the sequence length
-        raise _unsupported(f"rope type {rope!r}")
-    return hf
+    if arch.rope_type not in ("default", "linear", "llama3"):  # the others change with the sequence length
+        raise _unsupported(f"rope type {arch.rope_type!r}")
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported("partial rotary embedding")
+    return arch
+
+
+def rope_inv_freq(arch: Arch, config: dict[str, Any]) -> tuple[np.ndarray, float]:
+    """Inverse frequencies and cos/sin scaling exactly as the HF rotary embedding makes them."""
+    if arch.rope_type == "default":  # the same float32 torch arithmetic as HF's default rope
+        base, dim = float(arch.rope["rope_theta"]), arch.head_dim
+        inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim))
+        return np.ascontiguousarray(inv.numpy(), dtype=np.float32), 1.0
+    from transformers import AutoConfig  # scaled ropes: defer to HF's own init functions
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = dict(config)
+    hf = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    inv, scaling = ROPE_INIT_FUNCTIONS[arch.rope_type](hf, None)
+    return np.ascontiguousarray(inv.float().numpy()), float(scaling)
 
 
 def unsupported_reason(qf: QuantizedFile) -> str | None:
@@ -159,27 +213,20 @@ class Engine:
     """A loaded native decoder with its KV cache. Not thread safe; one sequence at a time."""
 
     def __init__(self, qf: QuantizedFile, max_seq: int | None = None, threads: int = 2) -> None:
-        hf = check_config(qf.metadata["config"])
+        arch = check_config(qf.metadata["config"])
         self.qf = qf
-        self.config = hf
+        self.arch = arch
         self._keep: list[Any] = []  # every array the C side points into
-        L, H = int(hf.num_hidden_layers), int(hf.hidden_size)
-        nh, nkv = int(hf.num_attention_heads), int(getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads)
-        hd = int(getattr(hf, "head_dim", None) or H // nh)
-        inter, vocab = int(hf.intermediate_size), int(hf.vocab_size)
-        limit = int(hf.max_position_embeddings)
-        self.max_seq = min(limit, int(max_seq)) if max_seq else limit
+        L, H, nh, nkv, hd = arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
+        inter, vocab = arch.intermediate, arch.vocab
+        self.max_seq = min(arch.max_positions, int(max_seq)) if max_seq else arch.max_positions
         if self.max_seq < 1:
             raise SalomiError(f"max_seq must be >= 1 (got {max_seq})")
         self.vocab = vocab
         self.threads = max(1, int(threads))
-
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-        rot = LlamaRotaryEmbedding(config=hf)  # exactly HF's inverse frequencies and scaling
-        inv_freq = np.ascontiguousarray(rot.inv_freq.float().numpy())
+        inv_freq, rope_factor = rope_inv_freq(arch, qf.metadata["config"])
         if inv_freq.shape != (hd // 2,):
-            raise _unsupported(f"rotary dimension {inv_freq.shape[0] * 2} != head_dim {hd} (partial rotary)")
+            raise _unsupported(f"rotary dimension {inv_freq.shape[0] * 2} != head_dim {hd}")
         self._keep.append(inv_freq)
 
         weights = (_Weight * (7 * L + 2))()
@@ -189,8 +236,7 @@ class Engine:
             ins = (H, H, H, nh * hd, H, H, inter)
             for j, proj in enumerate(PROJ):
                 weights[1 + 7 * layer + j] = self._weight(f"model.layers.{layer}.{proj}", outs[j], ins[j])
-        tied = bool(getattr(hf, "tie_word_embeddings", False))
-        if "lm_head" in qf.packed or "lm_head.weight" in qf.floats or not tied:
+        if "lm_head" in qf.packed or "lm_head.weight" in qf.floats or not arch.tied:
             weights[7 * L + 1] = self._weight("lm_head", vocab, H)
         else:
             weights[7 * L + 1] = weights[0]
@@ -205,9 +251,8 @@ class Engine:
             norms[i] = a.ctypes.data
         self._keep += [weights, norms]
 
-        cfg = _Config(L, H, nh, nkv, hd, inter, vocab, self.max_seq, self.threads,
-                      float(getattr(hf, "rms_norm_eps", 1e-6)), float(hd) ** -0.5,
-                      float(getattr(rot, "attention_scaling", 1.0)), inv_freq.ctypes.data)
+        cfg = _Config(L, H, nh, nkv, hd, inter, vocab, self.max_seq, self.threads, arch.rms_eps, float(hd) ** -0.5,
+                      rope_factor, inv_freq.ctypes.data)
         self._cfg = cfg
         lib = _load_lib()
         err = ctypes.create_string_buffer(512)

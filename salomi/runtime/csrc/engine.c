@@ -160,36 +160,28 @@ A2 static void axpy_avx2(float *y, float a, const float *x, int64_t n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
-/* y[o] = dot(W[o], x) for rows [o0, o1) of an fp16 matrix; in % 16 == 0. Four rows per
- * pass, two accumulators per row: 8 independent FMA chains hide the FMA latency while
- * the loads stream 4 rows (the hardware prefetcher follows 4 streams easily). */
+/* y[o] = dot(W[o], x) for rows [o0, o1) of an fp16 matrix; in % 16 == 0. Bandwidth
+ * bound (the 49152x576 head is 57 MB per token): rows are read as one sequential
+ * stream with a software prefetch ~1 KB ahead, which measured ~1.7x faster here than
+ * interleaving 4 row streams (the prefetcher then keeps the single stream saturated).
+ * Four accumulators hide the FMA latency. Prefetches past the end never fault. */
 A2 static void f16_gemv_avx2(const uint16_t *W, int64_t in, const float *x, int64_t o0, int64_t o1, float *y) {
-    int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
-        const uint16_t *w0 = W + o * in, *w1 = w0 + in, *w2 = w1 + in, *w3 = w2 + in;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        for (int64_t j = 0; j < in; j += 16) {
-            __m256 x0 = _mm256_loadu_ps(x + j), x1 = _mm256_loadu_ps(x + j + 8);
-#define ROW(A, B, WR)                                                                                                 \
-    A = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(WR + j))), x0, A);                         \
-    B = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(WR + j + 8))), x1, B);
-            ROW(a0, b0, w0) ROW(a1, b1, w1) ROW(a2, b2, w2) ROW(a3, b3, w3)
-#undef ROW
+    for (int64_t o = o0; o < o1; o++) {
+        const uint16_t *w = W + o * in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t j = 0;
+        for (; j + 32 <= in; j += 32) {
+            _mm_prefetch((const char *)(w + j) + 1024, _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 8))), _mm256_loadu_ps(x + j + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 16))), _mm256_loadu_ps(x + j + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 24))), _mm256_loadu_ps(x + j + 24), a3);
         }
-        y[o] = hsum8(_mm256_add_ps(a0, b0));
-        y[o + 1] = hsum8(_mm256_add_ps(a1, b1));
-        y[o + 2] = hsum8(_mm256_add_ps(a2, b2));
-        y[o + 3] = hsum8(_mm256_add_ps(a3, b3));
-    }
-    for (; o < o1; o++) {
-        const uint16_t *w0 = W + o * in;
-        __m256 a0 = _mm256_setzero_ps(), b0 = a0;
-        for (int64_t j = 0; j < in; j += 16) {
-            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w0 + j))), _mm256_loadu_ps(x + j), a0);
-            b0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w0 + j + 8))),
-                                 _mm256_loadu_ps(x + j + 8), b0);
+        if (j < in) { /* in % 32 == 16 */
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 8))), _mm256_loadu_ps(x + j + 8), a1);
         }
-        y[o] = hsum8(_mm256_add_ps(a0, b0));
+        y[o] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
     }
 }
 
