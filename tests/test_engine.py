@@ -198,3 +198,38 @@ def test_default_rope_matches_hf(variants: dict[str, Path]) -> None:
         hf = LlamaRotaryEmbedding(config=AutoConfig.for_model(c.pop("model_type"), **c))
         assert scale == hf.attention_scaling == 1.0
         assert np.array_equal(inv, hf.inv_freq.numpy())  # bit-exact: same float32 arithmetic
+
+
+def test_eval_engine_runtime_matches_dequant(variants: dict[str, Path], tiny_llama_dir: Path,
+                                             brown_slice: Path) -> None:
+    from salomi.loading.models import load_reference
+
+    ref = load_reference(str(tiny_llama_dir))
+    kw = {"text": str(brown_slice), "seq_len": 96, "windows": 2, "progress": False, "reference": ref}
+    eng = api.evaluate_files([variants["ternary"]], runtime="engine", **kw)[0]
+    hf = api.evaluate_files([variants["ternary"]], runtime="dequant", **kw)[0]
+    assert eng["ppl"] == pytest.approx(hf["ppl"], rel=1e-4)
+    assert eng["kl"] == pytest.approx(hf["kl"], rel=1e-3, abs=1e-6)
+    assert eng["top1"] == hf["top1"]
+
+
+def test_attention_and_mlp_bias(gpt2_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """attention_bias / mlp_bias: biases stay float in the file and are added by the engine."""
+    from transformers import AutoModelForCausalLM, GPT2TokenizerFast, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, vocab_size=50257, max_position_embeddings=128, attention_bias=True,
+                      mlp_bias=True, tie_word_embeddings=False, rope_theta=500.0)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)  # non-zero biases, so a dropped one fails the comparison
+    model.save_pretrained(tmp_path / "m")
+    GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir)).save_pretrained(tmp_path / "m")
+    f = tmp_path / "b.salomi"
+    api.quantize(model=str(tmp_path / "m"), method="rtn:3:g16", out=f, progress=False)
+    qf = load_quantized(f)
+    assert any(k.endswith("q_proj.bias") for k in qf.floats) and "lm_head.weight" in qf.floats
+    assert_close_logits(Engine.from_file(qf, max_seq=32).logits(IDS), reference_logits(qf, IDS))
