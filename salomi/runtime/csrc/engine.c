@@ -353,7 +353,7 @@ static void float_task(void *ctx, int tid, int nt) {
     float *row = NULL;
     if (w->kind == SALOMI_W_F16) {
         row = malloc(sizeof(float) * (size_t)in);
-        if (!row) { J->err = -2; return; }
+        if (!row) { __atomic_store_n(&J->err, -2, __ATOMIC_RELAXED); return; } /* any thread may fail */
     }
     for (int64_t o = o0; o < o1; o++) {
         const float *wr;
@@ -457,7 +457,7 @@ static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M
     default: {
         fjob_t J = {.w = w, .x = x, .M = M, .y = y, .avx2 = use_avx2(), .err = 0};
         salomi_run_parallel(float_task, &J, nt);
-        rc = J.err;
+        rc = __atomic_load_n(&J.err, __ATOMIC_RELAXED);
     }
     }
     if (rc != 0) {
