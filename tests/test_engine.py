@@ -246,3 +246,45 @@ def test_c_driver_under_address_and_ub_sanitizers() -> None:
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK: 12 cases, 0 failures" in r.stdout
+
+
+def test_matmul_batch_equals_separate_calls() -> None:
+    """salomi_matmul_batch (q/k/v, gate/up in one pool dispatch) is bit-identical to one call per layer."""
+    import ctypes
+
+    from salomi.quantizers.simple import BinaryQuantizer, TernaryQuantizer, pack_grid
+
+    torch.manual_seed(0)
+    inp = 96
+    layers = [BinaryQuantizer(32).quantize(torch.randn(40, inp)), TernaryQuantizer(48).quantize(torch.randn(24, inp))]
+    q = torch.randint(0, 8, (56, inp))
+    layers.append(pack_grid("t", q, torch.rand(56, inp // 16) + 0.1, torch.full((56, inp // 16), 3.0), 3, 16,
+                            perm=torch.randperm(inp)))
+    x = torch.randn(3, inp)
+
+    class Op(ctypes.Structure):
+        _fields_ = [("format", ctypes.c_int32), ("bits", ctypes.c_int32), ("in_", ctypes.c_int64),
+                    ("out", ctypes.c_int64), ("group", ctypes.c_int64), ("data", ctypes.c_void_p),
+                    ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p), ("perm", ctypes.c_void_p),
+                    ("y", ctypes.c_void_p)]
+
+    lib = kernels._load()
+    lib.salomi_matmul_batch.argtypes = [ctypes.POINTER(Op), ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int]
+    for m in (1, 3):
+        xm = x[:m].contiguous()
+        ops = (Op * len(layers))()
+        outs, preps = [], []
+        for i, p in enumerate(layers):
+            prep = kernels.prepare(p)
+            preps.append(prep)
+            y = torch.empty(m, prep.out_features)
+            outs.append(y)
+            ops[i] = Op({"sign": 0, "ternary": 1, "grid": 2}[prep.format], prep.bits, inp, prep.out_features,
+                        prep.group, prep.data.ctypes.data, prep.scale.ctypes.data,
+                        None if prep.zero is None else prep.zero.ctypes.data,
+                        None if prep.perm is None else prep.perm.ctypes.data, y.data_ptr())
+        assert lib.salomi_matmul_batch(ops, len(layers), xm.data_ptr(), m, 2) == 0
+        for p, y in zip(layers, outs):
+            assert torch.equal(y, kernels.packed_matmul(xm, p, threads=2))
+            assert torch.allclose(y, xm @ p.dequantize().T, rtol=1e-4, atol=1e-4)
