@@ -57,7 +57,10 @@ struct salomi_engine {
     weight_t *w;          /* 1 + 7L + 1 */
     const float *const *norms_in;
     const float **norms;  /* 2L + 1 (owned copy of the pointer array) */
-    float *kcache, *vcache; /* [L][max_seq][kv_dim] */
+    /* [L][n_kv_heads][max_seq][head_dim]: one kv head's keys for positions 0..t are one
+     * contiguous run, so attention streams them sequentially (the cache is re-read from
+     * DRAM every token: the weights streamed in between evict it). */
+    float *kcache, *vcache;
     int64_t len;          /* valid cache positions */
     /* activations for one chunk */
     float *x, *xn, *q, *k, *v, *att, *tmp, *g, *u;
@@ -215,17 +218,17 @@ A2 static void silu_mul_avx2(float *g, const float *u, int64_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* One query head over ctxlen cached positions (hd % 8 == 0). Scores for 8 positions
+/* One query head over ctxlen cached positions (hd % 8 == 0; K/V rows `stride` floats apart). Scores for 8 positions
  * are reduced together with a horizontal-add tree (one reduction per 8 dots instead
  * of one per dot), then a vectorized softmax, then out = sum_t p_t V[t]. */
-A2 static void attn_head_avx2(const float *q, const float *K, const float *V, int64_t kvd, int64_t ctxlen, int64_t hd,
+A2 static void attn_head_avx2(const float *q, const float *K, const float *V, int64_t stride, int64_t ctxlen, int64_t hd,
                               float scale, float *sc, float *o) {
     const __m256 vs = _mm256_set1_ps(scale);
     int64_t t = 0;
     for (; t + 8 <= ctxlen; t += 8) {
         __m256 a[8];
         for (int u = 0; u < 8; u++) {
-            const float *k = K + (t + u) * kvd;
+            const float *k = K + (t + u) * stride;
             __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
             for (int64_t j = 8; j < hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(k + j), acc);
             a[u] = acc;
@@ -236,7 +239,7 @@ A2 static void attn_head_avx2(const float *q, const float *K, const float *V, in
         __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
         _mm256_storeu_ps(sc + t, _mm256_mul_ps(r, vs));
     }
-    for (; t < ctxlen; t++) sc[t] = dot_avx2(q, K + t * kvd, hd) * scale;
+    for (; t < ctxlen; t++) sc[t] = dot_avx2(q, K + t * stride, hd) * scale;
     float mx = -INFINITY;
     for (t = 0; t < ctxlen; t++) mx = sc[t] > mx ? sc[t] : mx;
     __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
@@ -256,7 +259,7 @@ A2 static void attn_head_avx2(const float *q, const float *K, const float *V, in
         for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
         for (t = 0; t < ctxlen; t++) {
             const __m256 p = _mm256_set1_ps(sc[t]);
-            const float *v = V + t * kvd + j0;
+            const float *v = V + t * stride + j0;
             for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * u), acc[u]);
         }
         const __m256 vi = _mm256_set1_ps(inv);
@@ -264,7 +267,7 @@ A2 static void attn_head_avx2(const float *q, const float *K, const float *V, in
     }
     if (j0 < hd) {
         memset(o + j0, 0, sizeof(float) * (size_t)(hd - j0));
-        for (t = 0; t < ctxlen; t++) axpy_avx2(o + j0, sc[t] * inv, V + t * kvd + j0, hd - j0);
+        for (t = 0; t < ctxlen; t++) axpy_avx2(o + j0, sc[t] * inv, V + t * stride + j0, hd - j0);
     }
 }
 
@@ -729,22 +732,22 @@ static void attn_task(void *ctx, int tid, int nt) {
     const int64_t H = e->c.n_heads, hd = e->c.head_dim, rep = H / e->c.n_kv_heads, kvd = e->kv_dim;
     const int64_t pairs = J->n * H, per = (pairs + nt - 1) / nt;
     const int64_t p0 = min64(pairs, tid * per), p1 = min64(pairs, p0 + per);
-    const float *K = e->kcache + J->layer * (int64_t)e->c.max_seq * kvd;
-    const float *V = e->vcache + J->layer * (int64_t)e->c.max_seq * kvd;
+    const int64_t ms = e->c.max_seq;
+    const float *K = e->kcache + J->layer * ms * kvd, *V = e->vcache + J->layer * ms * kvd; /* + kvh*ms*hd */
     float *sc = e->scores + (int64_t)tid * e->c.max_seq;
     for (int64_t p = p0; p < p1; p++) {
         const int64_t i = p / H, h = p % H, kvh = h / rep, ctxlen = J->pos0 + i + 1;
         const float *q = e->q + i * e->q_dim + h * hd;
 #if ENG_X86
         if (J->avx2 && hd % 8 == 0) {
-            attn_head_avx2(q, K + kvh * hd, V + kvh * hd, kvd, ctxlen, hd, e->c.attn_scale, sc,
+            attn_head_avx2(q, K + kvh * ms * hd, V + kvh * ms * hd, hd, ctxlen, hd, e->c.attn_scale, sc,
                            e->att + i * e->q_dim + h * hd);
             continue;
         }
 #endif
         float mx = -INFINITY;
         for (int64_t t = 0; t < ctxlen; t++) {
-            float s = dot(q, K + t * kvd + kvh * hd, hd, J->avx2) * e->c.attn_scale;
+            float s = dot(q, K + (kvh * ms + t) * hd, hd, J->avx2) * e->c.attn_scale;
             sc[t] = s;
             if (s > mx) mx = s;
         }
@@ -753,7 +756,7 @@ static void attn_task(void *ctx, int tid, int nt) {
         const float inv = 1.0f / sum;
         float *o = e->att + i * e->q_dim + h * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int64_t t = 0; t < ctxlen; t++) axpy(o, sc[t] * inv, V + t * kvd + kvh * hd, hd, J->avx2);
+        for (int64_t t = 0; t < ctxlen; t++) axpy(o, sc[t] * inv, V + (kvh * ms + t) * hd, hd, J->avx2);
     }
 }
 
@@ -788,13 +791,17 @@ static int forward_chunk(salomi_engine *e, const int32_t *tok, int64_t n, int64_
         float *qkv[3] = {e->q, e->k, e->v};
         TRY(matmul_group(e, &W[0], 3, e->xn, n, qkv));
         PROF(P_QKV);
-        float *Kc = e->kcache + (l * c->max_seq + pos0) * kvd, *Vc = e->vcache + (l * c->max_seq + pos0) * kvd;
+        float *Kl = e->kcache + l * c->max_seq * kvd, *Vl = e->vcache + l * c->max_seq * kvd;
         for (int64_t i = 0; i < n; i++) {
             rope(e->q + i * e->q_dim, c->n_heads, hd, e->cosb + i * half, e->sinb + i * half);
             rope(e->k + i * kvd, c->n_kv_heads, hd, e->cosb + i * half, e->sinb + i * half);
         }
-        memcpy(Kc, e->k, sizeof(float) * (size_t)(n * kvd));
-        memcpy(Vc, e->v, sizeof(float) * (size_t)(n * kvd));
+        for (int64_t g = 0; g < c->n_kv_heads; g++) /* scatter this chunk's k/v rows into per-head runs */
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t dst = (g * c->max_seq + pos0 + i) * hd;
+                memcpy(Kl + dst, e->k + i * kvd + g * hd, sizeof(float) * (size_t)hd);
+                memcpy(Vl + dst, e->v + i * kvd + g * hd, sizeof(float) * (size_t)hd);
+            }
         ajob_t AJ = {.e = e, .layer = l, .n = n, .pos0 = pos0, .avx2 = avx2};
         /* threads only pay off when there is real work (pool wake-up is a few us) */
         int64_t work = n * c->n_heads * (pos0 + n);
