@@ -8,12 +8,14 @@ the architecture before a pointer is handed over, and again in C.
     eng = Engine.from_file("model.salomi", max_seq=2048)
     logits = eng.logits(ids)                     # [n, vocab], fresh sequence
     for tok in eng.generate(ids, max_new_tokens=64): ...
+
+With SALOMI_ENGINE_PROFILE=1 (wall time) or =cpu (calling thread's CPU time) set before
+the engine is created, eng.profile() returns seconds per stage (embed, norms, qkv, ...).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,7 +425,3 @@ class EngineModule(nn.Module):
             raise SalomiError("the engine takes input ids of shape [batch, seq]")
         rows = [self.engine.logits(row.cpu()) for row in input_ids]
         return SimpleNamespace(logits=torch.stack(rows))
-
-
-def profiling_enabled() -> bool:
-    return os.environ.get("SALOMI_ENGINE_PROFILE", "0") not in ("", "0")
