@@ -1,4 +1,4 @@
-"""Build the C kernels as the extension module `salomi._kernels`.
+"""Build the C kernels and the native engine as the extension module `salomi._kernels`.
 
 Project metadata lives in pyproject.toml; this file only adds the extension. The library
 is compiled without -march flags: kernels.c compiles each ISA's functions with
@@ -14,8 +14,8 @@ setup(
     ext_modules=[
         Extension(
             "salomi._kernels",
-            sources=[f"{CSRC}/kernels.c", f"{CSRC}/pymodule.c"],
-            depends=[f"{CSRC}/kernels.h"],
+            sources=[f"{CSRC}/kernels.c", f"{CSRC}/engine.c", f"{CSRC}/pymodule.c"],
+            depends=[f"{CSRC}/kernels.h", f"{CSRC}/engine.h"],
             include_dirs=[CSRC],
             extra_compile_args=["-O3", "-fPIC", "-std=gnu11", "-pthread"],
             extra_link_args=["-pthread"],

@@ -255,7 +255,7 @@ def evaluate_files(
     ids = _text_ids(ref.tokenizer, text)
     w = make_windows(ids, seq_len, windows, text)
     start = time.perf_counter()
-    models = [build_model(qf, runtime) for qf in qfs]
+    models = [_eval_model(qf, runtime, seq_len) for qf in qfs]
     ref_m, rows = evaluate(ref.model, models, w, progress=progress)
     seconds = time.perf_counter() - start
     out = []
@@ -263,6 +263,34 @@ def evaluate_files(
         out.append(_row(ref, qf.method, r, qf.linear_bpw, qf.model_bpw, qf.file_bytes, text, seq_len, windows,
                         seconds / len(qfs), qf.metadata.get("calibration", {}), str(qf.path)))
     return out
+
+
+def _eval_model(qf: QuantizedFile, runtime: str, seq_len: int) -> torch.nn.Module:
+    if resolve_runtime(qf, runtime) == "engine":
+        from salomi.runtime.engine import Engine
+
+        return Engine.from_file(qf, max_seq=seq_len).as_module()
+    return build_model(qf, runtime)
+
+
+def resolve_runtime(qf: QuantizedFile, runtime: str) -> str:
+    """"engine" when asked for (or, for "auto", when it can run the file), else `runtime`.
+
+    "auto" picks the native engine when the architecture and every layer format are
+    supported, else falls back to the per-layer kernels / dequant path as before.
+    """
+    if runtime not in ("engine", "auto"):
+        return runtime
+    from salomi.runtime import kernels
+    from salomi.runtime.engine import unsupported_reason
+
+    reason = unsupported_reason(qf) if kernels.available() else "the C extension is not built"
+    if runtime == "engine":
+        if reason:
+            raise SalomiError(reason if "--runtime" in reason
+                              else f"the native engine cannot run this file ({reason}); use --runtime kernels or dequant")
+        return "engine"
+    return "auto" if reason else "engine"
 
 
 def evaluate_reference(model: str = DEFAULT_MODEL, text: str = DEFAULT_EVAL, seq_len: int = 1024, windows: int = 64,
@@ -338,13 +366,17 @@ def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: s
     """Stream decoded text pieces; the last item is a stats line (tokens/s)."""
     qf = load_quantized(file)
     tok = qf.tokenizer()
+    if not prompt:
+        raise SalomiError("--prompt is empty; give some text to continue")
+    runtime = resolve_runtime(qf, runtime)
+    if runtime == "engine":
+        yield from _generate_engine(qf, tok, prompt, max_new_tokens, temperature, seed)
+        return
     model = build_model(qf, runtime)
     from salomi.runtime import kernels
 
     if runtime != "dequant" and kernels.available():
         torch.set_num_threads(1)  # the kernels run their own 2 threads; torch's pool would fight them
-    if not prompt:
-        raise SalomiError("--prompt is empty; give some text to continue")
     ids = tokenize(tok, prompt)[None]
     torch.manual_seed(seed)
     past = None
@@ -379,3 +411,29 @@ def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: s
     yield (f"\n[{n} tokens; prefill {ids.shape[1]} tokens in {(t_first or t1) - t0:.2f}s; "
            f"decode {tps:.1f} tokens/s; runtime {runtime}]\n")
 
+
+
+def _generate_engine(qf: QuantizedFile, tok: Any, prompt: str, max_new_tokens: int, temperature: float,
+                     seed: int) -> Iterator[str]:
+    """generate() through the native engine: one C call per token."""
+    from salomi.runtime.engine import Engine
+
+    ids = tokenize(tok, prompt)
+    eng = Engine.from_file(qf, max_seq=min(4096, ids.numel() + max_new_tokens))
+    generated: list[int] = []
+    printed = ""
+    t0 = time.perf_counter()
+    t_first = None
+    for nxt in eng.generate(ids, max_new_tokens, temperature, seed, getattr(tok, "eos_token_id", None)):
+        if t_first is None:
+            t_first = time.perf_counter()
+        generated.append(nxt)
+        text = tok.decode(generated, skip_special_tokens=True)
+        yield text[len(printed):]
+        printed = text
+    t1 = time.perf_counter()
+    n = len(generated)
+    decode_s = t1 - (t_first or t1)
+    tps = (n - 1) / decode_s if n > 1 and decode_s > 0 else float("nan")
+    yield (f"\n[{n} tokens; prefill {ids.numel()} tokens in {(t_first or t1) - t0:.2f}s; "
+           f"decode {tps:.1f} tokens/s; runtime engine]\n")

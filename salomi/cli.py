@@ -123,7 +123,11 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 def cmd_bench(a: argparse.Namespace) -> None:
     from salomi.runtime.bench import run_bench
 
-    rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp)
+    runtimes = tuple(r.strip() for r in a.runtimes.split(",") if r.strip())
+    bad = [r for r in runtimes if r not in ("kernels", "engine", "dequant")]
+    if bad or not runtimes:
+        raise SalomiError(f"--runtimes takes a comma-separated list of kernels, engine, dequant (got {a.runtimes!r})")
+    rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp, runtimes)
     print(f"{'model':<24} {'runtime':<10} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
           f"{'peak RSS MB':>11} {'model RSS MB':>12}")
     for r in rows:
@@ -185,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", default="brown")
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--windows", type=int, default=64)
-    e.add_argument("--runtime", default="dequant", choices=["auto", "kernels", "dequant"])
+    e.add_argument("--runtime", default="dequant", choices=["auto", "kernels", "dequant", "engine"])
     e.add_argument("--json", default=None)
     e.set_defaults(fn=cmd_eval)
 
@@ -198,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("file")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--runtime", default="auto", choices=["auto", "kernels", "dequant"])
+    g.add_argument("--runtime", default="auto", choices=["auto", "kernels", "dequant", "engine"],
+                   help="engine: native C forward pass (Llama family); auto: engine if it supports the file")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=cmd_generate)
@@ -231,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--llamacpp", default="runs/llamacpp/bench.json", help="llama-bench rows from bench/llamacpp.py")
+    b.add_argument("--runtimes", default="kernels,engine", help="runtimes to measure each file with")
     b.add_argument("--json", default=None)
     b.set_defaults(fn=cmd_bench)
 

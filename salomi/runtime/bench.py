@@ -34,10 +34,12 @@ def _peak_mb() -> float:
 def measure_one(target: str, runtime: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
     # Our kernels bring their own thread pool; torch's OpenMP pool spinning beside it
     # costs far more than the small ops (attention, norms) it would speed up.
-    torch.set_num_threads(1 if runtime == "kernels" else threads)
+    torch.set_num_threads(1 if runtime in ("kernels", "engine") else threads)
     import transformers  # noqa: F401  (import cost is not the model's memory)
 
     base_rss = _rss_mb()
+    if runtime == "engine":
+        return _measure_engine(target, prompt_tokens, new_tokens, threads, base_rss)
     if target.endswith(".salomi"):
         from salomi.packing.model_file import build_model, load_quantized
 
@@ -75,6 +77,34 @@ def measure_one(target: str, runtime: str, prompt_tokens: int, new_tokens: int, 
     }
 
 
+def _measure_engine(target: str, prompt_tokens: int, new_tokens: int, threads: int, base_rss: float) -> dict[str, Any]:
+    """Same protocol as measure_one, through the native engine (one C call per token)."""
+    from salomi.packing.model_file import load_quantized
+    from salomi.runtime.engine import Engine
+
+    qf = load_quantized(target)
+    eng = Engine.from_file(qf, max_seq=prompt_tokens + new_tokens + 8, threads=threads)
+    loaded_rss = _rss_mb()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 20000, (prompt_tokens,), generator=g)
+    eng.forward(ids[:8], pos=0)  # warm-up
+    t0 = time.perf_counter()
+    logits = eng.forward(ids, pos=0)
+    prefill_s = time.perf_counter() - t0
+    nxt = int(logits.argmax())
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = int(eng.forward([nxt]).argmax())
+    decode_s = time.perf_counter() - t0
+    return {
+        "model": qf.method, "runtime": "engine", "file_bytes": qf.file_bytes, "linear_bpw": qf.linear_bpw,
+        "threads": threads, "prefill_tokens": prompt_tokens, "prefill_tok_s": prompt_tokens / prefill_s,
+        "decode_tokens": new_tokens, "decode_tok_s": new_tokens / decode_s,
+        "rss_base_mb": base_rss, "rss_loaded_mb": loaded_rss, "peak_rss_mb": _peak_mb(),
+        "model_rss_mb": _peak_mb() - base_rss,
+    }
+
+
 def measure(target: str, runtime: str = "kernels", prompt_tokens: int = 128, new_tokens: int = 64,
             threads: int = 2) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "salomi.runtime.bench", "--one", target, "--runtime", runtime,
@@ -103,8 +133,10 @@ if __name__ == "__main__":
 
 
 def run_bench(files: list[str], model: str = "smollm2", prompt_tokens: int = 128, new_tokens: int = 64,
-              threads: int = 2, llamacpp_json: str | None = "runs/llamacpp/bench.json") -> list[dict[str, Any]]:
-    """float32 torch, then each packed file through the kernels (and llama.cpp's rows if measured)."""
+              threads: int = 2, llamacpp_json: str | None = "runs/llamacpp/bench.json",
+              runtimes: tuple[str, ...] = ("kernels", "engine")) -> list[dict[str, Any]]:
+    """float32 torch, then each packed file through each runtime (kernels: HF modules calling
+    the C kernels; engine: the native forward pass), and llama.cpp's rows if measured."""
     from salomi.runtime import kernels
 
     rows = [measure(model, "torch", prompt_tokens, new_tokens, threads)]
@@ -113,7 +145,8 @@ def run_bench(files: list[str], model: str = "smollm2", prompt_tokens: int = 128
         one["runtime"] = "torch-1thread"
         rows.append(one)
     for f in files:
-        rows.append(measure(f, "kernels", prompt_tokens, new_tokens, threads))
+        for rt in runtimes:
+            rows.append(measure(f, rt, prompt_tokens, new_tokens, threads))
     base = max(rows[: 2 if threads > 1 else 1], key=lambda r: r["decode_tok_s"])
     for r in rows:
         r["decode_vs_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]

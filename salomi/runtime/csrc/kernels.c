@@ -880,22 +880,32 @@ static void run_parallel(task_fn fn, void *ctx, int nt) {
     pthread_mutex_unlock(&g_call_mu);
 }
 
+void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads) {
+    ensure_init();
+    run_parallel(fn, ctx, threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads);
+}
+
 /* ------------------------------------------------------------------ entry points */
 
-static int run(const layer_t *L, const float *x, int64_t M, const int32_t *perm, float *y, int threads) {
-    ensure_init();
+/* Validate one layer and build its job: x copied (permuted for grid+perm) into rows
+ * padded with zeros, plus per-group sums of x for the fused GEMV. J->xp/J->sx must be
+ * released with job_free (also on error). */
+static int job_prepare(job_t *J, const layer_t *L, const float *x, int64_t M, const int32_t *perm, float *y) {
+    memset(J, 0, sizeof *J);
     if (!x || !y || !L->data || !L->scale || M < 0 || L->in < 1 || L->out < 1 || L->G < 1 || L->in % L->G)
         return -1;
     if (L->fmt == FMT_GRID && (L->K < 1 || L->K > 8 || !L->zero)) return -1;
-    if (M == 0) return 0;
     const int64_t in = L->in, ldx = roundup(in, 16) + 16; /* >= 16 zero floats after each row */
     if (M > INT64_MAX / 4 / ldx) return -1;
     if (perm)
         for (int64_t j = 0; j < in; j++)
             if (perm[j] < 0 || perm[j] >= in) return -1;
+    J->L = L, J->ldx = ldx, J->y = y, J->M = M, J->isa = atomic_load(&g_isa);
+    atomic_store(&J->err, 0);
+    if (M == 0) return 0;
     float *xp = aligned_alloc(64, sizeof(float) * (size_t)(M * ldx));
-    float *sx = NULL;
     if (!xp) return -2;
+    J->xp = xp;
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * in;
         float *d = xp + m * ldx;
@@ -906,24 +916,53 @@ static int run(const layer_t *L, const float *x, int64_t M, const int32_t *perm,
         memset(d + in, 0, sizeof(float) * (size_t)(ldx - in));
     }
     if (M == 1) {
-        sx = malloc(sizeof(float) * (size_t)L->ng);
-        if (!sx) { free(xp); return -2; }
+        float *sx = malloc(sizeof(float) * (size_t)L->ng);
+        if (!sx) return -2;
         for (int64_t g = 0; g < L->ng; g++) {
             float s = 0.0f;
             for (int64_t j = g * L->G; j < (g + 1) * L->G; j++) s += xp[j];
             sx[g] = s;
         }
+        J->sx = sx;
     }
-    job_t J = {.L = L, .xp = xp, .ldx = ldx, .sx = sx, .y = y, .M = M, .isa = atomic_load(&g_isa)};
-    atomic_store(&J.err, 0);
-    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    const int64_t tiles = (L->out + 7) / 8; /* no point in more threads than 8-row ranges */
-    if (nt > tiles) nt = (int)tiles;
-    run_parallel(run_task, &J, nt);
-    free(sx);
-    free(xp);
-    return atomic_load(&J.err);
+    return 0;
 }
+
+static void job_free(job_t *J) {
+    free((void *)J->sx);
+    free((void *)J->xp);
+    J->sx = J->xp = NULL;
+}
+
+static int clamp_threads(int threads, int64_t out) {
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    const int64_t tiles = (out + 7) / 8; /* no point in more threads than 8-row ranges */
+    return nt > tiles ? (int)tiles : nt;
+}
+
+static int run(const layer_t *L, const float *x, int64_t M, const int32_t *perm, float *y, int threads) {
+    ensure_init();
+    job_t J;
+    int rc = job_prepare(&J, L, x, M, perm, y);
+    if (rc == 0 && M > 0) {
+        run_parallel(run_task, &J, clamp_threads(threads, L->out));
+        rc = atomic_load(&J.err);
+    }
+    job_free(&J);
+    return rc;
+}
+
+/* Several layers on the same input in one pool dispatch: each thread runs its share of
+ * every layer (the split inside a layer is the same as for a single call, so results
+ * are bit-identical to separate calls). */
+typedef struct { job_t *jobs; int n; } batch_t;
+
+static void batch_task(void *ctx, int tid, int nt) {
+    batch_t *B = ctx;
+    for (int i = 0; i < B->n; i++) run_task(&B->jobs[i], tid, nt);
+}
+
+#define MAX_BATCH 8
 
 static layer_t make_layer(int fmt, int K, int64_t in, int64_t out, int64_t G, const uint8_t *data,
                           const uint16_t *scale, const uint16_t *zero) {
@@ -951,4 +990,31 @@ int salomi_grid_matmul(const float *x, int64_t M, int64_t in, int64_t out, const
     if (bits < 1 || bits > 8) return -1;
     layer_t L = make_layer(FMT_GRID, bits, in, out, group, codes, scale, zero);
     return run(&L, x, M, perm, y, threads);
+}
+
+int salomi_matmul_batch(const salomi_matmul_op *ops, int n, const float *x, int64_t M, int threads) {
+    ensure_init();
+    if (!ops || n < 1 || n > MAX_BATCH) return -1;
+    layer_t L[MAX_BATCH];
+    job_t J[MAX_BATCH];
+    int rc = 0, prepared = 0;
+    int64_t maxout = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        const salomi_matmul_op *o = &ops[i];
+        const int fmt = o->format == SALOMI_FMT_SIGN ? FMT_SIGN : o->format == SALOMI_FMT_TERNARY ? FMT_TERNARY
+                        : o->format == SALOMI_FMT_GRID ? FMT_GRID : -1;
+        if (fmt < 0 || (fmt == FMT_GRID && (o->bits < 1 || o->bits > 8)) || o->in != ops[0].in) { rc = -1; break; }
+        L[i] = make_layer(fmt, fmt == FMT_SIGN ? 1 : fmt == FMT_GRID ? o->bits : 0, o->in, o->out, o->group, o->data,
+                          o->scale, fmt == FMT_GRID ? o->zero : NULL);
+        rc = job_prepare(&J[i], &L[i], x, M, fmt == FMT_GRID ? o->perm : NULL, o->y);
+        prepared = i + 1;
+        if (o->out > maxout) maxout = o->out;
+    }
+    if (rc == 0 && M > 0) {
+        batch_t B = {.jobs = J, .n = n};
+        run_parallel(batch_task, &B, clamp_threads(threads, maxout));
+        for (int i = 0; i < n && rc == 0; i++) rc = atomic_load(&J[i].err);
+    }
+    for (int i = 0; i < prepared; i++) job_free(&J[i]);
+    return rc;
 }

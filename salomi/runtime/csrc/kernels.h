@@ -37,6 +37,27 @@ int salomi_grid_matmul(const float *x, int64_t M, int64_t in, int64_t out, const
                        const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm,
                        float *y, int threads);
 
+/* Several packed layers that read the same input x [M, in] (e.g. q/k/v, gate/up) in
+ * one dispatch of the thread pool; results equal separate salomi_*_matmul calls. */
+enum { SALOMI_FMT_SIGN = 0, SALOMI_FMT_TERNARY = 1, SALOMI_FMT_GRID = 2 };
+typedef struct {
+    int32_t format;            /* SALOMI_FMT_* */
+    int32_t bits;              /* grid: bits per code */
+    int64_t in, out, group;    /* every op must have the same in */
+    const uint8_t *data;
+    const uint16_t *scale, *zero; /* zero: grid only */
+    const int32_t *perm;       /* grid only, may be NULL */
+    float *y;                  /* output [M, out] */
+} salomi_matmul_op;
+int salomi_matmul_batch(const salomi_matmul_op *ops, int n, const float *x, int64_t M, int threads); /* n <= 8 */
+
+/* Run fn(ctx, tid, nt) for tid = 0..nt-1 on the kernels' persistent thread pool (the
+ * caller runs tid 0) and return when all are done. nt may come back smaller than asked
+ * (pool could not grow); fn must split its work by the nt it is given. Used by the
+ * engine (engine.c) so the whole process has one pool and never spawns threads per op. */
+typedef void (*salomi_task_fn)(void *ctx, int tid, int nt);
+void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,873 @@
+/* salomi engine: native Llama forward pass (see engine.h for the API).
+ *
+ * Per layer:  h = x + o_proj(attn(rope(q(n(x))), rope(k(n(x))), v(n(x))))
+ *             x' = h + down(silu(gate(n(h))) * up(n(h)))
+ * with n = RMSNorm, grouped-query attention over a float32 KV cache, HF Llama rotary
+ * convention (rotate_half: dims i and i + head_dim/2 form a pair).
+ *
+ * Why a native loop: through Hugging Face modules a 135M model spends most of a decode
+ * step in Python/torch dispatch around ~250 small ops; here each op is a direct C call
+ * and the parallel ones share the kernels' persistent pool (salomi_run_parallel).
+ *
+ * Matmuls by weight kind:
+ *   sign / ternary / grid  -> salomi_*_matmul (kernels.c; fused GEMV for one token,
+ *                             tiled GEMM for prefill)
+ *   vq                     -> table lookup: per vector column v, LUT[v][c] =
+ *                             dot(x[v*d:(v+1)*d], codebook[c]) for every codeword,
+ *                             then y[r] = scale[r] * sum_v LUT[v][code[r][v]]
+ *   fp16 / fp32            -> GEMV streaming 4 rows at a time (F16C widening), rows
+ *                             split across the pool; the head (vocab x hidden) is the
+ *                             largest matrix and is purely bandwidth bound.
+ * Elementwise ops (norms, rope, SiLU, residuals) are O(hidden) per token and run on
+ * the calling thread; attention is split over (token, head) pairs when large enough.
+ */
+#define _GNU_SOURCE
+#include "engine.h"
+
+#include "kernels.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define ENG_X86 1
+#include <immintrin.h>
+#else
+#define ENG_X86 0
+#endif
+
+#define CHUNK 64          /* tokens per prefill chunk: bounds activation memory */
+#define MAX_POOL 64       /* matches kernels.c MAX_THREADS */
+#define NPROF 10
+
+enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, P_CALLS };
+
+typedef struct {
+    salomi_weight w;
+    float *cb;            /* vq: codebook widened to float32 [k, d] (small; owned) */
+} weight_t;
+
+struct salomi_engine {
+    salomi_engine_config c;
+    int64_t q_dim, kv_dim;
+    weight_t *w;          /* 1 + 7L + 1 */
+    const float *const *norms_in;
+    const float **norms;  /* 2L + 1 (owned copy of the pointer array) */
+    /* [L][n_kv_heads][max_seq][head_dim]: one kv head's keys for positions 0..t are one
+     * contiguous run, so attention streams them sequentially (the cache is re-read from
+     * DRAM every token: the weights streamed in between evict it). */
+    float *kcache, *vcache;
+    int64_t len;          /* valid cache positions */
+    /* activations for one chunk */
+    float *x, *xn, *q, *k, *v, *att, *tmp, *g, *u;
+    float *scores;        /* [threads][max_seq] */
+    float *cosb, *sinb;   /* [CHUNK][head_dim/2] */
+    float *lut;           /* vq table: max over vq layers of (in/d)*k floats */
+    int64_t lut_len;
+    int profile;
+    double prof[NPROF];
+    char err[256];
+};
+
+/* ------------------------------------------------------------------ helpers */
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+/* SALOMI_ENGINE_PROFILE=cpu times the calling thread's CPU time instead of wall time:
+ * stage costs then stay meaningful on a machine shared with other jobs (T=1 runs). */
+static int g_prof_cpu = 0;
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(g_prof_cpu ? CLOCK_THREAD_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void seterr(char *buf, int len, const char *fmt, ...) {
+    if (!buf || len <= 0) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, (size_t)len, fmt, ap);
+    va_end(ap);
+}
+
+/* IEEE half -> float, portable (bit-exact, like F16C). */
+static inline float h2f(uint16_t h) {
+    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
+    float f;
+    if (e == 0) {
+        f = (float)m * (1.0f / 16777216.0f);
+        memcpy(&u, &f, 4);
+        u |= s;
+    } else if (e == 31) {
+        u = s | 0x7f800000u | (m << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (m << 13);
+    }
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Code v of a packed row (b <= 16 bits, LSB-first stream); never reads past rb bytes. */
+static inline unsigned code_at(const uint8_t *row, int64_t rb, int64_t v, int b) {
+    int64_t bit = v * b, byte = bit >> 3;
+    uint32_t w = row[byte];
+    if (byte + 1 < rb) w |= (uint32_t)row[byte + 1] << 8;
+    if (byte + 2 < rb) w |= (uint32_t)row[byte + 2] << 16;
+    return (w >> (bit & 7)) & ((1u << b) - 1u);
+}
+
+static int64_t packed_row_bytes(const salomi_weight *w) {
+    switch (w->kind) {
+    case SALOMI_W_SIGN: return (w->in + 7) / 8;
+    case SALOMI_W_TERNARY: return (w->in + 4) / 5;
+    case SALOMI_W_GRID: return (w->in * w->bits + 7) / 8;
+    case SALOMI_W_VQ: return (w->in / w->vq_d * w->bits + 7) / 8;
+    case SALOMI_W_F16: return w->in * 2;
+    default: return w->in * 4;
+    }
+}
+
+/* ------------------------------------------------------------------ AVX2 pieces */
+#if ENG_X86
+#define A2 __attribute__((target("avx2,fma,f16c")))
+#define A2I static inline __attribute__((target("avx2,fma,f16c"), always_inline))
+
+A2I float hsum8(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+A2 static float dot_avx2(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+A2 static void axpy_avx2(float *y, float a, const float *x, int64_t n) {
+    __m256 va = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+/* y[o] = dot(W[o], x) for rows [o0, o1) of an fp16 matrix; in % 16 == 0. Bandwidth
+ * bound (the 49152x576 head is 57 MB per token): rows are read as one sequential
+ * stream with a software prefetch ~1 KB ahead, which measured ~1.7x faster here than
+ * interleaving 4 row streams (the prefetcher then keeps the single stream saturated).
+ * Four accumulators hide the FMA latency. Prefetches past the end never fault. */
+A2 static void f16_gemv_avx2(const uint16_t *W, int64_t in, const float *x, int64_t o0, int64_t o1, float *y) {
+    for (int64_t o = o0; o < o1; o++) {
+        const uint16_t *w = W + o * in;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t j = 0;
+        for (; j + 32 <= in; j += 32) {
+            _mm_prefetch((const char *)(w + j) + 1024, _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 8))), _mm256_loadu_ps(x + j + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 16))), _mm256_loadu_ps(x + j + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 24))), _mm256_loadu_ps(x + j + 24), a3);
+        }
+        if (j < in) { /* in % 32 == 16 */
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))), _mm256_loadu_ps(x + j), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j + 8))), _mm256_loadu_ps(x + j + 8), a1);
+        }
+        y[o] = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    }
+}
+
+/* exp(x) for 8 floats (Cephes expf polynomial, ~1 ulp over the clamped range): the
+ * softmax and SiLU need tens of thousands of exps per token. */
+A2I __m256 exp256(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* g[i] = silu(g[i]) * u[i] */
+A2 static void silu_mul_avx2(float *g, const float *u, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 den = _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* One query head over ctxlen cached positions (hd % 8 == 0; K/V rows `stride` floats apart). Scores for 8 positions
+ * are reduced together with a horizontal-add tree (one reduction per 8 dots instead
+ * of one per dot), then a vectorized softmax, then out = sum_t p_t V[t]. */
+A2 static void attn_head_avx2(const float *q, const float *K, const float *V, int64_t stride, int64_t ctxlen, int64_t hd,
+                              float scale, float *sc, float *o) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= ctxlen; t += 8) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) {
+            const float *k = K + (t + u) * stride;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+            for (int64_t j = 8; j < hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(k + j), acc);
+            a[u] = acc;
+        }
+        __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+        __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+        __m256 h0 = _mm256_hadd_ps(h01, h23), h1 = _mm256_hadd_ps(h45, h67);
+        __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+        _mm256_storeu_ps(sc + t, _mm256_mul_ps(r, vs));
+    }
+    for (; t < ctxlen; t++) sc[t] = dot_avx2(q, K + t * stride, hd) * scale;
+    float mx = -INFINITY;
+    for (t = 0; t < ctxlen; t++) mx = sc[t] > mx ? sc[t] : mx;
+    __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= ctxlen; t += 8) {
+        __m256 ex = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+        _mm256_storeu_ps(sc + t, ex);
+        vsum = _mm256_add_ps(vsum, ex);
+    }
+    float sum = hsum8(vsum);
+    for (; t < ctxlen; t++) sum += (sc[t] = expf(sc[t] - mx));
+    const float inv = 1.0f / sum;
+    /* out = sum_t p_t V[t], 64 columns at a time held in 8 registers: 8 independent
+     * FMA chains and no load/store of the output per position. */
+    int64_t j0 = 0;
+    for (; j0 + 64 <= hd; j0 += 64) {
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (t = 0; t < ctxlen; t++) {
+            const __m256 p = _mm256_set1_ps(sc[t]);
+            const float *v = V + t * stride + j0;
+            for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * u), acc[u]);
+        }
+        const __m256 vi = _mm256_set1_ps(inv);
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + j0 + 8 * u, _mm256_mul_ps(acc[u], vi));
+    }
+    if (j0 < hd) {
+        memset(o + j0, 0, sizeof(float) * (size_t)(hd - j0));
+        for (t = 0; t < ctxlen; t++) axpy_avx2(o + j0, sc[t] * inv, V + t * stride + j0, hd - j0);
+    }
+}
+
+A2 static void f16_to_f32_avx2(const uint16_t *h, float *f, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+    for (; i < n; i++) f[i] = _cvtsh_ss(h[i]);
+}
+#endif
+
+static float dot_scalar(const float *a, const float *b, int64_t n) {
+    float p[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int t = 0; t < 8; t++) p[t] += a[i + t] * b[i + t];
+    float s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+static inline int use_avx2(void) {
+#if ENG_X86
+    return salomi_get_isa() >= SALOMI_ISA_AVX2;
+#else
+    return 0;
+#endif
+}
+
+static inline float dot(const float *a, const float *b, int64_t n, int avx2) {
+#if ENG_X86
+    if (avx2) return dot_avx2(a, b, n);
+#endif
+    (void)avx2;
+    return dot_scalar(a, b, n);
+}
+
+static inline void axpy(float *y, float a, const float *x, int64_t n, int avx2) {
+#if ENG_X86
+    if (avx2) { axpy_avx2(y, a, x, n); return; }
+#endif
+    (void)avx2;
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+static void f16_row(const uint16_t *h, float *f, int64_t n, int avx2) {
+#if ENG_X86
+    if (avx2) { f16_to_f32_avx2(h, f, n); return; }
+#endif
+    (void)avx2;
+    for (int64_t i = 0; i < n; i++) f[i] = h2f(h[i]);
+}
+
+/* ------------------------------------------------------------------ float matmul */
+
+typedef struct {
+    const salomi_weight *w;
+    const float *x;
+    int64_t M;
+    float *y;
+    int avx2;
+    int err;
+} fjob_t;
+
+/* Row range of an nt-way split, 8-row aligned so threads never share a cache line of y. */
+static void split_rows(int64_t n, int tid, int nt, int64_t *o0, int64_t *o1) {
+    int64_t per = ((n + nt - 1) / nt + 7) / 8 * 8;
+    *o0 = min64(n, tid * per);
+    *o1 = min64(n, *o0 + per);
+}
+
+static void float_task(void *ctx, int tid, int nt) {
+    fjob_t *J = ctx;
+    const salomi_weight *w = J->w;
+    const int64_t in = w->in, out = w->out;
+    int64_t o0, o1;
+    split_rows(out, tid, nt, &o0, &o1);
+    if (o0 >= o1) return;
+#if ENG_X86
+    if (J->M == 1 && J->avx2 && w->kind == SALOMI_W_F16 && in % 16 == 0) {
+        f16_gemv_avx2(w->data, in, J->x, o0, o1, J->y);
+        return;
+    }
+#endif
+    /* General path: widen one weight row at a time (fp16) and dot it with every
+     * activation row, so the weight is read once per call whatever M is. */
+    float *row = NULL;
+    if (w->kind == SALOMI_W_F16) {
+        row = malloc(sizeof(float) * (size_t)in);
+        if (!row) { __atomic_store_n(&J->err, -2, __ATOMIC_RELAXED); return; } /* any thread may fail */
+    }
+    for (int64_t o = o0; o < o1; o++) {
+        const float *wr;
+        if (row) {
+            f16_row((const uint16_t *)w->data + o * in, row, in, J->avx2);
+            wr = row;
+        } else {
+            wr = (const float *)w->data + o * in;
+        }
+        for (int64_t m = 0; m < J->M; m++) J->y[m * out + o] = dot(wr, J->x + m * in, in, J->avx2);
+    }
+    free(row);
+}
+
+/* ------------------------------------------------------------------ vq table lookup */
+
+typedef struct {
+    const weight_t *W;
+    const float *x;   /* one activation row [in] */
+    float *lut;       /* [nv][k] */
+    float *y;         /* [out] */
+    int avx2;
+} vqjob_t;
+
+static void vq_lut_task(void *ctx, int tid, int nt) {
+    vqjob_t *J = ctx;
+    const salomi_weight *w = &J->W->w;
+    const int64_t d = w->vq_d, k = w->vq_k, nv = w->in / d;
+    int64_t per = (nv + nt - 1) / nt, v0 = min64(nv, tid * per), v1 = min64(nv, v0 + per);
+    for (int64_t v = v0; v < v1; v++) {
+        const float *xs = J->x + v * d;
+        float *L = J->lut + v * k;
+        const float *cb = J->W->cb;
+        if (d == 4) { /* the common case, unrolled: 4 FMAs per codeword */
+            const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
+            for (int64_t c = 0; c < k; c++, cb += 4) L[c] = ((cb[0] * x0 + cb[1] * x1) + (cb[2] * x2 + cb[3] * x3));
+        } else {
+            for (int64_t c = 0; c < k; c++, cb += d) L[c] = dot(cb, xs, d, J->avx2);
+        }
+    }
+}
+
+static void vq_sum_task(void *ctx, int tid, int nt) {
+    vqjob_t *J = ctx;
+    const salomi_weight *w = &J->W->w;
+    const int64_t d = w->vq_d, k = w->vq_k, nv = w->in / d, rb = packed_row_bytes(w);
+    const int b = w->bits;
+    int64_t o0, o1;
+    split_rows(w->out, tid, nt, &o0, &o1);
+    const uint8_t *codes = w->data;
+    for (int64_t o = o0; o < o1; o++) {
+        const uint8_t *row = codes + o * rb;
+        const float *L = J->lut;
+        float a0 = 0.0f, a1 = 0.0f; /* two chains: the gathers are independent */
+        int64_t v = 0;
+        if (b == 8) {
+            for (; v + 2 <= nv; v += 2, L += 2 * k) a0 += L[row[v]], a1 += L[k + row[v + 1]];
+        } else if (b == 4) {
+            for (; v + 2 <= nv; v += 2, L += 2 * k) {
+                uint8_t byte = row[v >> 1]; /* v even: low nibble is code v */
+                a0 += L[byte & 15], a1 += L[k + (byte >> 4)];
+            }
+        }
+        for (; v < nv; v++, L += k) a0 += L[code_at(row, rb, v, b)];
+        J->y[o] = h2f(w->scale[o]) * (a0 + a1);
+    }
+}
+
+/* ------------------------------------------------------------------ dispatch */
+
+static void add_bias(const salomi_weight *w, int64_t M, float *y) {
+    if (w->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t o = 0; o < w->out; o++) y[m * w->out + o] += w->bias[o];
+}
+
+static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
+    const salomi_weight *w = &W->w;
+    const int nt = e->c.threads;
+    int rc = 0;
+    switch (w->kind) {
+    case SALOMI_W_SIGN:
+        rc = salomi_sign_matmul(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
+        break;
+    case SALOMI_W_TERNARY:
+        rc = salomi_ternary_matmul(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
+        break;
+    case SALOMI_W_GRID:
+        rc = salomi_grid_matmul(x, M, w->in, w->out, w->data, w->bits, w->scale, w->zero, w->group, w->perm, y, nt);
+        break;
+    case SALOMI_W_VQ: {
+        vqjob_t J = {.W = W, .lut = e->lut, .avx2 = use_avx2()};
+        for (int64_t m = 0; m < M; m++) {
+            J.x = x + m * w->in;
+            J.y = y + m * w->out;
+            salomi_run_parallel(vq_lut_task, &J, nt);
+            salomi_run_parallel(vq_sum_task, &J, nt);
+        }
+        break;
+    }
+    default: {
+        fjob_t J = {.w = w, .x = x, .M = M, .y = y, .avx2 = use_avx2(), .err = 0};
+        salomi_run_parallel(float_task, &J, nt);
+        rc = __atomic_load_n(&J.err, __ATOMIC_RELAXED);
+    }
+    }
+    if (rc != 0) {
+        snprintf(e->err, sizeof e->err, "kernel failed (%s) on a %lldx%lld layer", rc == -2 ? "out of memory" : "invalid argument",
+                 (long long)w->out, (long long)w->in);
+        return rc == -2 ? -2 : -3;
+    }
+    add_bias(w, M, y);
+    return 0;
+}
+
+/* Projections that share their input (q/k/v, gate/up): when all are kernel formats,
+ * one pool dispatch runs them all (saves a wake-up and a sync per projection). */
+static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
+    salomi_matmul_op ops[4];
+    int ok = n <= 4;
+    for (int i = 0; ok && i < n; i++) {
+        const salomi_weight *w = &W[i].w;
+        int f = w->kind == SALOMI_W_SIGN ? SALOMI_FMT_SIGN : w->kind == SALOMI_W_TERNARY ? SALOMI_FMT_TERNARY
+                : w->kind == SALOMI_W_GRID ? SALOMI_FMT_GRID : -1;
+        if (f < 0) { ok = 0; break; }
+        ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
+                                    .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
+    }
+    if (!ok) {
+        for (int i = 0; i < n; i++) {
+            int rc = matmul(e, &W[i], x, M, y[i]);
+            if (rc) return rc;
+        }
+        return 0;
+    }
+    int rc = salomi_matmul_batch(ops, n, x, M, e->c.threads);
+    if (rc != 0) {
+        snprintf(e->err, sizeof e->err, "kernel failed (%s) on a batch of %d layers", rc == -2 ? "out of memory" : "invalid argument", n);
+        return rc == -2 ? -2 : -3;
+    }
+    for (int i = 0; i < n; i++) add_bias(&W[i].w, M, y[i]);
+    return 0;
+}
+
+/* Row r of a weight as float32 (the embedding lookup, for any kind). */
+static void weight_row(const weight_t *W, int64_t r, float *out, int avx2) {
+    const salomi_weight *w = &W->w;
+    const int64_t in = w->in, rb = packed_row_bytes(w);
+    const uint8_t *row = (const uint8_t *)w->data + r * rb;
+    switch (w->kind) {
+    case SALOMI_W_F32: memcpy(out, (const float *)w->data + r * in, sizeof(float) * (size_t)in); break;
+    case SALOMI_W_F16: f16_row((const uint16_t *)w->data + r * in, out, in, avx2); break;
+    case SALOMI_W_SIGN: {
+        const int64_t ng = in / w->group;
+        for (int64_t j = 0; j < in; j++)
+            out[j] = h2f(w->scale[r * ng + j / w->group]) * ((row[j >> 3] >> (j & 7)) & 1 ? 1.0f : -1.0f);
+        break;
+    }
+    case SALOMI_W_TERNARY: {
+        const int64_t ng = in / w->group;
+        static const int pow3[5] = {1, 3, 9, 27, 81};
+        for (int64_t j = 0; j < in; j++)
+            out[j] = h2f(w->scale[r * ng + j / w->group]) * (float)((row[j / 5] / pow3[j % 5]) % 3 - 1);
+        break;
+    }
+    case SALOMI_W_GRID: {
+        const int64_t ng = in / w->group;
+        for (int64_t j = 0; j < in; j++) {
+            int64_t g = r * ng + j / w->group;
+            float val = h2f(w->scale[g]) * ((float)code_at(row, rb, j, w->bits) - h2f(w->zero[g]));
+            out[w->perm ? w->perm[j] : j] = val; /* stored column j is weight column perm[j] */
+        }
+        break;
+    }
+    case SALOMI_W_VQ: {
+        const int64_t d = w->vq_d, nv = in / d;
+        const float s = h2f(w->scale[r]);
+        for (int64_t v = 0; v < nv; v++) {
+            const float *cb = W->cb + (int64_t)code_at(row, rb, v, w->bits) * d;
+            for (int64_t t = 0; t < d; t++) out[v * d + t] = cb[t] * s;
+        }
+        break;
+    }
+    }
+}
+
+/* ------------------------------------------------------------------ validation */
+
+static int check_weight(const salomi_weight *w, int64_t out, int64_t in, const char *what, int64_t idx, char *err,
+                        int errlen) {
+#define FAIL(...) do { seterr(err, errlen, __VA_ARGS__); return -1; } while (0)
+    if (w->out != out || w->in != in)
+        FAIL("%s (weight %lld) is %lldx%lld, the config needs %lldx%lld", what, (long long)idx, (long long)w->out,
+             (long long)w->in, (long long)out, (long long)in);
+    if (!w->data) FAIL("%s (weight %lld) has no data", what, (long long)idx);
+    int64_t ng = 0;
+    switch (w->kind) {
+    case SALOMI_W_F32: case SALOMI_W_F16: break;
+    case SALOMI_W_GRID:
+        if (w->bits < 1 || w->bits > 8) FAIL("%s: grid with %d bits (1..8 supported)", what, w->bits);
+        if (!w->zero) FAIL("%s: grid layer without zero points", what);
+        /* fall through */
+    case SALOMI_W_SIGN: case SALOMI_W_TERNARY:
+        if (w->group < 1 || in % w->group) FAIL("%s: group %lld does not divide %lld", what, (long long)w->group, (long long)in);
+        ng = in / w->group;
+        break;
+    case SALOMI_W_VQ: {
+        if (w->vq_d < 1 || in % w->vq_d || w->vq_k < 2 || w->vq_k > 65536) FAIL("%s: bad vq d/k", what);
+        int b = 1;
+        while ((1LL << b) < w->vq_k) b++;
+        if (w->bits != b) FAIL("%s: vq with k=%lld needs %d-bit codes, got %d", what, (long long)w->vq_k, b, w->bits);
+        if (!w->codebook) FAIL("%s: vq layer without a codebook", what);
+        ng = 1;
+        break;
+    }
+    default: FAIL("%s: unknown weight kind %d", what, w->kind);
+    }
+    if (w->data_bytes != packed_row_bytes(w) * out)
+        FAIL("%s: data is %lld bytes, expected %lld", what, (long long)w->data_bytes, (long long)(packed_row_bytes(w) * out));
+    if (ng && (!w->scale || w->scale_len != ng * out))
+        FAIL("%s: scale has %lld entries, expected %lld", what, (long long)w->scale_len, (long long)(ng * out));
+    if (w->kind == SALOMI_W_GRID && w->perm)
+        for (int64_t j = 0; j < in; j++)
+            if (w->perm[j] < 0 || w->perm[j] >= in) FAIL("%s: column permutation entry out of range (corrupt)", what);
+    if (w->kind == SALOMI_W_VQ) { /* every code must index the codebook: checked once here, not per token */
+        const int64_t rb = packed_row_bytes(w), nv = in / w->vq_d;
+        for (int64_t o = 0; o < out; o++)
+            for (int64_t v = 0; v < nv; v++)
+                if (code_at((const uint8_t *)w->data + o * rb, rb, v, w->bits) >= (unsigned)w->vq_k)
+                    FAIL("%s: vq code >= codebook size %lld (corrupt)", what, (long long)w->vq_k);
+    }
+    return 0;
+#undef FAIL
+}
+
+/* ------------------------------------------------------------------ create / free */
+
+void salomi_engine_free(salomi_engine *e) {
+    if (!e) return;
+    if (e->w)
+        for (int64_t i = 0; i < 7LL * e->c.n_layers + 2; i++) free(e->w[i].cb);
+    free(e->w);
+    free(e->norms);
+    free(e->kcache); free(e->vcache);
+    free(e->x); free(e->xn); free(e->q); free(e->k); free(e->v); free(e->att); free(e->tmp); free(e->g); free(e->u);
+    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut);
+    free(e);
+}
+
+salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salomi_weight *weights,
+                                    const float *const *norms, char *err, int errlen) {
+    if (!cfg || !weights || !norms) { seterr(err, errlen, "null argument"); return NULL; }
+    const salomi_engine_config c = *cfg;
+    if (c.n_layers < 1 || c.hidden < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.head_dim < 2 || c.head_dim % 2 ||
+        c.intermediate < 1 || c.vocab < 1 || c.max_seq < 1 || c.threads < 1 || !c.inv_freq ||
+        c.n_heads % c.n_kv_heads) {
+        seterr(err, errlen, "invalid engine config (layers/heads/dims must be positive, heads divisible by kv heads)");
+        return NULL;
+    }
+    salomi_engine *e = calloc(1, sizeof *e);
+    if (!e) { seterr(err, errlen, "out of memory"); return NULL; }
+    e->c = c;
+    if (e->c.threads > MAX_POOL) e->c.threads = MAX_POOL;
+    e->q_dim = (int64_t)c.n_heads * c.head_dim;
+    e->kv_dim = (int64_t)c.n_kv_heads * c.head_dim;
+    const int64_t L = c.n_layers, nw = 7 * L + 2, H = c.hidden, I = c.intermediate;
+    e->w = calloc((size_t)nw, sizeof(weight_t));
+    e->norms = calloc((size_t)(2 * L + 1), sizeof(float *));
+    if (!e->w || !e->norms) goto oom;
+    static const char *names[7] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+    for (int64_t i = 0; i < nw; i++) {
+        const salomi_weight *w = &weights[i];
+        int64_t out, in;
+        char what[64];
+        if (i == 0) { out = c.vocab, in = H; snprintf(what, sizeof what, "embed_tokens"); }
+        else if (i == nw - 1) { out = c.vocab, in = H; snprintf(what, sizeof what, "lm_head"); }
+        else {
+            int64_t l = (i - 1) / 7, j = (i - 1) % 7;
+            snprintf(what, sizeof what, "layers.%lld.%s", (long long)l, names[j]);
+            const int64_t outs[7] = {e->q_dim, e->kv_dim, e->kv_dim, H, I, I, H};
+            const int64_t ins[7] = {H, H, H, e->q_dim, H, H, I};
+            out = outs[j], in = ins[j];
+        }
+        if (check_weight(w, out, in, what, i, err, errlen)) { salomi_engine_free(e); return NULL; }
+        e->w[i].w = *w;
+        if (w->kind == SALOMI_W_VQ) {
+            int64_t n = w->vq_k * w->vq_d, lut = (in / w->vq_d) * w->vq_k;
+            e->w[i].cb = malloc(sizeof(float) * (size_t)n);
+            if (!e->w[i].cb) goto oom;
+            for (int64_t t = 0; t < n; t++) e->w[i].cb[t] = h2f(w->codebook[t]);
+            if (lut > e->lut_len) e->lut_len = lut;
+        }
+    }
+    for (int64_t i = 0; i < 2 * L + 1; i++) {
+        if (!norms[i]) { seterr(err, errlen, "norm weight %lld is missing", (long long)i); salomi_engine_free(e); return NULL; }
+        e->norms[i] = norms[i];
+    }
+    /* calloc: untouched cache pages are never made resident, so a long max_seq costs
+     * address space only until positions are actually used. */
+    const size_t kvn = (size_t)L * (size_t)c.max_seq * (size_t)e->kv_dim;
+    e->kcache = calloc(kvn, sizeof(float));
+    e->vcache = calloc(kvn, sizeof(float));
+    const int64_t wide = I > e->q_dim ? I : e->q_dim, maxin = wide > H ? wide : H;
+    e->x = malloc(sizeof(float) * CHUNK * H);
+    e->xn = malloc(sizeof(float) * CHUNK * maxin);
+    e->q = malloc(sizeof(float) * CHUNK * e->q_dim);
+    e->k = malloc(sizeof(float) * CHUNK * e->kv_dim);
+    e->v = malloc(sizeof(float) * CHUNK * e->kv_dim);
+    e->att = malloc(sizeof(float) * CHUNK * e->q_dim);
+    e->tmp = malloc(sizeof(float) * CHUNK * H);
+    e->g = malloc(sizeof(float) * CHUNK * I);
+    e->u = malloc(sizeof(float) * CHUNK * I);
+    e->scores = malloc(sizeof(float) * (size_t)e->c.threads * (size_t)c.max_seq);
+    e->cosb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
+    e->sinb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
+    e->lut = e->lut_len ? malloc(sizeof(float) * (size_t)e->lut_len) : NULL;
+    if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
+        !e->u || !e->scores || !e->cosb || !e->sinb || (e->lut_len && !e->lut))
+        goto oom;
+    const char *p = getenv("SALOMI_ENGINE_PROFILE");
+    e->profile = p && *p && strcmp(p, "0") != 0;
+    if (e->profile) g_prof_cpu = strcmp(p, "cpu") == 0;
+    return e;
+oom:
+    seterr(err, errlen, "out of memory creating the engine (KV cache of %d positions; lower max_seq)", c.max_seq);
+    salomi_engine_free(e);
+    return NULL;
+}
+
+void salomi_engine_reset(salomi_engine *e) { if (e) e->len = 0; }
+int64_t salomi_engine_length(const salomi_engine *e) { return e ? e->len : 0; }
+const char *salomi_engine_error(const salomi_engine *e) { return e ? e->err : "null engine"; }
+
+int salomi_engine_profile(const salomi_engine *e, double *out, int n) {
+    if (!e || !out) return 0;
+    int k = n < NPROF ? n : NPROF;
+    for (int i = 0; i < k; i++) out[i] = e->prof[i];
+    return k;
+}
+
+/* ------------------------------------------------------------------ forward */
+
+static void rmsnorm(const float *x, const float *w, float *y, int64_t n, float eps) {
+    double ss = 0.0; /* double: the mean of squares over hidden dims must not lose bits */
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    const float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
+}
+
+/* HF rotate_half: pairs (i, i + half). cos/sin are per (token, i). */
+static void rope(float *v, int64_t nheads, int64_t hd, const float *cs, const float *sn) {
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < nheads; h++) {
+        float *a = v + h * hd;
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = a[i], x2 = a[i + half];
+            a[i] = x1 * cs[i] - x2 * sn[i];
+            a[i + half] = x2 * cs[i] + x1 * sn[i];
+        }
+    }
+}
+
+typedef struct {
+    salomi_engine *e;
+    int64_t layer, n, pos0;
+    int avx2;
+} ajob_t;
+
+/* Causal GQA for (token, head) pairs split across threads; scores in per-thread scratch. */
+static void attn_task(void *ctx, int tid, int nt) {
+    ajob_t *J = ctx;
+    salomi_engine *e = J->e;
+    const int64_t H = e->c.n_heads, hd = e->c.head_dim, rep = H / e->c.n_kv_heads, kvd = e->kv_dim;
+    const int64_t pairs = J->n * H, per = (pairs + nt - 1) / nt;
+    const int64_t p0 = min64(pairs, tid * per), p1 = min64(pairs, p0 + per);
+    const int64_t ms = e->c.max_seq;
+    const float *K = e->kcache + J->layer * ms * kvd, *V = e->vcache + J->layer * ms * kvd; /* + kvh*ms*hd */
+    float *sc = e->scores + (int64_t)tid * e->c.max_seq;
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t i = p / H, h = p % H, kvh = h / rep, ctxlen = J->pos0 + i + 1;
+        const float *q = e->q + i * e->q_dim + h * hd;
+#if ENG_X86
+        if (J->avx2 && hd % 8 == 0) {
+            attn_head_avx2(q, K + kvh * ms * hd, V + kvh * ms * hd, hd, ctxlen, hd, e->c.attn_scale, sc,
+                           e->att + i * e->q_dim + h * hd);
+            continue;
+        }
+#endif
+        float mx = -INFINITY;
+        for (int64_t t = 0; t < ctxlen; t++) {
+            float s = dot(q, K + (kvh * ms + t) * hd, hd, J->avx2) * e->c.attn_scale;
+            sc[t] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < ctxlen; t++) sum += (sc[t] = expf(sc[t] - mx));
+        const float inv = 1.0f / sum;
+        float *o = e->att + i * e->q_dim + h * hd;
+        memset(o, 0, sizeof(float) * (size_t)hd);
+        for (int64_t t = 0; t < ctxlen; t++) axpy(o, sc[t] * inv, V + (kvh * ms + t) * hd, hd, J->avx2);
+    }
+}
+
+#define PROF_START double t_ = e->profile ? now_s() : 0.0
+#define PROF(slot)                                                                                                    \
+    do {                                                                                                              \
+        if (e->profile) { double t2_ = now_s(); e->prof[slot] += t2_ - t_; t_ = t2_; }                               \
+    } while (0)
+#define TRY(call)                                                                                                     \
+    do {                                                                                                              \
+        int rc_ = (call);                                                                                             \
+        if (rc_) return rc_;                                                                                          \
+    } while (0)
+
+static int forward_chunk(salomi_engine *e, const int32_t *tok, int64_t n, int64_t pos0, float *logits, int want) {
+    const salomi_engine_config *c = &e->c;
+    const int64_t Hd = c->hidden, I = c->intermediate, hd = c->head_dim, half = hd / 2, kvd = e->kv_dim;
+    const int avx2 = use_avx2();
+    PROF_START;
+    for (int64_t i = 0; i < n; i++) weight_row(&e->w[0], tok[i], e->x + i * Hd, avx2);
+    for (int64_t i = 0; i < n; i++) /* rotary angles for this chunk's positions, float32 as HF */
+        for (int64_t j = 0; j < half; j++) {
+            float f = (float)(pos0 + i) * c->inv_freq[j];
+            e->cosb[i * half + j] = cosf(f) * c->rope_factor;
+            e->sinb[i * half + j] = sinf(f) * c->rope_factor;
+        }
+    PROF(P_EMBED);
+    for (int64_t l = 0; l < c->n_layers; l++) {
+        const weight_t *W = &e->w[1 + 7 * l];
+        for (int64_t i = 0; i < n; i++) rmsnorm(e->x + i * Hd, e->norms[2 * l], e->xn + i * Hd, Hd, c->rms_eps);
+        PROF(P_NORM);
+        float *qkv[3] = {e->q, e->k, e->v};
+        TRY(matmul_group(e, &W[0], 3, e->xn, n, qkv));
+        PROF(P_QKV);
+        float *Kl = e->kcache + l * c->max_seq * kvd, *Vl = e->vcache + l * c->max_seq * kvd;
+        for (int64_t i = 0; i < n; i++) {
+            rope(e->q + i * e->q_dim, c->n_heads, hd, e->cosb + i * half, e->sinb + i * half);
+            rope(e->k + i * kvd, c->n_kv_heads, hd, e->cosb + i * half, e->sinb + i * half);
+        }
+        for (int64_t g = 0; g < c->n_kv_heads; g++) /* scatter this chunk's k/v rows into per-head runs */
+            for (int64_t i = 0; i < n; i++) {
+                const int64_t dst = (g * c->max_seq + pos0 + i) * hd;
+                memcpy(Kl + dst, e->k + i * kvd + g * hd, sizeof(float) * (size_t)hd);
+                memcpy(Vl + dst, e->v + i * kvd + g * hd, sizeof(float) * (size_t)hd);
+            }
+        ajob_t AJ = {.e = e, .layer = l, .n = n, .pos0 = pos0, .avx2 = avx2};
+        /* threads only pay off when there is real work (pool wake-up is a few us) */
+        int64_t work = n * c->n_heads * (pos0 + n);
+        salomi_run_parallel(attn_task, &AJ, work >= 1024 ? c->threads : 1);
+        PROF(P_ATTN);
+        TRY(matmul(e, &W[3], e->att, n, e->tmp));
+        for (int64_t t = 0; t < n * Hd; t++) e->x[t] += e->tmp[t];
+        PROF(P_O);
+        for (int64_t i = 0; i < n; i++) rmsnorm(e->x + i * Hd, e->norms[2 * l + 1], e->xn + i * Hd, Hd, c->rms_eps);
+        PROF(P_NORM);
+        float *gu[2] = {e->g, e->u};
+        TRY(matmul_group(e, &W[4], 2, e->xn, n, gu));
+        PROF(P_GATEUP);
+#if ENG_X86
+        if (avx2) silu_mul_avx2(e->g, e->u, n * I);
+        else
+#endif
+            for (int64_t t = 0; t < n * I; t++) {
+                float g = e->g[t];
+                e->g[t] = g / (1.0f + expf(-g)) * e->u[t]; /* SiLU(gate) * up */
+            }
+        PROF(P_ACT);
+        TRY(matmul(e, &W[6], e->g, n, e->tmp));
+        for (int64_t t = 0; t < n * Hd; t++) e->x[t] += e->tmp[t];
+        PROF(P_DOWN);
+    }
+    /* the KV entries of this chunk are written: later chunks may attend to them */
+    e->len = pos0 + n;
+    if (want == 0) return 0;
+    const int64_t first = want == 2 ? 0 : n - 1, m = n - first;
+    for (int64_t i = first; i < n; i++)
+        rmsnorm(e->x + i * Hd, e->norms[2 * c->n_layers], e->xn + (i - first) * Hd, Hd, c->rms_eps);
+    PROF(P_NORM);
+    TRY(matmul(e, &e->w[7 * c->n_layers + 1], e->xn, m, logits));
+    PROF(P_HEAD);
+    return 0;
+}
+
+int salomi_engine_forward(salomi_engine *e, const int32_t *tokens, int64_t n, int64_t pos0, float *logits,
+                          int all_logits) {
+    if (!e) return -1;
+    e->err[0] = 0;
+    if (!tokens || !logits || n < 1) { snprintf(e->err, sizeof e->err, "need at least one token and an output buffer"); return -1; }
+    if (pos0 < 0 || pos0 > e->len) {
+        snprintf(e->err, sizeof e->err, "position %lld is past the %lld cached positions; reset() first",
+                 (long long)pos0, (long long)e->len);
+        return -1;
+    }
+    if (pos0 + n > e->c.max_seq) {
+        snprintf(e->err, sizeof e->err, "%lld positions exceed the KV cache of %d; create the engine with a larger max_seq",
+                 (long long)(pos0 + n), e->c.max_seq);
+        return -1;
+    }
+    for (int64_t i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= e->c.vocab) {
+            snprintf(e->err, sizeof e->err, "token id %d is outside the vocabulary of %d", tokens[i], e->c.vocab);
+            return -1;
+        }
+    if (e->profile) e->prof[P_CALLS] += 1;
+    e->len = pos0; /* entries past pos0 are overwritten from here on (also if a kernel fails) */
+    for (int64_t off = 0; off < n; off += CHUNK) {
+        const int64_t cnt = min64(CHUNK, n - off), last = off + cnt == n;
+        float *out = all_logits ? logits + off * (int64_t)e->c.vocab : logits;
+        int want = all_logits ? 2 : last ? 1 : 0;
+        int rc = forward_chunk(e, tokens + off, cnt, pos0 + off, out, want);
+        if (rc) return rc;
+    }
+    return 0;
+}

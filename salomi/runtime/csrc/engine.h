@@ -1,0 +1,88 @@
+/* salomi engine: a native Llama-family decoder over packed (and float) weights.
+ *
+ * One call runs the whole forward pass for n tokens (embedding -> blocks -> final norm
+ * -> head) with a float32 KV cache, so the caller pays Python once per token, not per
+ * op. Packed projections go through the kernels of kernels.h (sign / ternary / grid)
+ * or the table-lookup kernel for "vq" in engine.c; float matrices (fp16 / fp32) use
+ * engine.c's own GEMV/GEMM. All parallel work runs on the kernels' thread pool.
+ *
+ * The engine never copies the weights: every pointer must stay valid (and unchanged)
+ * until salomi_engine_free. Sizes are checked at create time against the declared
+ * shapes (data_bytes / scale_len etc.), and vq codes are checked to be < k.
+ */
+#ifndef SALOMI_ENGINE_H
+#define SALOMI_ENGINE_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    SALOMI_W_F32 = 0,     /* data float32 [out, in] */
+    SALOMI_W_F16 = 1,     /* data IEEE fp16 bits [out, in] */
+    SALOMI_W_SIGN = 2,    /* kernels.h layouts; scale fp16 [out, in/group] */
+    SALOMI_W_TERNARY = 3,
+    SALOMI_W_GRID = 4,    /* + zero fp16 [out, in/group], bits, optional perm int32 [in] */
+    SALOMI_W_VQ = 5,      /* codes [out, ceil(in/d*b/8)] b = max(1, ceil(log2 k)), codebook fp16 [k, d], scale fp16 [out] */
+};
+
+/* One projection (or the embedding / head). Field use depends on kind. */
+typedef struct {
+    int32_t kind;
+    int32_t bits;           /* grid: bits per code (1..8); vq: bits per code (1..16) */
+    int64_t out, in;
+    int64_t group;          /* sign / ternary / grid */
+    int64_t vq_d, vq_k;     /* vq */
+    const void *data;       /* see kind */
+    int64_t data_bytes;     /* byte size of data (checked) */
+    const uint16_t *scale;  /* fp16 bits */
+    int64_t scale_len;      /* elements (checked) */
+    const uint16_t *zero;   /* grid: fp16 bits, scale_len elements */
+    const int32_t *perm;    /* grid: NULL or int32 [in] */
+    const uint16_t *codebook; /* vq: fp16 bits [k, d] */
+    const float *bias;      /* NULL or float32 [out] */
+} salomi_weight;
+
+typedef struct {
+    int32_t n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab;
+    int32_t max_seq;        /* KV cache length (positions 0 .. max_seq-1) */
+    int32_t threads;        /* pool threads used per parallel op (>= 1) */
+    float rms_eps;
+    float attn_scale;       /* softmax scale, usually head_dim^-0.5 */
+    float rope_factor;      /* HF "attention_scaling": cos/sin are multiplied by it (1 by default) */
+    const float *inv_freq;  /* float32 [head_dim/2], exactly as the HF rotary embedding computes it */
+} salomi_engine_config;
+
+typedef struct salomi_engine salomi_engine;
+
+/* weights: 1 + 7*n_layers + 1 entries: embed_tokens, then per layer q, k, v, o, gate,
+ * up, down, then the head (the caller passes the embedding again when tied).
+ * norms: 2*n_layers + 1 float32 [hidden] pointers: per layer input_layernorm,
+ * post_attention_layernorm, then the final norm.
+ * Returns NULL on error and writes a one-line reason into err (errlen bytes). */
+salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salomi_weight *weights,
+                                    const float *const *norms, char *err, int errlen);
+void salomi_engine_free(salomi_engine *e);
+void salomi_engine_reset(salomi_engine *e); /* forget the KV cache (O(1)) */
+
+/* Run n tokens at positions pos0 .. pos0+n-1 (the cache must hold pos0 entries:
+ * pos0 <= current length; pos0 < length rewinds). logits: all_logits ? float32
+ * [n, vocab] : float32 [vocab] for the last token. Returns 0, or -1 (bad argument:
+ * token id or position out of range; see salomi_engine_error), -2 (out of memory),
+ * -3 (a kernel failed). */
+int salomi_engine_forward(salomi_engine *e, const int32_t *tokens, int64_t n, int64_t pos0, float *logits,
+                          int all_logits);
+int64_t salomi_engine_length(const salomi_engine *e); /* positions held in the KV cache */
+const char *salomi_engine_error(const salomi_engine *e);
+
+/* Profile (only collected when SALOMI_ENGINE_PROFILE=1 at create): cumulative seconds
+ * per stage into out[0..n): embed, norms, qkv, rope+attention, o_proj, gate/up, act,
+ * down, head, calls. Returns how many were written. */
+int salomi_engine_profile(const salomi_engine *e, double *out, int n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

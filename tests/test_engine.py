@@ -1,0 +1,290 @@
+"""Native engine (salomi.runtime.engine) against the Hugging Face dequant path.
+
+Every check compares the engine's logits with build_model(qf, "dequant") on the tiny
+Llama fixture: same weights, float32 everywhere, so the only differences are the order
+of float additions. Tolerance: |engine - reference| <= 1e-4 * max(1, max|reference|).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from salomi import api
+from salomi.errors import SalomiError
+from salomi.packing.model_file import QuantizedFile, build_model, load_quantized
+from salomi.runtime import kernels
+from salomi.runtime.engine import Engine, unsupported_reason
+
+REL_TOL = 1e-4
+IDS = torch.tensor([464, 3290, 531, 262, 3931, 11, 290, 340, 373, 257, 922, 1110, 13, 50, 7, 9999])
+
+
+def assert_close_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
+    tol = REL_TOL * max(1.0, float(ref.abs().max()))
+    err = float((got - ref).abs().max())
+    assert got.shape == ref.shape
+    assert err <= tol, f"max |engine - reference| = {err:.3g} > {tol:.3g}"
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_llama_dir: Path, packed: Path, austen_slice: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny Llama in each storage format the engine runs: sign, ternary, grid, vq."""
+    d = tmp_path_factory.mktemp("engine")
+    out = {"grid": packed}
+    for fmt, method in (("sign", "binary"), ("ternary", "ternary"), ("vq", "vq:d4:k16")):
+        f = d / f"{fmt}.salomi"
+        api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=4,
+                     seg_len=64, progress=False)
+        out[fmt] = f
+    return out
+
+
+def reference_logits(qf: QuantizedFile, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return build_model(qf, "dequant")(ids[None]).logits[0].float()
+
+
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid", "vq"])
+def test_prefill_and_decode_match_dequant(variants: dict[str, Path], fmt: str) -> None:
+    qf = load_quantized(variants[fmt])
+    assert {p.format for p in qf.packed.values()} == {fmt}
+    ref = reference_logits(qf, IDS)
+    eng = Engine.from_file(qf, max_seq=64)
+    assert_close_logits(eng.logits(IDS), ref)  # prefill: the M > 1 kernel path
+    assert eng.length == len(IDS)
+    eng.reset()
+    steps = torch.stack([eng.forward([int(t)]) for t in IDS])  # decode: one token at a time over the KV cache
+    assert_close_logits(steps, ref)
+    eng.reset()  # prefill a prefix, then continue token by token
+    last = eng.forward(IDS[:10])
+    assert_close_logits(last, ref[9])
+    assert_close_logits(eng.forward(IDS[10:], all_positions=True), ref[10:])
+
+
+def test_greedy_generation_matches_hf(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["sign"])
+    model = build_model(qf, "dequant")
+    ids = IDS[:6]
+    want: list[int] = []
+    with torch.inference_mode():
+        x, past = ids[None], None
+        for _ in range(12):
+            out = model(x, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = int(out.logits[0, -1].argmax())
+            want.append(nxt)
+            x = torch.tensor([[nxt]])
+    eng = Engine.from_file(qf, max_seq=64)
+    assert list(eng.generate(ids, max_new_tokens=12)) == want
+
+
+def test_scalar_isa_gives_same_logits(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["grid"])
+    ref = reference_logits(qf, IDS)
+    try:
+        kernels.set_isa("scalar")
+        assert kernels.isa() == "scalar"
+        eng = Engine.from_file(qf, max_seq=64)
+        assert_close_logits(eng.logits(IDS), ref)
+        eng.reset()
+        assert_close_logits(torch.stack([eng.forward([int(t)]) for t in IDS[:5]]), ref[:5])
+    finally:
+        kernels.set_isa("auto")
+
+
+def _rtn_packed(weight: np.ndarray, group: int = 32, bits: int = 4):  # noqa: ANN202
+    from salomi.quantizers.simple import RTNQuantizer
+
+    return RTNQuantizer(bits, group).quantize(torch.from_numpy(np.asarray(weight, dtype=np.float32)))
+
+
+def test_packed_embedding_and_head(variants: dict[str, Path]) -> None:
+    """Quantized embedding/head entries (model.embed_tokens / lm_head in qf.packed)."""
+    qf = load_quantized(variants["sign"])
+    emb = np.asarray(qf.floats["model.embed_tokens.weight"], dtype=np.float32)
+    model = build_model(qf, "dequant")
+    with torch.inference_mode():
+        # packed head, float embedding: logits = final hidden @ dequant(head)^T
+        head = _rtn_packed(emb)
+        qf2 = copy.copy(qf)
+        qf2.packed = dict(qf.packed, lm_head=head)
+        hidden = model.model(IDS[None]).last_hidden_state[0]
+        assert_close_logits(Engine.from_file(qf2, max_seq=32).logits(IDS), hidden @ head.dequantize().T)
+        # packed (tied) embedding: the lookup dequantizes one row; the head uses it too
+        qf3 = copy.copy(qf)
+        qf3.packed = dict(qf.packed, **{"model.embed_tokens": head})
+        w = head.dequantize()
+        hidden = model.model(inputs_embeds=w[IDS][None]).last_hidden_state[0]
+        assert_close_logits(Engine.from_file(qf3, max_seq=32).logits(IDS), hidden @ w.T)
+
+
+def test_wrong_architecture_is_one_line_error(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "gpt2.salomi"
+    api.quantize(model=str(tiny_gpt2_dir), method="binary", out=f, progress=False)
+    qf = load_quantized(f)
+    with pytest.raises(SalomiError) as e:
+        Engine.from_file(qf)
+    msg = str(e.value)
+    assert "\n" not in msg and "gpt2" in msg and "--runtime kernels" in msg
+    assert unsupported_reason(qf) is not None
+    assert api.resolve_runtime(qf, "auto") == "auto"  # auto falls back to the per-layer path
+    with pytest.raises(SalomiError):
+        api.resolve_runtime(qf, "engine")
+
+
+def test_corrupt_vq_code_rejected_at_load(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["vq"])
+    name = next(iter(qf.packed))
+    p = qf.packed[name]
+    assert int(p.params["k"]) == 16
+    # shrink the codebook to 12 entries and write code 15 (4-bit codes): out of range
+    codes = np.array(p.tensors["codes"])
+    codes[0, 0] = 0xFF
+    bad = copy.copy(p)
+    bad.tensors = dict(p.tensors, codes=codes, codebook=np.array(p.tensors["codebook"])[:12])
+    bad.params = dict(p.params, k=12)
+    qf.packed = dict(qf.packed, **{name: bad})
+    with pytest.raises(SalomiError, match="vq code >= codebook size 12"):
+        Engine.from_file(qf, max_seq=16)
+
+
+def test_bad_sizes_and_arguments_rejected(variants: dict[str, Path]) -> None:
+    qf = load_quantized(variants["ternary"])
+    eng = Engine.from_file(qf, max_seq=8)
+    with pytest.raises(SalomiError, match="KV cache of 8"):
+        eng.logits(IDS)  # 16 positions > max_seq 8
+    with pytest.raises(SalomiError, match="outside the vocabulary"):
+        eng.logits([eng.vocab])
+    eng.reset()
+    with pytest.raises(SalomiError, match="past the 0 cached positions"):
+        eng.forward([1], pos=3)
+    name = next(iter(qf.packed))
+    p = qf.packed[name]
+    bad = copy.copy(p)
+    bad.tensors = dict(p.tensors, trits=np.array(p.tensors["trits"])[:-1])  # one row short
+    qf.packed = dict(qf.packed, **{name: bad})
+    with pytest.raises(SalomiError):
+        Engine.from_file(qf, max_seq=8)
+
+
+def test_generate_cli_engine_runtime(variants: dict[str, Path], tmp_path: Path) -> None:
+    f = tmp_path / "m.salomi"
+    shutil.copy(variants["grid"], f)
+    pieces = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="engine"))
+    assert "runtime engine" in pieces[-1]
+    auto = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="auto"))
+    assert auto[:-1] == pieces[:-1] and "runtime engine" in auto[-1]
+    hf = list(api.generate(f, "The jury said", max_new_tokens=5, runtime="dequant"))
+    assert hf[:-1] == pieces[:-1]
+
+
+def test_default_rope_matches_hf(variants: dict[str, Path]) -> None:
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from salomi.runtime.engine import check_config, rope_inv_freq
+
+    cfg = dict(load_quantized(variants["sign"]).metadata["config"])
+    for theta in (10000.0, 100000.0):
+        c = dict(cfg, rope_parameters={"rope_theta": theta, "rope_type": "default"})
+        inv, scale = rope_inv_freq(check_config(c), c)
+        hf = LlamaRotaryEmbedding(config=AutoConfig.for_model(c.pop("model_type"), **c))
+        assert scale == hf.attention_scaling == 1.0
+        assert np.array_equal(inv, hf.inv_freq.numpy())  # bit-exact: same float32 arithmetic
+
+
+def test_eval_engine_runtime_matches_dequant(variants: dict[str, Path], tiny_llama_dir: Path,
+                                             brown_slice: Path) -> None:
+    from salomi.loading.models import load_reference
+
+    ref = load_reference(str(tiny_llama_dir))
+    kw = {"text": str(brown_slice), "seq_len": 96, "windows": 2, "progress": False, "reference": ref}
+    eng = api.evaluate_files([variants["ternary"]], runtime="engine", **kw)[0]
+    hf = api.evaluate_files([variants["ternary"]], runtime="dequant", **kw)[0]
+    assert eng["ppl"] == pytest.approx(hf["ppl"], rel=1e-4)
+    assert eng["kl"] == pytest.approx(hf["kl"], rel=1e-3, abs=1e-6)
+    assert eng["top1"] == hf["top1"]
+
+
+def test_attention_and_mlp_bias(gpt2_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """attention_bias / mlp_bias: biases stay float in the file and are added by the engine."""
+    from transformers import AutoModelForCausalLM, GPT2TokenizerFast, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, vocab_size=50257, max_position_embeddings=128, attention_bias=True,
+                      mlp_bias=True, tie_word_embeddings=False, rope_theta=500.0)
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)  # non-zero biases, so a dropped one fails the comparison
+    model.save_pretrained(tmp_path / "m")
+    GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_dir)).save_pretrained(tmp_path / "m")
+    f = tmp_path / "b.salomi"
+    api.quantize(model=str(tmp_path / "m"), method="rtn:3:g16", out=f, progress=False)
+    qf = load_quantized(f)
+    assert any(k.endswith("q_proj.bias") for k in qf.floats) and "lm_head.weight" in qf.floats
+    assert_close_logits(Engine.from_file(qf, max_seq=32).logits(IDS), reference_logits(qf, IDS))
+
+
+def test_c_driver_under_address_and_ub_sanitizers() -> None:
+    """bench/sanitize_engine.sh: engine.c + kernels.c + a C driver with ASan/UBSan, random tiny
+    shapes with every weight kind (exact-size buffers: any out-of-bounds read is an error)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    assert shutil.which("gcc"), "gcc is needed to build the sanitizer driver"
+    r = subprocess.run(["bash", str(root / "bench" / "sanitize_engine.sh"), "12", "7"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "OK: 12 cases, 0 failures" in r.stdout
+
+
+def test_matmul_batch_equals_separate_calls() -> None:
+    """salomi_matmul_batch (q/k/v, gate/up in one pool dispatch) is bit-identical to one call per layer."""
+    import ctypes
+
+    from salomi.quantizers.simple import BinaryQuantizer, TernaryQuantizer, pack_grid
+
+    torch.manual_seed(0)
+    inp = 96
+    layers = [BinaryQuantizer(32).quantize(torch.randn(40, inp)), TernaryQuantizer(48).quantize(torch.randn(24, inp))]
+    q = torch.randint(0, 8, (56, inp))
+    layers.append(pack_grid("t", q, torch.rand(56, inp // 16) + 0.1, torch.full((56, inp // 16), 3.0), 3, 16,
+                            perm=torch.randperm(inp)))
+    x = torch.randn(3, inp)
+
+    class Op(ctypes.Structure):
+        _fields_ = [("format", ctypes.c_int32), ("bits", ctypes.c_int32), ("in_", ctypes.c_int64),
+                    ("out", ctypes.c_int64), ("group", ctypes.c_int64), ("data", ctypes.c_void_p),
+                    ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p), ("perm", ctypes.c_void_p),
+                    ("y", ctypes.c_void_p)]
+
+    lib = kernels._load()
+    lib.salomi_matmul_batch.argtypes = [ctypes.POINTER(Op), ctypes.c_int, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int]
+    for m in (1, 3):
+        xm = x[:m].contiguous()
+        ops = (Op * len(layers))()
+        outs, preps = [], []
+        for i, p in enumerate(layers):
+            prep = kernels.prepare(p)
+            preps.append(prep)
+            y = torch.empty(m, prep.out_features)
+            outs.append(y)
+            ops[i] = Op({"sign": 0, "ternary": 1, "grid": 2}[prep.format], prep.bits, inp, prep.out_features,
+                        prep.group, prep.data.ctypes.data, prep.scale.ctypes.data,
+                        None if prep.zero is None else prep.zero.ctypes.data,
+                        None if prep.perm is None else prep.perm.ctypes.data, y.data_ptr())
+        assert lib.salomi_matmul_batch(ops, len(layers), xm.data_ptr(), m, 2) == 0
+        for p, y in zip(layers, outs):
+            assert torch.equal(y, kernels.packed_matmul(xm, p, threads=2))
+            assert torch.allclose(y, xm @ p.dequantize().T, rtol=1e-4, atol=1e-4)
