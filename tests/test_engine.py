@@ -106,7 +106,7 @@ def _rtn_packed(weight: np.ndarray, group: int = 32, bits: int = 4):  # noqa: AN
 
 
 def test_packed_embedding_and_head(variants: dict[str, Path]) -> None:
-    """Quantized embedding/head entries (model.embed_tokens / lm_head in qf.packed)."""
+    """Quantized embedding/head entries (model.embed_tokens / lm_head in qf.embeddings)."""
     qf = load_quantized(variants["sign"])
     emb = np.asarray(qf.floats["model.embed_tokens.weight"], dtype=np.float32)
     model = build_model(qf, "dequant")
@@ -114,15 +114,25 @@ def test_packed_embedding_and_head(variants: dict[str, Path]) -> None:
         # packed head, float embedding: logits = final hidden @ dequant(head)^T
         head = _rtn_packed(emb)
         qf2 = copy.copy(qf)
-        qf2.packed = dict(qf.packed, lm_head=head)
+        qf2.embeddings = {"lm_head": head}
         hidden = model.model(IDS[None]).last_hidden_state[0]
         assert_close_logits(Engine.from_file(qf2, max_seq=32).logits(IDS), hidden @ head.dequantize().T)
         # packed (tied) embedding: the lookup dequantizes one row; the head uses it too
         qf3 = copy.copy(qf)
-        qf3.packed = dict(qf.packed, **{"model.embed_tokens": head})
+        qf3.embeddings = {"model.embed_tokens": head}
         w = head.dequantize()
         hidden = model.model(inputs_embeds=w[IDS][None]).last_hidden_state[0]
         assert_close_logits(Engine.from_file(qf3, max_seq=32).logits(IDS), hidden @ w.T)
+
+
+def test_file_with_packed_embeddings_matches_dequant(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    f = tmp_path / "emb.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="binary:g32", out=f, progress=False, embed="rtn:4:g32")
+    qf = load_quantized(f)
+    assert "model.embed_tokens" in qf.embeddings and "model.embed_tokens.weight" not in qf.floats
+    with torch.inference_mode():
+        ref = build_model(qf, "dequant")(IDS[None]).logits[0]
+    assert_close_logits(Engine.from_file(qf, max_seq=32).logits(IDS), ref)
 
 
 def test_wrong_architecture_is_one_line_error(tiny_gpt2_dir: Path, tmp_path: Path) -> None:

@@ -181,7 +181,7 @@ def unsupported_reason(qf: QuantizedFile) -> str | None:
         check_config(qf.metadata["config"])
     except SalomiError as e:
         return str(e)
-    for name, p in qf.packed.items():
+    for name, p in {**qf.packed, **qf.embeddings}.items():
         if p.format not in ENGINE_FORMATS:
             return f"layer {name} has storage format {p.format!r}"
     return None
@@ -238,7 +238,7 @@ class Engine:
             ins = (H, H, H, nh * hd, H, H, inter)
             for j, proj in enumerate(PROJ):
                 weights[1 + 7 * layer + j] = self._weight(f"model.layers.{layer}.{proj}", outs[j], ins[j])
-        if "lm_head" in qf.packed or "lm_head.weight" in qf.floats or not arch.tied:
+        if "lm_head" in qf.packed or "lm_head" in qf.embeddings or "lm_head.weight" in qf.floats or not arch.tied:
             weights[7 * L + 1] = self._weight("lm_head", vocab, H)
         else:
             weights[7 * L + 1] = weights[0]
@@ -283,7 +283,7 @@ class Engine:
     def _weight(self, name: str, out: int, inp: int) -> _Weight:
         w = _Weight()
         w.out, w.in_ = out, inp
-        p = self.qf.packed.get(name)
+        p = self.qf.packed.get(name) or self.qf.embeddings.get(name)  # embeddings: `salomi quantize --embed`
         if p is None:
             key = f"{name}.weight"
             if key not in self.qf.floats:
