@@ -1,0 +1,528 @@
+/* int8-activation GEMV / small-M kernels for the sign and ternary formats
+ * (salomi_sign_matmul_i8, salomi_ternary_matmul_i8; API in kernels.h).
+ *
+ * Why: the float kernels of kernels.c decode every 1-2-bit weight to a float and FMA
+ * it, which is compute bound far below memory bandwidth. Here the activation row is
+ * quantized once per call to int8 and the dot products run in integer SIMD, where one
+ * instruction handles 16-32 weights (bitnet.cpp / llama.cpp TQ style; a T-MAC table
+ * lookup needs the weights re-laid out across rows, which the packed format is not).
+ *
+ * Activation quantization (documented contract, mirrored by tests/test_kernels_lut.py):
+ *   block = the weight's scale group g (G columns; G = in gives one scale per row),
+ *   amax_g = max |x_j| over the group, sx_g = amax_g / 127,
+ *   xq_j = round_half_even(x_j * (127 / amax_g)) in [-127, 127]  (all-zero group: 0).
+ * Using the weight group as the block costs nothing: a float multiply per group is
+ * already needed for the weight scale. Error vs the float kernel per output:
+ *   |y - y_float| <= sum_g |s_g| * sx_g / 2 * sum_{j in g} |q_j|  (+ float rounding),
+ * i.e. at most amax_g / 254 per unit of |w|. Non-finite activations give NaN outputs.
+ *
+ * Integer formulation (exact, any summation order gives the same integers):
+ *   sign:    w = s (2b - 1), b in {0,1}:  sum_j x_j w_j = s sx (2 sum_j b_j xq_j - X_g)
+ *   ternary: w = s (t - 1), t in {0,1,2}: sum_j x_j w_j = s sx (sum_j t_j xq_j - X_g)
+ * with X_g = sum_{j in g} xq_j (row independent, folded into one per-row correction).
+ * Ternary bytes hold 5 base-3 digits t_k = f_k - 3 f_{k+1}, f_k = floor(byte / 3^k),
+ * so sum_k t_k x_k = sum_k f_k (x_k - 3 x_{k-1}) (x_{-1} = 0): the activations are
+ * transformed once per call and the weights need only four exact mulhi divisions
+ * (f_k = mulhi(byte, ceil(2^16 / 3^k)), exact for bytes < 256), no digit extraction.
+ *
+ * Layout: for each group the activations are copied into "slots" that line up with
+ * whole weight bytes: the group's bytes [b0, b1) (a ternary byte or sign byte that
+ * straddles a group edge belongs to both groups, with the other group's columns zeroed)
+ * padded to whole SIMD chunks with zeros. So any G works with one inner loop; weight
+ * bytes read past the group are multiplied by zero, and chunks whose load would leave
+ * the row are read from a zero-padded copy (no out-of-bounds reads).
+ *
+ * Float part and determinism: the AVX2 and scalar paths compute the same integers per
+ * lane (int32 lane l of a chunk = sign columns [4l, 4l+4) / ternary slots [2l, 2l+2))
+ * and then the same float operations in the same order (per-lane fma with the group
+ * scale, the same horizontal sum, the same correction), so forcing the scalar ISA
+ * gives bit-identical results. AVX-512 has no int8 kernel here: it uses the AVX2 one.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels.h"
+#include "kernels_internal.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define LUT_X86 1
+#include <immintrin.h>
+#else
+#define LUT_X86 0
+#endif
+
+#define MAX_THREADS 64
+#define SIGN_CB 4    /* weight bytes per sign chunk: 32 columns = one __m256i of int8 activations */
+#define TERN_CB 16   /* weight bytes per ternary chunk: 16 int16 lanes, 80 columns */
+#define TERN_PLANES 5
+#define SIGN_FLUSH 64 /* sign chunks per int16 accumulator flush: 64 * 2 * 127 < 32767 */
+
+enum { LFMT_SIGN, LFMT_TERNARY };
+
+/* Where a group's weight bytes and activation slots are. */
+typedef struct {
+    int64_t b0;    /* first weight byte of the group in a row */
+    int64_t nch;   /* chunks (SIGN_CB / TERN_CB bytes each) */
+    int64_t nsafe; /* leading chunks whose full load stays inside the row */
+    int64_t off;   /* offset of the group's slots in a quantized activation row (elements) */
+} gmeta_t;
+
+typedef struct {
+    int fmt;
+    int64_t in, out, G, ng, ngp, rb; /* ngp = ng rounded up to 8 (padded per-group arrays) */
+    const uint8_t *data;
+    const uint16_t *scale;
+    int64_t M;
+    const gmeta_t *gm;
+    const void *xs;   /* M rows of slots: int8 (sign) or int16 (ternary), stride xstride */
+    int64_t xstride;
+    const float *gs;  /* [M][ngp] float multiplier of the integer group sum: 2 sx (sign) or sx */
+    const float *xc;  /* [M][ngp] sx_g * X_g, 0 in the padding: the per-row correction */
+    float *y;
+    int isa;
+} ljob_t;
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t roundup(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
+/* ------------------------------------------------------------------ per-call preparation */
+
+/* Group byte ranges and slot offsets. Sign: byte b = columns [8b, 8b+8); ternary: [5b, 5b+5). */
+static int64_t plan_groups(const ljob_t *J, gmeta_t *gm) {
+    const int64_t cpb = J->fmt == LFMT_SIGN ? 8 : 5, cb = J->fmt == LFMT_SIGN ? SIGN_CB : TERN_CB;
+    const int64_t per_chunk = J->fmt == LFMT_SIGN ? 32 : TERN_CB * TERN_PLANES; /* slot elements per chunk */
+    int64_t off = 0;
+    for (int64_t g = 0; g < J->ng; g++) {
+        int64_t b0 = g * J->G / cpb, b1 = ((g + 1) * J->G + cpb - 1) / cpb;
+        gm[g].b0 = b0;
+        gm[g].nch = (b1 - b0 + cb - 1) / cb;
+        gm[g].nsafe = max64(0, min64(gm[g].nch, (J->rb - b0) / cb));
+        gm[g].off = off;
+        off += gm[g].nch * per_chunk;
+    }
+    return off;
+}
+
+/* Quantize one group of activations to int8 (see the header comment); returns
+ * sum_j xq_j, sets *amax and *bad (any inf / NaN). Portable version. */
+static int32_t quant_group_scalar(const float *xg, int64_t G, int8_t *q, float *amax_out, int *bad_out) {
+    float amax = 0.0f;
+    int bad = 0;
+    for (int64_t j = 0; j < G; j++) {
+        const float a = fabsf(xg[j]);
+        bad |= !(a <= 3.4e38f); /* inf or NaN */
+        amax = a > amax ? a : amax;
+    }
+    *amax_out = amax, *bad_out = bad;
+    if (!(amax > 0.0f) || bad) {
+        for (int64_t j = 0; j < G; j++) q[j] = 0;
+        return 0;
+    }
+    const float inv = 127.0f / amax;
+    int32_t X = 0;
+    for (int64_t j = 0; j < G; j++) {
+        /* |x * inv| <= 127 (+ rounding): adding 1.5 * 2^23 rounds to an integer, half to
+         * even, exactly like nearbyintf in the default mode (and cvtps2dq) without a call */
+        float v = (xg[j] * inv + 12582912.0f) - 12582912.0f;
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[j] = (int8_t)v;
+        X += q[j];
+    }
+    return X;
+}
+
+#if LUT_X86
+__attribute__((target("avx2,fma,f16c"))) static int32_t quant_group_avx2(const float *xg, int64_t G, int8_t *q,
+                                                                         float *amax_out, int *bad_out) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.4e38f);
+    __m256 mx = _mm256_setzero_ps(), badv = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= G; j += 8) {
+        const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xg + j), absmask);
+        badv = _mm256_or_ps(badv, _mm256_cmp_ps(a, big, _CMP_NLE_UQ)); /* a > big or NaN */
+        mx = _mm256_max_ps(mx, a);                                     /* max is exact: any order */
+    }
+    float m8[8];
+    _mm256_storeu_ps(m8, mx);
+    float amax = 0.0f;
+    int bad = _mm256_movemask_ps(badv) != 0;
+    for (int l = 0; l < 8; l++) amax = m8[l] > amax ? m8[l] : amax;
+    for (; j < G; j++) {
+        const float a = fabsf(xg[j]);
+        bad |= !(a <= 3.4e38f);
+        amax = a > amax ? a : amax;
+    }
+    *amax_out = amax, *bad_out = bad;
+    if (!(amax > 0.0f) || bad) {
+        for (int64_t j = 0; j < G; j++) q[j] = 0;
+        return 0;
+    }
+    const float inv = 127.0f / amax;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    __m256i Xv = _mm256_setzero_si256();
+    for (j = 0; j + 8 <= G; j += 8) {
+        /* cvtps2dq rounds half to even (default MXCSR), same as the scalar formula */
+        __m256i r = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + j), vinv));
+        r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
+        Xv = _mm256_add_epi32(Xv, r);
+        __m128i p = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storel_epi64((__m128i *)(q + j), _mm_packs_epi16(p, p));
+    }
+    int32_t x8[8], X = 0;
+    _mm256_storeu_si256((__m256i *)x8, Xv);
+    for (int l = 0; l < 8; l++) X += x8[l];
+    for (; j < G; j++) {
+        float v = (xg[j] * inv + 12582912.0f) - 12582912.0f;
+        v = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+        q[j] = (int8_t)v;
+        X += q[j];
+    }
+    return X;
+}
+#endif
+
+/* Ternary slots of one group: plane k of the slot of byte b holds x_k - 3 x_{k-1} for
+ * the columns 5b + k inside the group (0 for columns of other groups). */
+static void ternary_slots(const int8_t *xq, int64_t lo, int64_t hi, const gmeta_t *m, int16_t *s) {
+    memset(s, 0, sizeof(int16_t) * (size_t)(m->nch * TERN_CB * TERN_PLANES));
+    const int64_t b1 = (hi + 4) / 5;
+    for (int64_t b = m->b0; b < b1; b++) {
+        const uint64_t slot = (uint64_t)(b - m->b0);
+        int16_t *d = s + (slot / TERN_CB) * TERN_CB * TERN_PLANES + slot % TERN_CB;
+        int prev = 0;
+        for (int k = 0; k < TERN_PLANES; k++) {
+            const int64_t col = 5 * b + k;
+            const int xk = (col >= lo && col < hi) ? xq[col] : 0;
+            d[k * TERN_CB] = (int16_t)(xk - 3 * prev);
+            prev = xk;
+        }
+    }
+}
+
+/* Quantize one activation row group by group and write its slots, the per-group
+ * multipliers gs and corrections xc. Every ISA produces the same integers. */
+static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, void *slots, float *gs, float *xc,
+                         int8_t *xq) {
+    const int64_t G = J->G;
+    for (int64_t g = 0; g < J->ng; g++) {
+        float amax;
+        int bad;
+        int32_t X;
+#if LUT_X86
+        if (J->isa >= SALOMI_ISA_AVX2) X = quant_group_avx2(x + g * G, G, xq + g * G, &amax, &bad);
+        else
+#endif
+            X = quant_group_scalar(x + g * G, G, xq + g * G, &amax, &bad);
+        const float sx = bad ? NAN : amax / 127.0f;
+        gs[g] = J->fmt == LFMT_SIGN ? 2.0f * sx : sx;
+        xc[g] = sx * (float)X;
+    }
+    for (int64_t g = J->ng; g < J->ngp; g++) gs[g] = 0.0f, xc[g] = 0.0f;
+
+    for (int64_t g = 0; g < J->ng; g++) {
+        const int64_t lo = g * G; /* the group's columns are [lo, lo + G) */
+        if (J->fmt == LFMT_SIGN) {
+            int8_t *s = (int8_t *)slots + gm[g].off;
+            const int64_t c0 = 8 * gm[g].b0, n = gm[g].nch * 32; /* slot i = column c0 + i */
+            memset(s, 0, (size_t)n);
+            memcpy(s + (lo - c0), xq + lo, (size_t)G);
+        } else {
+            ternary_slots(xq, lo, lo + G, &gm[g], (int16_t *)slots + gm[g].off);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ float epilogue (shared) */
+
+/* y = hsum(yv) - sum_g s_g xc_g with the lane order of the AVX2 path (hsum8 of kernels.c
+ * and an 8-lane fma over groups). Scalar fmaf = the hardware FMA: both correctly rounded. */
+static float hsum8_ref(const float v[8]) {
+    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+static float correction_ref(const uint16_t *sc, const float *xc, int64_t ng, int64_t ngp) {
+    float cv[8] = {0};
+    for (int64_t g = 0; g < ngp; g++) {
+        float s = g < ng ? salomi_h2f(sc[g]) : 0.0f;
+        cv[g % 8] = fmaf(s, xc[g], cv[g % 8]);
+    }
+    return hsum8_ref(cv);
+}
+
+/* ------------------------------------------------------------------ portable path */
+
+static inline uint8_t wbyte(const uint8_t *row, int64_t rb, int64_t b) { return b < rb ? row[b] : 0; }
+
+static void sign_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                            float *y) {
+    const uint8_t *row = J->data + o * J->rb;
+    const uint16_t *sc = J->scale + o * J->ng;
+    float yv[8] = {0};
+    for (int64_t g = 0; g < J->ng; g++) {
+        const gmeta_t *m = &J->gm[g];
+        const int8_t *x = xs + m->off;
+        int32_t a[8] = {0};
+        for (int64_t c = 0; c < m->nch; c++)
+            for (int i = 0; i < 32; i++) {
+                const int b = (wbyte(row, J->rb, m->b0 + c * SIGN_CB + i / 8) >> (i % 8)) & 1;
+                a[i / 4] += b * x[c * 32 + i];
+            }
+        const float s2 = salomi_h2f(sc[g]) * gs[g];
+        for (int l = 0; l < 8; l++) yv[l] = fmaf(s2, (float)a[l], yv[l]);
+    }
+    y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng, J->ngp);
+}
+
+static void ternary_row_scalar(const ljob_t *J, const int16_t *xs, const float *gs, const float *xc, int64_t o,
+                               float *y) {
+    static const int pow3[TERN_PLANES] = {1, 3, 9, 27, 81};
+    const uint8_t *row = J->data + o * J->rb;
+    const uint16_t *sc = J->scale + o * J->ng;
+    float yv[8] = {0};
+    for (int64_t g = 0; g < J->ng; g++) {
+        const gmeta_t *m = &J->gm[g];
+        int32_t a[8] = {0};
+        for (int64_t c = 0; c < m->nch; c++) {
+            const int16_t *x = xs + m->off + c * TERN_CB * TERN_PLANES;
+            for (int i = 0; i < TERN_CB; i++) {
+                const int b = wbyte(row, J->rb, m->b0 + c * TERN_CB + i);
+                for (int k = 0; k < TERN_PLANES; k++) a[i / 2] += (b / pow3[k]) * x[k * TERN_CB + i];
+            }
+        }
+        const float s2 = salomi_h2f(sc[g]) * gs[g];
+        for (int l = 0; l < 8; l++) yv[l] = fmaf(s2, (float)a[l], yv[l]);
+    }
+    y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng, J->ngp);
+}
+
+/* ------------------------------------------------------------------ AVX2 */
+#if LUT_X86
+
+#define A2 __attribute__((target("avx2,fma,f16c")))
+#define A2I static inline __attribute__((target("avx2,fma,f16c"), always_inline))
+
+A2I float hsum8_avx2(__m256 v) { /* same association as hsum8_ref */
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    a = _mm_add_ss(a, _mm_movehdup_ps(a));
+    return _mm_cvtss_f32(a);
+}
+
+/* The correction with 8 groups per step: F16C converts 8 scales at once. */
+A2I float correction_avx2(const uint16_t *sc, const float *xc, int64_t ng, int64_t ngp) {
+    __m256 cv = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8)
+        cv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g))), _mm256_loadu_ps(xc + g), cv);
+    if (g < ngp) { /* ragged tail: scales from a zero-padded copy, never read past the row */
+        uint16_t t[8] = {0};
+        memcpy(t, sc + g, sizeof(uint16_t) * (size_t)(ng - g));
+        cv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)), _mm256_loadu_ps(xc + g), cv);
+    }
+    return hsum8_avx2(cv);
+}
+
+/* out[i] = scale[g + i] * gs[g + i] for the 8 groups from g (zero past ng): one F16C
+ * conversion per 8 groups instead of a scalar conversion per group. Same float product
+ * as the scalar path (h2f is exact, one rounded multiply). */
+A2I void scales8(const uint16_t *sc, int64_t g, int64_t ng, const float *gs, float out[8]) {
+    __m128i h;
+    if (g + 8 <= ng) h = _mm_loadu_si128((const __m128i *)(sc + g));
+    else {
+        uint16_t t[8] = {0};
+        memcpy(t, sc + g, sizeof(uint16_t) * (size_t)(ng - g));
+        h = _mm_loadu_si128((const __m128i *)t);
+    }
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(gs + g)));
+}
+
+/* 32 sign bits (4 bytes) -> 32 bytes of 0/1: byte i of the result = bit i. */
+A2I __m256i sign_expand(uint32_t w) {
+    const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, /* lane 0: bytes 0,1 */
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3); /* lane 1: bytes 2,3 */
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)w), shuf);
+    return _mm256_min_epu8(_mm256_and_si256(v, bit), _mm256_set1_epi8(1));
+}
+
+/* R (1..4) consecutive output rows of one activation row. The activation chunk is
+ * loaded once for the R rows; maddubs(0/1 bytes, int8 x) gives exact int16 pair sums
+ * that are widened to int32 (madd with ones) every SIGN_FLUSH chunks and per group. */
+A2I void sign_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o, const int R,
+                        float *y) {
+    const int64_t rb = J->rb, ng = J->ng;
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const uint8_t *row[4];
+    __m256 yv[4];
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    float s2[4][8] __attribute__((aligned(32)));
+    for (int64_t g = 0; g < ng; g++) {
+        if (g % 8 == 0)
+            for (int r = 0; r < R; r++) scales8(J->scale + (o + r) * ng, g, ng, gs, s2[r]);
+        const gmeta_t m = J->gm[g];
+        const int8_t *x = xs + m.off;
+        __m256i a16[4], a32[4];
+        for (int r = 0; r < R; r++) a16[r] = a32[r] = _mm256_setzero_si256();
+        /* whole chunks, widened to int32 every SIGN_FLUSH chunks (groups of up to
+         * 64 * 32 columns never need the int32 accumulator inside the loop) */
+        for (int64_t c0 = 0; c0 < m.nsafe; c0 += SIGN_FLUSH) {
+            if (c0 > 0)
+                for (int r = 0; r < R; r++)
+                    a32[r] = _mm256_add_epi32(a32[r], _mm256_madd_epi16(a16[r], one16)), a16[r] = _mm256_setzero_si256();
+            const int64_t c1 = min64(c0 + SIGN_FLUSH, m.nsafe);
+            for (int64_t c = c0; c < c1; c++) {
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
+                for (int r = 0; r < R; r++) {
+                    uint32_t w;
+                    memcpy(&w, row[r] + m.b0 + SIGN_CB * c, 4);
+                    a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(sign_expand(w), xv));
+                }
+            }
+        }
+        for (int64_t c = m.nsafe; c < m.nch; c++) { /* at most one chunk: the last bytes of the row */
+            if (c > 0 && c % SIGN_FLUSH == 0)
+                for (int r = 0; r < R; r++)
+                    a32[r] = _mm256_add_epi32(a32[r], _mm256_madd_epi16(a16[r], one16)), a16[r] = _mm256_setzero_si256();
+            const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + 32 * c));
+            for (int r = 0; r < R; r++) {
+                uint32_t w = 0;
+                memcpy(&w, row[r] + m.b0 + SIGN_CB * c, (size_t)(rb - (m.b0 + SIGN_CB * c)));
+                a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(sign_expand(w), xv));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256i t = _mm256_add_epi32(a32[r], _mm256_madd_epi16(a16[r], one16));
+            yv[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s2[r][g % 8]), _mm256_cvtepi32_ps(t), yv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
+}
+
+/* 16 ternary bytes -> int32 lanes += sum_k floor(b / 3^k) * x'_k (pairs of bytes per lane). */
+A2I __m256i tern_chunk(__m256i acc, __m128i bytes, const __m256i x[TERN_PLANES]) {
+    const __m256i b = _mm256_cvtepu8_epi16(bytes);
+    const __m256i f1 = _mm256_mulhi_epu16(b, _mm256_set1_epi16(21846)); /* ceil(2^16/3)  */
+    const __m256i f2 = _mm256_mulhi_epu16(b, _mm256_set1_epi16(7282));  /* ceil(2^16/9)  */
+    const __m256i f3 = _mm256_mulhi_epu16(b, _mm256_set1_epi16(2428));  /* ceil(2^16/27) */
+    const __m256i f4 = _mm256_mulhi_epu16(b, _mm256_set1_epi16(810));   /* ceil(2^16/81) */
+    __m256i s = _mm256_add_epi32(_mm256_madd_epi16(b, x[0]), _mm256_madd_epi16(f1, x[1]));
+    s = _mm256_add_epi32(s, _mm256_add_epi32(_mm256_madd_epi16(f2, x[2]), _mm256_madd_epi16(f3, x[3])));
+    return _mm256_add_epi32(acc, _mm256_add_epi32(s, _mm256_madd_epi16(f4, x[4])));
+}
+
+A2I void ternary_rows_avx2(const ljob_t *J, const int16_t *xs, const float *gs, const float *xc, int64_t o,
+                           const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng;
+    const uint8_t *row[4];
+    __m256 yv[4];
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    float s2[4][8] __attribute__((aligned(32)));
+    for (int64_t g = 0; g < ng; g++) {
+        if (g % 8 == 0)
+            for (int r = 0; r < R; r++) scales8(J->scale + (o + r) * ng, g, ng, gs, s2[r]);
+        const gmeta_t m = J->gm[g];
+        __m256i a32[4];
+        for (int r = 0; r < R; r++) a32[r] = _mm256_setzero_si256();
+        for (int64_t c = 0; c < m.nch; c++) {
+            const int16_t *xp = xs + m.off + c * TERN_CB * TERN_PLANES;
+            __m256i xv[TERN_PLANES];
+            for (int k = 0; k < TERN_PLANES; k++) xv[k] = _mm256_loadu_si256((const __m256i *)(xp + k * TERN_CB));
+            if (c < m.nsafe) {
+                for (int r = 0; r < R; r++)
+                    a32[r] = tern_chunk(a32[r], _mm_loadu_si128((const __m128i *)(row[r] + m.b0 + TERN_CB * c)), xv);
+            } else {
+                for (int r = 0; r < R; r++) { /* last bytes of the row, from a zero-padded copy */
+                    uint8_t t[TERN_CB] = {0};
+                    memcpy(t, row[r] + m.b0 + TERN_CB * c, (size_t)(rb - (m.b0 + TERN_CB * c)));
+                    a32[r] = tern_chunk(a32[r], _mm_loadu_si128((const __m128i *)t), xv);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            yv[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s2[r][g % 8]), _mm256_cvtepi32_ps(a32[r]), yv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
+}
+
+A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const float *xc, int64_t o0, int64_t o1,
+                         float *y) {
+    int64_t o = o0;
+    if (J->fmt == LFMT_SIGN) {
+        for (; o + 4 <= o1; o += 4) sign_rows_avx2(J, xs, gs, xc, o, 4, y);
+        for (; o < o1; o++) sign_rows_avx2(J, xs, gs, xc, o, 1, y);
+    } else {
+        for (; o + 4 <= o1; o += 4) ternary_rows_avx2(J, xs, gs, xc, o, 4, y);
+        for (; o < o1; o++) ternary_rows_avx2(J, xs, gs, xc, o, 1, y);
+    }
+}
+#endif /* LUT_X86 */
+
+/* ------------------------------------------------------------------ driver */
+
+static void lut_task(void *ctx, int tid, int nt) {
+    const ljob_t *J = ctx;
+    const int64_t per = roundup((J->out + nt - 1) / nt, 8); /* contiguous ranges, no shared lines in y */
+    const int64_t o0 = tid * per, o1 = min64(J->out, o0 + per);
+    const size_t esz = J->fmt == LFMT_SIGN ? 1 : 2;
+    for (int64_t m = 0; m < J->M && o0 < o1; m++) { /* small M: one pass over the rows per activation row */
+        const void *xs = (const char *)J->xs + (size_t)(m * J->xstride) * esz;
+        const float *gs = J->gs + m * J->ngp, *xc = J->xc + m * J->ngp;
+        float *y = J->y + m * J->out;
+#if LUT_X86
+        if (J->isa >= SALOMI_ISA_AVX2) { rows_avx2(J, xs, gs, xc, o0, o1, y); continue; }
+#endif
+        for (int64_t o = o0; o < o1; o++) {
+            if (J->fmt == LFMT_SIGN) sign_row_scalar(J, xs, gs, xc, o, y);
+            else ternary_row_scalar(J, xs, gs, xc, o, y);
+        }
+    }
+}
+
+static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *data,
+                  const uint16_t *scale, int64_t G, float *y, int threads) {
+    if (!x || !y || !data || !scale || M < 0 || in < 1 || out < 1 || G < 1 || in % G) return -1;
+    if (in > (INT64_C(1) << 24)) return -1; /* keeps every int32 lane sum exact (|sum| < 2^31) */
+    if (M == 0) return 0;
+    ljob_t J = {.fmt = fmt, .in = in, .out = out, .G = G, .ng = in / G, .data = data, .scale = scale, .M = M, .y = y};
+    J.ngp = roundup(J.ng, 8);
+    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : (in + 4) / 5;
+    gmeta_t *gm = malloc(sizeof(gmeta_t) * (size_t)J.ng);
+    if (!gm) return -2;
+    J.gm = gm;
+    J.xstride = roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows of slots */
+    const size_t esz = fmt == LFMT_SIGN ? 1 : 2;
+    if (M > INT64_MAX / 8 / (J.xstride + J.ngp)) { free(gm); return -1; }
+    void *xs = aligned_alloc(64, (size_t)(M * J.xstride) * esz);
+    float *gs = malloc(sizeof(float) * (size_t)(M * J.ngp)), *xc = malloc(sizeof(float) * (size_t)(M * J.ngp));
+    int8_t *xq = malloc((size_t)in);
+    int rc = 0;
+    if (!xs || !gs || !xc || !xq) { rc = -2; goto done; }
+    J.isa = salomi_get_isa();
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(&J, gm, x + m * in, (char *)xs + (size_t)(m * J.xstride) * esz, gs + m * J.ngp,
+                     xc + m * J.ngp, xq);
+    J.xs = xs, J.gs = gs, J.xc = xc;
+    int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (nt > (out + 7) / 8) nt = (int)((out + 7) / 8); /* no point in more threads than 8-row ranges */
+    salomi_internal_run_parallel(lut_task, &J, nt);
+done:
+    free(xq), free(xc), free(gs), free(xs), free(gm);
+    return rc;
+}
+
+int salomi_sign_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *bits,
+                          const uint16_t *scale, int64_t group, float *y, int threads) {
+    return run_i8(LFMT_SIGN, x, M, in, out, bits, scale, group, y, threads);
+}
+
+int salomi_ternary_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *trits,
+                             const uint16_t *scale, int64_t group, float *y, int threads) {
+    return run_i8(LFMT_TERNARY, x, M, in, out, trits, scale, group, y, threads);
+}
