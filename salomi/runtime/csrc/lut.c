@@ -451,10 +451,67 @@ A2I void ternary_rows_avx2(const ljob_t *J, const int16_t *xs, const float *gs, 
         y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
 }
 
+/* Fast path for the common layout: G a multiple of 32 columns (at most SIGN_FLUSH chunks)
+ * and in % 32 == 0, so group g is exactly chunks [g*G/32, (g+1)*G/32) of the row and of
+ * the slots, every load stays inside the row and one int16 accumulator covers a group.
+ * CPG (chunks per group) is a compile-time constant for the usual G = 32/64/128, so the
+ * group body is fully unrolled. Same integers and float operations as sign_rows_avx2. */
+A2I void sign_rows_aligned(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                           const int R, float *y, const int64_t CPG) {
+    const int64_t rb = J->rb, ng = J->ng;
+    const __m256i one16 = _mm256_set1_epi16(1);
+    const uint8_t *row[4];
+    __m256 yv[4];
+    float s2[4][8] __attribute__((aligned(32)));
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        if (g % 8 == 0)
+            for (int r = 0; r < R; r++) scales8(J->scale + (o + r) * ng, g, ng, gs, s2[r]);
+        __m256i a16[4];
+        for (int r = 0; r < R; r++) a16[r] = _mm256_setzero_si256();
+        const int64_t c0 = g * CPG;
+#pragma GCC unroll 4
+        for (int64_t c = c0; c < c0 + CPG; c++) {
+            const __m256i xv = _mm256_load_si256((const __m256i *)(xs + 32 * c));
+            for (int r = 0; r < R; r++) {
+                uint32_t w;
+                memcpy(&w, row[r] + SIGN_CB * c, 4);
+                a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(sign_expand(w), xv));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            yv[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s2[r][g % 8]),
+                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r], one16)), yv[r]);
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
+}
+
+A2 static void sign_aligned(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o0,
+                            int64_t o1, float *y) {
+    const int64_t cpg = J->G / 32;
+    int64_t o = o0;
+#define SIGN_ALIGNED(CPG)                                                                                             \
+    for (; o + 4 <= o1; o += 4) sign_rows_aligned(J, xs, gs, xc, o, 4, y, CPG);                                      \
+    for (; o < o1; o++) sign_rows_aligned(J, xs, gs, xc, o, 1, y, CPG)
+    if (cpg == 1) { SIGN_ALIGNED(1); }
+    else if (cpg == 2) { SIGN_ALIGNED(2); }
+    else if (cpg == 4) { SIGN_ALIGNED(4); }
+    else { SIGN_ALIGNED(cpg); }
+#undef SIGN_ALIGNED
+}
+
+/* Can sign_aligned run this layer? */
+static int sign_is_aligned(const ljob_t *J) {
+    return J->fmt == LFMT_SIGN && J->G % 32 == 0 && J->G / 32 <= SIGN_FLUSH && J->in % 32 == 0;
+}
+
 A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const float *xc, int64_t o0, int64_t o1,
                          float *y) {
     int64_t o = o0;
-    if (J->fmt == LFMT_SIGN) {
+    if (sign_is_aligned(J)) {
+        sign_aligned(J, xs, gs, xc, o0, o1, y);
+    } else if (J->fmt == LFMT_SIGN) {
         for (; o + 4 <= o1; o += 4) sign_rows_avx2(J, xs, gs, xc, o, 4, y);
         for (; o < o1; o++) sign_rows_avx2(J, xs, gs, xc, o, 1, y);
     } else {
