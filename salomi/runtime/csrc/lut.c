@@ -244,12 +244,9 @@ static float hsum8_ref(const float v[8]) {
     return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
 }
 
-static float correction_ref(const uint16_t *sc, const float *xc, int64_t ng, int64_t ngp) {
+static float correction_ref(const uint16_t *sc, const float *xc, int64_t ng) {
     float cv[8] = {0};
-    for (int64_t g = 0; g < ngp; g++) {
-        float s = g < ng ? salomi_h2f(sc[g]) : 0.0f;
-        cv[g % 8] = fmaf(s, xc[g], cv[g % 8]);
-    }
+    for (int64_t g = 0; g < ng; g++) cv[g % 8] = fmaf(salomi_h2f(sc[g]), xc[g], cv[g % 8]);
     return hsum8_ref(cv);
 }
 
@@ -274,7 +271,7 @@ static void sign_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs, 
         const float s2 = salomi_h2f(sc[g]) * gs[g];
         for (int l = 0; l < 8; l++) yv[l] = fmaf(s2, (float)a[l], yv[l]);
     }
-    y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng, J->ngp);
+    y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng);
 }
 
 static void ternary_row_scalar(const ljob_t *J, const int16_t *xs, const float *gs, const float *xc, int64_t o,
@@ -296,7 +293,7 @@ static void ternary_row_scalar(const ljob_t *J, const int16_t *xs, const float *
         const float s2 = salomi_h2f(sc[g]) * gs[g];
         for (int l = 0; l < 8; l++) yv[l] = fmaf(s2, (float)a[l], yv[l]);
     }
-    y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng, J->ngp);
+    y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng);
 }
 
 /* ------------------------------------------------------------------ AVX2 */
@@ -312,32 +309,30 @@ A2I float hsum8_avx2(__m256 v) { /* same association as hsum8_ref */
     return _mm_cvtss_f32(a);
 }
 
-/* The correction with 8 groups per step: F16C converts 8 scales at once. */
-A2I float correction_avx2(const uint16_t *sc, const float *xc, int64_t ng, int64_t ngp) {
+/* The correction with 8 groups per step (F16C converts 8 scales at once); the ragged
+ * tail goes lane by lane, so no load ever passes the end of the scale row. */
+A2I float correction_avx2(const uint16_t *sc, const float *xc, int64_t ng) {
     __m256 cv = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8)
         cv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g))), _mm256_loadu_ps(xc + g), cv);
-    if (g < ngp) { /* ragged tail: scales from a zero-padded copy, never read past the row */
-        uint16_t t[8] = {0};
-        memcpy(t, sc + g, sizeof(uint16_t) * (size_t)(ng - g));
-        cv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)t)), _mm256_loadu_ps(xc + g), cv);
-    }
-    return hsum8_avx2(cv);
+    if (g == ng) return hsum8_avx2(cv);
+    float c[8];
+    _mm256_storeu_ps(c, cv);
+    for (; g < ng; g++) c[g % 8] = fmaf(_cvtsh_ss(sc[g]), xc[g], c[g % 8]); /* fmaf = vfmadd: same rounding */
+    return hsum8_avx2(_mm256_loadu_ps(c));
 }
 
 /* out[i] = scale[g + i] * gs[g + i] for the 8 groups from g (zero past ng): one F16C
  * conversion per 8 groups instead of a scalar conversion per group. Same float product
  * as the scalar path (h2f is exact, one rounded multiply). */
 A2I void scales8(const uint16_t *sc, int64_t g, int64_t ng, const float *gs, float out[8]) {
-    __m128i h;
-    if (g + 8 <= ng) h = _mm_loadu_si128((const __m128i *)(sc + g));
-    else {
-        uint16_t t[8] = {0};
-        memcpy(t, sc + g, sizeof(uint16_t) * (size_t)(ng - g));
-        h = _mm_loadu_si128((const __m128i *)t);
+    if (g + 8 <= ng) {
+        _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g))),
+                                            _mm256_loadu_ps(gs + g)));
+        return;
     }
-    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(gs + g)));
+    for (int i = 0; i < 8; i++) out[i] = g + i < ng ? _cvtsh_ss(sc[g + i]) * gs[g + i] : 0.0f;
 }
 
 /* 32 sign bits (4 bytes) -> 32 bytes of 0/1: byte i of the result = bit i. */
@@ -400,7 +395,7 @@ A2I void sign_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, cons
         }
     }
     for (int r = 0; r < R; r++)
-        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
+        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng);
 }
 
 /* 16 ternary bytes -> int32 lanes += sum_k floor(b / 3^k) * x'_k (pairs of bytes per lane). */
@@ -448,7 +443,7 @@ A2I void ternary_rows_avx2(const ljob_t *J, const int16_t *xs, const float *gs, 
         }
     }
     for (int r = 0; r < R; r++)
-        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
+        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng);
 }
 
 /* Fast path for the common layout: G a multiple of 32 columns (at most SIGN_FLUSH chunks)
@@ -484,7 +479,7 @@ A2I void sign_rows_aligned(const ljob_t *J, const int8_t *xs, const float *gs, c
                                     _mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r], one16)), yv[r]);
     }
     for (int r = 0; r < R; r++)
-        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng, J->ngp);
+        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng);
 }
 
 A2 static void sign_aligned(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o0,
