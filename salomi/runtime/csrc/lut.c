@@ -80,6 +80,11 @@ typedef struct {
     int64_t xstride;
     const float *gs;  /* [M][ngp] float multiplier of the integer group sum: 2 sx (sign) or sx */
     const float *xc;  /* [M][ngp] sx_g * X_g, 0 in the padding: the per-row correction */
+    int planes;       /* sign bit-plane layout (see sign_planes_ok) */
+    int64_t nchunk;   /* planes: 256-column chunks per row */
+    const float *gsv; /* planes: [M][nchunk][8] gs of the group of each int32 lane, 0 past in */
+    int lane_g[8];    /* planes: group of int32 lane l relative to the chunk's first group (32 l / G) */
+    int nhalf;        /* planes: groups per chunk: 256 / G, or 1 */
     float *y;
     int isa;
 } ljob_t;
@@ -203,10 +208,38 @@ static void ternary_slots(const int8_t *xq, int64_t lo, int64_t hi, const gmeta_
     }
 }
 
+/* Sign bit-plane layout, used when every int32 lane (32 columns) of a 256-column chunk
+ * lies in one group: G in {32, 64, 128} or a multiple of 256. A chunk is 32 weight bytes;
+ * plane k holds the activations of bit k of each byte (column 8i + k for byte i), so
+ * one 16-bit shift + and extracts 32 weights of one plane and maddubs multiplies them
+ * with that plane's activations: no per-byte shuffles, one weight load per 256 columns. */
+static int sign_planes_ok(int64_t G) { return G == 32 || G == 64 || G == 128 || G % 256 == 0; }
+
+/* Chunk c of the planes layout: 8 planes x 32 int8 (plane k, byte i = column 256c + 8i + k)
+ * then 16 int16 = minus the sum of the activations of each 16 columns: the accumulator
+ * starts there, so the kernel directly sums sum_j (2 b_j - 1) xq_j (no correction pass). */
+#define PLANE_CHUNK 288
+
+static void sign_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, int8_t *planes, float *gsv) {
+    memset(planes, 0, (size_t)(J->nchunk * PLANE_CHUNK));
+    for (int64_t j = 0; j < J->in; j++) {
+        const int64_t c = j / 256, i = (j % 256) / 8, k = j % 8;
+        int8_t *ch = planes + c * PLANE_CHUNK;
+        ch[k * 32 + i] = xq[j];
+        int16_t *xneg = (int16_t *)(ch + 256) + (j % 256) / 16;
+        *xneg = (int16_t)(*xneg - xq[j]);
+    }
+    for (int64_t c = 0; c < J->nchunk; c++)
+        for (int l = 0; l < 8; l++) {
+            const int64_t col = c * 256 + 32 * l;
+            gsv[c * 8 + l] = col < J->in ? 0.5f * gs[col / J->G] : 0.0f; /* gs = 2 sx: exact halving */
+        }
+}
+
 /* Quantize one activation row group by group and write its slots, the per-group
  * multipliers gs and corrections xc. Every ISA produces the same integers. */
 static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, void *slots, float *gs, float *xc,
-                         int8_t *xq) {
+                         float *gsv, int8_t *xq) {
     const int64_t G = J->G;
     for (int64_t g = 0; g < J->ng; g++) {
         float amax;
@@ -222,6 +255,10 @@ static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, voi
         xc[g] = sx * (float)X;
     }
     for (int64_t g = J->ng; g < J->ngp; g++) gs[g] = 0.0f, xc[g] = 0.0f;
+    if (J->planes) {
+        sign_planes_row(J, xq, gs, slots, gsv);
+        return;
+    }
 
     for (int64_t g = 0; g < J->ng; g++) {
         const int64_t lo = g * G; /* the group's columns are [lo, lo + G) */
@@ -272,6 +309,28 @@ static void sign_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs, 
         for (int l = 0; l < 8; l++) yv[l] = fmaf(s2, (float)a[l], yv[l]);
     }
     y[o] = hsum8_ref(yv) - correction_ref(sc, xc, J->ng);
+}
+
+/* Planes layout, portable: int32 lane l of chunk c = columns [256c + 32l, +32), summing
+ * (2b - 1) xq (the kernel's 2 * sum b xq - sum xq, exact in integers). */
+static void sign_planes_row_scalar(const ljob_t *J, const int8_t *xs, const float *gsv, int64_t o, float *y) {
+    const uint8_t *row = J->data + o * J->rb;
+    const uint16_t *sc = J->scale + o * J->ng;
+    float yv[8] = {0};
+    for (int64_t c = 0; c < J->nchunk; c++) {
+        const int8_t *ch = xs + c * PLANE_CHUNK;
+        for (int l = 0; l < 8; l++) {
+            int32_t a = 0;
+            for (int i = 4 * l; i < 4 * l + 4; i++) { /* bytes of the lane */
+                const int b = wbyte(row, J->rb, 32 * c + i);
+                for (int k = 0; k < 8; k++) a += (2 * ((b >> k) & 1) - 1) * ch[k * 32 + i];
+            }
+            const int64_t col = c * 256 + 32 * l;
+            const float sw = col < J->in ? salomi_h2f(sc[col / J->G]) : 0.0f;
+            yv[l] = fmaf(sw * gsv[c * 8 + l], (float)a, yv[l]);
+        }
+    }
+    y[o] = hsum8_ref(yv);
 }
 
 static void ternary_row_scalar(const ljob_t *J, const int16_t *xs, const float *gs, const float *xc, int64_t o,
@@ -446,66 +505,85 @@ A2I void ternary_rows_avx2(const ljob_t *J, const int16_t *xs, const float *gs, 
         y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng);
 }
 
-/* Fast path for the common layout: G a multiple of 32 columns (at most SIGN_FLUSH chunks)
- * and in % 32 == 0, so group g is exactly chunks [g*G/32, (g+1)*G/32) of the row and of
- * the slots, every load stays inside the row and one int16 accumulator covers a group.
- * CPG (chunks per group) is a compile-time constant for the usual G = 32/64/128, so the
- * group body is fully unrolled. Same integers and float operations as sign_rows_avx2. */
-A2I void sign_rows_aligned(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
-                           const int R, float *y, const int64_t CPG) {
+/* Scales of the groups of the 8 int32 lanes of a chunk whose first group is g0 (lane l:
+ * group g0 + lane_g[l]), 0 past the row; loads only the groups that exist. */
+A2I __m256 chunk_scales(const uint16_t *sc, const ljob_t *J, int64_t g0) {
+    const __m256i idx = _mm256_loadu_si256((const __m256i *)J->lane_g);
+    __m128i h;
+    if (g0 + J->nhalf <= J->ng) { /* load exactly the groups that exist */
+        uint32_t u;
+        switch (J->nhalf) {
+        case 8: h = _mm_loadu_si128((const __m128i *)(sc + g0)); break;
+        case 4: h = _mm_loadl_epi64((const __m128i *)(sc + g0)); break;
+        case 2: memcpy(&u, sc + g0, 4), h = _mm_cvtsi32_si128((int)u); break;
+        default: h = _mm_cvtsi32_si128(sc[g0]); break;
+        }
+    } else { /* the row's last groups: built in registers (a copy through memory would stall
+              * store-to-load forwarding on every row) */
+        float f[8];
+        for (int l = 0; l < 8; l++) {
+            const int64_t g = g0 + J->lane_g[l];
+            f[l] = g < J->ng ? _cvtsh_ss(sc[g]) : 0.0f;
+        }
+        return _mm256_setr_ps(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]);
+    }
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), idx);
+}
+
+A2I void sign_planes_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, int64_t o, const int R,
+                               float *y) {
     const int64_t rb = J->rb, ng = J->ng;
-    const __m256i one16 = _mm256_set1_epi16(1);
+    const __m256i two8 = _mm256_set1_epi8(2), one16 = _mm256_set1_epi16(1);
     const uint8_t *row[4];
     __m256 yv[4];
-    float s2[4][8] __attribute__((aligned(32)));
     for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < ng; g++) {
-        if (g % 8 == 0)
-            for (int r = 0; r < R; r++) scales8(J->scale + (o + r) * ng, g, ng, gs, s2[r]);
-        __m256i a16[4];
-        for (int r = 0; r < R; r++) a16[r] = _mm256_setzero_si256();
-        const int64_t c0 = g * CPG;
-#pragma GCC unroll 4
-        for (int64_t c = c0; c < c0 + CPG; c++) {
-            const __m256i xv = _mm256_load_si256((const __m256i *)(xs + 32 * c));
-            for (int r = 0; r < R; r++) {
-                uint32_t w;
-                memcpy(&w, row[r] + SIGN_CB * c, 4);
-                a16[r] = _mm256_add_epi16(a16[r], _mm256_maddubs_epi16(sign_expand(w), xv));
-            }
+    const int64_t cpg = J->G >= 256 ? J->G / 256 : 1; /* chunks per group when groups span chunks */
+    int64_t g0 = 0, cin = 0;                              /* first group of chunk c, chunk index inside it */
+    for (int64_t c = 0; c < J->nchunk; c++) {
+        if (c > 0) {
+            if (J->G < 256) g0 += J->nhalf;
+            else if (++cin == cpg) cin = 0, g0++;
         }
-        for (int r = 0; r < R; r++)
-            yv[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(&s2[r][g % 8]),
-                                    _mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r], one16)), yv[r]);
+        const int8_t *xp = xs + PLANE_CHUNK * c;
+        const __m256i xneg = _mm256_load_si256((const __m256i *)(xp + 256));
+        const __m256 gv = _mm256_load_ps(gsv + 8 * c);
+        for (int r = 0; r < R; r++) {
+            __m256i v;
+            /* bytes past the row belong to the next rows: they meet zero activations, so
+             * they only need to be inside the weight buffer; near its end, read a copy */
+            if ((o + r) * rb + 32 * c + 32 <= J->out * rb) v = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * c));
+            else {
+                uint8_t t[32] = {0};
+                memcpy(t, row[r] + 32 * c, (size_t)(rb - 32 * c));
+                v = _mm256_loadu_si256((const __m256i *)t);
+            }
+            /* plane k = bit k of every byte, as 0 / 2 (a 16-bit shift moves bit k of both
+             * bytes to bit 1 / 9); maddubs(2b, x) summed from -sum x gives sum (2b - 1) x.
+             * Row by row, planes reloaded from L1: everything stays in registers. */
+            __m256i acc = _mm256_add_epi16(
+                xneg, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_slli_epi16(v, 1), two8),
+                                           _mm256_load_si256((const __m256i *)xp)));
+            acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_and_si256(v, two8),
+                                                             _mm256_load_si256((const __m256i *)(xp + 32))));
+#pragma GCC unroll 8
+            for (int k = 2; k < 8; k++) {
+                const __m256i b = _mm256_and_si256(_mm256_srli_epi16(v, k - 1), two8);
+                acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(b, _mm256_load_si256((const __m256i *)(xp + 32 * k))));
+            }
+            const __m256 s2 = _mm256_mul_ps(chunk_scales(J->scale + (o + r) * ng, J, g0), gv);
+            yv[r] = _mm256_fmadd_ps(s2, _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, one16)), yv[r]);
+        }
     }
-    for (int r = 0; r < R; r++)
-        y[o + r] = hsum8_avx2(yv[r]) - correction_avx2(J->scale + (o + r) * ng, xc, ng);
-}
-
-A2 static void sign_aligned(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o0,
-                            int64_t o1, float *y) {
-    const int64_t cpg = J->G / 32;
-    int64_t o = o0;
-#define SIGN_ALIGNED(CPG)                                                                                             \
-    for (; o + 4 <= o1; o += 4) sign_rows_aligned(J, xs, gs, xc, o, 4, y, CPG);                                      \
-    for (; o < o1; o++) sign_rows_aligned(J, xs, gs, xc, o, 1, y, CPG)
-    if (cpg == 1) { SIGN_ALIGNED(1); }
-    else if (cpg == 2) { SIGN_ALIGNED(2); }
-    else if (cpg == 4) { SIGN_ALIGNED(4); }
-    else { SIGN_ALIGNED(cpg); }
-#undef SIGN_ALIGNED
-}
-
-/* Can sign_aligned run this layer? */
-static int sign_is_aligned(const ljob_t *J) {
-    return J->fmt == LFMT_SIGN && J->G % 32 == 0 && J->G / 32 <= SIGN_FLUSH && J->in % 32 == 0;
+    for (int r = 0; r < R; r++) y[o + r] = hsum8_avx2(yv[r]);
 }
 
 A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const float *xc, int64_t o0, int64_t o1,
                          float *y) {
     int64_t o = o0;
-    if (sign_is_aligned(J)) {
-        sign_aligned(J, xs, gs, xc, o0, o1, y);
+    if (J->planes) {
+        const float *gsv = gs; /* the caller passes gsv in place of gs for the planes layout */
+        for (; o + 4 <= o1; o += 4) sign_planes_rows_avx2(J, xs, gsv, o, 4, y);
+        for (; o < o1; o++) sign_planes_rows_avx2(J, xs, gsv, o, 1, y);
     } else if (J->fmt == LFMT_SIGN) {
         for (; o + 4 <= o1; o += 4) sign_rows_avx2(J, xs, gs, xc, o, 4, y);
         for (; o < o1; o++) sign_rows_avx2(J, xs, gs, xc, o, 1, y);
@@ -525,13 +603,14 @@ static void lut_task(void *ctx, int tid, int nt) {
     const size_t esz = J->fmt == LFMT_SIGN ? 1 : 2;
     for (int64_t m = 0; m < J->M && o0 < o1; m++) { /* small M: one pass over the rows per activation row */
         const void *xs = (const char *)J->xs + (size_t)(m * J->xstride) * esz;
-        const float *gs = J->gs + m * J->ngp, *xc = J->xc + m * J->ngp;
+        const float *gs = J->planes ? J->gsv + m * J->nchunk * 8 : J->gs + m * J->ngp, *xc = J->xc + m * J->ngp;
         float *y = J->y + m * J->out;
 #if LUT_X86
         if (J->isa >= SALOMI_ISA_AVX2) { rows_avx2(J, xs, gs, xc, o0, o1, y); continue; }
 #endif
         for (int64_t o = o0; o < o1; o++) {
-            if (J->fmt == LFMT_SIGN) sign_row_scalar(J, xs, gs, xc, o, y);
+            if (J->planes) sign_planes_row_scalar(J, xs, gs, o, y);
+            else if (J->fmt == LFMT_SIGN) sign_row_scalar(J, xs, gs, xc, o, y);
             else ternary_row_scalar(J, xs, gs, xc, o, y);
         }
     }
@@ -548,24 +627,29 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     gmeta_t *gm = malloc(sizeof(gmeta_t) * (size_t)J.ng);
     if (!gm) return -2;
     J.gm = gm;
-    J.xstride = roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows of slots */
+    J.planes = fmt == LFMT_SIGN && sign_planes_ok(G);
+    J.nchunk = (in + 255) / 256;
+    J.nhalf = G >= 256 ? 1 : (int)(256 / G);
+    for (int l = 0; l < 8; l++) J.lane_g[l] = G >= 256 ? 0 : (int)(32 * l / G);
+    J.xstride = J.planes ? J.nchunk * PLANE_CHUNK : roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows */
     const size_t esz = fmt == LFMT_SIGN ? 1 : 2;
     if (M > INT64_MAX / 8 / (J.xstride + J.ngp)) { free(gm); return -1; }
-    void *xs = aligned_alloc(64, (size_t)(M * J.xstride) * esz);
+    void *xs = aligned_alloc(64, (size_t)roundup(M * J.xstride * (int64_t)esz, 64));
     float *gs = malloc(sizeof(float) * (size_t)(M * J.ngp)), *xc = malloc(sizeof(float) * (size_t)(M * J.ngp));
     int8_t *xq = malloc((size_t)in);
+    float *gsv = J.planes ? aligned_alloc(64, sizeof(float) * (size_t)roundup(M * J.nchunk * 8, 16)) : NULL;
     int rc = 0;
-    if (!xs || !gs || !xc || !xq) { rc = -2; goto done; }
+    if (!xs || !gs || !xc || !xq || (J.planes && !gsv)) { rc = -2; goto done; }
     J.isa = salomi_get_isa();
     for (int64_t m = 0; m < M; m++)
         quantize_row(&J, gm, x + m * in, (char *)xs + (size_t)(m * J.xstride) * esz, gs + m * J.ngp,
-                     xc + m * J.ngp, xq);
-    J.xs = xs, J.gs = gs, J.xc = xc;
+                     xc + m * J.ngp, gsv ? gsv + m * J.nchunk * 8 : NULL, xq);
+    J.xs = xs, J.gs = gs, J.xc = xc, J.gsv = gsv;
     int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (nt > (out + 7) / 8) nt = (int)((out + 7) / 8); /* no point in more threads than 8-row ranges */
     salomi_internal_run_parallel(lut_task, &J, nt);
 done:
-    free(xq), free(xc), free(gs), free(xs), free(gm);
+    free(gsv), free(xq), free(xc), free(gs), free(xs), free(gm);
     return rc;
 }
 
