@@ -9,7 +9,8 @@ STREAM's Copy). Matrices larger than the caches are rotated through enough copie
 every GEMV call reads its weights from DRAM.
 
 A second table compares the float kernels with the int8-activation kernels (csrc/lut.c,
-packed_matmul(..., activations="int8")) on GEMV for sign and ternary at the INT8_SHAPES:
+packed_matmul(..., activations="int8")) on GEMV for sign, ternary and 2-bit grid (g64) at
+the INT8_SHAPES:
 time, GB/s of packed bytes, % of the copy bandwidth and speed-up vs torch float32 GEMV.
 Float, int8 and torch batches are interleaved and the best batch of each is kept, so the
 ratios come from the same minutes of a shared machine.
@@ -38,7 +39,7 @@ from salomi.runtime import kernels
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (8192, 8192)]  # (out, in)
 FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64)]  # (format, bits, group)
 INT8_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (8192, 8192)]  # (out, in)
-INT8_FORMATS = [("sign", 64), ("ternary", 64)]  # (format, group)
+INT8_FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64)]  # (format, bits, group)
 COLD_BYTES = 512 << 20  # rotate copies of a layer until they span this much memory
 
 
@@ -180,8 +181,10 @@ def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, min_
     return best
 
 
-def bench_int8(fmt: str, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int) -> dict:
-    layers = cold_layers(fmt, 0, group, o, i, rng, l3_bytes)
+def bench_int8(
+    fmt: str, bits: int, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int
+) -> dict:
+    layers = cold_layers(fmt, bits, group, o, i, rng, l3_bytes)
     preps = [kernels.prepare(p) for p in layers]
     nbytes = layers[0].nbytes
     x1 = torch.randn(1, i)
@@ -202,7 +205,7 @@ def bench_int8(fmt: str, group: int, o: int, i: int, threads: int, rng: np.rando
     y8 = kernels.packed_matmul(x1, preps[0], threads, activations="int8")
     yf = kernels.packed_matmul(x1, preps[0], threads)
     return {
-        "format": fmt,
+        "format": fmt if fmt != "grid" else f"grid{bits}",
         "group": group,
         "out": o,
         "in": i,
@@ -230,8 +233,8 @@ def run_int8_table(args: argparse.Namespace, copy_ref: float, l3: int) -> list[d
     for o, i in INT8_SHAPES:
         if args.quick and o * i > 4_000_000:
             continue
-        for fmt, group in INT8_FORMATS:
-            r = bench_int8(fmt, group, o, i, args.threads, rng, l3)
+        for fmt, bits, group in INT8_FORMATS:
+            r = bench_int8(fmt, bits, group, o, i, args.threads, rng, l3)
             r["float_vs_copy"] = r["float_gbs"] / copy_ref
             r["int8_vs_copy"] = r["int8_gbs"] / copy_ref
             r["float_speedup_vs_torch"] = r["torch_us"] / r["float_us"]
@@ -239,7 +242,7 @@ def run_int8_table(args: argparse.Namespace, copy_ref: float, l3: int) -> list[d
             r["int8_speedup_vs_float"] = r["float_us"] / r["int8_us"]
             rows.append(r)
             print(
-                f"{fmt:8} {f'{o}x{i}':>11} {r['weight_bytes'] / 1e6:6.2f} {'yes' if r['cold_copies'] > 1 else 'no':>4} | "
+                f"{r['format']:8} {f'{o}x{i}':>11} {r['weight_bytes'] / 1e6:6.2f} {'yes' if r['cold_copies'] > 1 else 'no':>4} | "
                 f"{r['float_us']:9.1f} {r['float_gbs']:6.1f} {100 * r['float_vs_copy']:5.1f}% "
                 f"{r['float_speedup_vs_torch']:6.1f}x | {r['int8_us']:9.1f} {r['int8_gbs']:6.1f} "
                 f"{100 * r['int8_vs_copy']:5.1f}% {r['int8_speedup_vs_torch']:6.1f}x | "

@@ -47,30 +47,43 @@ def quantize_ref(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tenso
     return xq.reshape(m, i), amax / torch.tensor(127.0, dtype=torch.float32)
 
 
-def codes_and_scale(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights q (+-1 or -1/0/1) [out, in] and float64 scales [out, ng]."""
+def stored(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """In stored column order: integer codes q [out, in], float64 scales and zero points
+    [out, ng] with w = s (q - z) (sign: q = 2b, z = 1; ternary: q = t, z = 1), and the
+    column permutation (stored column j is weight column perm[j]) or None."""
     o, i = p.shape
-    if p.format == "sign":
-        q = unpack_rows(p.tensors["bits"], i, 1).astype(np.int64) * 2 - 1
+    s = torch.from_numpy(p.tensors["scale"].astype(np.float64))
+    perm = None
+    if p.format == "sign":  # w = s (2b - 1) = s (q - z) with q = 2b, z = 1
+        q = unpack_rows(p.tensors["bits"], i, 1).astype(np.int64) * 2
+        z = torch.ones_like(s)
+    elif p.format == "ternary":  # w = s (t - 1)
+        q = unpack_trits(p.tensors["trits"], i).astype(np.int64)
+        z = torch.ones_like(s)
     else:
-        q = unpack_trits(p.tensors["trits"], i).astype(np.int64) - 1
-    return torch.from_numpy(q), torch.from_numpy(p.tensors["scale"].astype(np.float64))
+        q = unpack_rows(p.tensors["codes"], i, int(p.params["bits"])).astype(np.int64)
+        z = torch.from_numpy(p.tensors["zero"].astype(np.float64))
+        if "perm" in p.tensors:
+            perm = torch.from_numpy(np.asarray(p.tensors["perm"]).astype(np.int64))
+    return torch.from_numpy(q), s, z, perm
 
 
 def check(y: torch.Tensor, x: torch.Tensor, p: PackedLinear) -> float:
     """Assert (a) and (b); return the largest error / bound(b) ratio."""
     g = int(p.params["group"])
     x2 = x.reshape(-1, x.shape[-1])
-    xq, sx = quantize_ref(x2, g)
-    q, s = codes_and_scale(p)
+    q, s, z, perm = stored(p)
+    xs = x2 if perm is None else x2[:, perm]  # activations in stored column order
+    xq, sx = quantize_ref(xs, g)
     m, i = x2.shape
     o = q.shape[0]
     ng = i // g
     xqg = xq.double().reshape(m, 1, ng, g)
     qg = q.double().reshape(1, o, ng, g)
+    X = xqg.sum(-1)  # [m, 1, ng]
     w_sx = s[None, :, :] * sx.double()[:, None, :]  # [m, o, ng]
-    y_int = (w_sx * (xqg * qg).sum(-1)).sum(-1)
-    mag = (w_sx.abs() * xqg.abs().sum(-1)).sum(-1)
+    y_int = (w_sx * ((xqg * qg).sum(-1) - z[None] * X)).sum(-1)
+    mag = (w_sx.abs() * ((xqg.abs() * qg.abs()).sum(-1) + z.abs()[None] * xqg.abs().sum(-1))).sum(-1)
     yd = y.reshape(m, o).double()
     assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], o)
     assert torch.isfinite(yd).all()
@@ -79,22 +92,32 @@ def check(y: torch.Tensor, x: torch.Tensor, p: PackedLinear) -> float:
     assert (err_int <= bound_a).all(), f"(a) max err {err_int.max():.3g}, worst ratio {(err_int / bound_a).max():.3g}"
     w = p.dequantize().double()
     y_f = x2.double() @ w.T
-    qabs = q.abs().double().reshape(1, o, ng, g).sum(-1)
-    quant = (s.abs()[None] * (sx.double()[:, None, :] / 2) * qabs).sum(-1) * (1 + 1e-6)
+    qz = (qg - z[None, :, :, None]).abs().sum(-1)  # sum_j |q_j - z_g| = sum_j |w_j| / |s_g|
+    quant = (s.abs()[None] * (sx.double()[:, None, :] / 2) * qz).sum(-1) * (1 + 1e-6)
     bound_b = quant + bound_a + 1e-5 * x2.double().norm(dim=1)[:, None] * w.norm(dim=1)[None, :]
     err_f = (yd - y_f).abs()
     assert (err_f <= bound_b).all(), f"(b) max err {err_f.max():.3g}, worst ratio {(err_f / bound_b).max():.3g}"
     return float((err_f / (quant + 1e-30)).max())
 
 
-def random_layer(fmt: str, o: int, i: int, g: int, rng: np.random.Generator) -> PackedLinear:
+def random_layer(fmt: str, o: int, i: int, g: int, rng: np.random.Generator, perm: bool = False) -> PackedLinear:
     ng = i // g
     scale = (rng.uniform(0.01, 2.0, (o, ng)) * rng.choice([-1.0, 1.0], (o, ng), p=[0.1, 0.9])).astype(np.float16)
+    params: dict = {"group": g}
     if fmt == "sign":
         t = {"bits": pack_rows(rng.integers(0, 2, (o, i)), 1), "scale": scale}
-    else:
+    elif fmt == "ternary":
         t = {"trits": pack_trits(rng.integers(0, 3, (o, i))), "scale": scale}
-    p = PackedLinear("t", fmt, (o, i), t, {"group": g})
+    else:  # 2-bit grid with random zero points (and optionally a column permutation)
+        t = {
+            "codes": pack_rows(rng.integers(0, 4, (o, i)), 2),
+            "scale": scale,
+            "zero": rng.uniform(-0.5, 3.5, (o, ng)).astype(np.float16),
+        }
+        if perm:
+            t["perm"] = rng.permutation(i).astype(np.int32)
+        fmt, params = "grid", {"bits": 2, "group": g}
+    p = PackedLinear("t", fmt, (o, i), t, params)
     p.validate()
     return p
 
@@ -155,7 +178,33 @@ def test_random_shapes(fmt):
             check(run_isas(x, p), x, p)
 
 
-@pytest.mark.parametrize("fmt", ["sign", "ternary"])
+# 2-bit grid: group 16 / 32 / 64 / 128 or a multiple of 128; partial 128-column chunks, 1 row.
+GRID2_SHAPES = [
+    (1, 16, 16),
+    (3, 48, 16),
+    (5, 96, 32),
+    (4, 160, 32),
+    (6, 576, 64),
+    (3, 128, 128),
+    (7, 640, 128),
+    (2, 1536, 768),
+    (9, 384, 384),
+    (5, 2560, 256),
+]
+
+
+@pytest.mark.parametrize("perm", [False, True])
+def test_grid2_random_shapes(perm):
+    rng = np.random.default_rng(11 + perm)
+    for o, i, g in GRID2_SHAPES:
+        p = random_layer("grid2", o, i, g, rng, perm)
+        assert kernels.int8_supported(p)
+        for m in (1, 3, 8):
+            x = torch.from_numpy(rng.standard_normal((m, i)).astype(np.float32))
+            check(run_isas(x, p), x, p)
+
+
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid2"])
 def test_adversarial_activations(fmt):
     """Zeros, zero groups, huge and tiny values, exact rounding ties, one outlier."""
     rng = np.random.default_rng(3)
@@ -209,7 +258,7 @@ def test_every_byte_value():
 
 def test_threads_and_batch_shapes():
     rng = np.random.default_rng(5)
-    for fmt in ("sign", "ternary"):
+    for fmt in ("sign", "ternary", "grid2"):
         p = random_layer(fmt, 45, 576, 64, rng)
         x = torch.randn(2, 3, 576)
         ref = kernels.packed_matmul(x, p, threads=1, activations="int8")
@@ -273,20 +322,26 @@ def test_errors():
     p = random_layer("sign", 4, 64, 64, np.random.default_rng(0))
     with pytest.raises(ValueError):
         kernels.packed_matmul(torch.randn(1, 64), p, activations="int4")
-    grid = PackedLinear(
-        "t",
-        "grid",
-        (4, 64),
-        {
-            "codes": pack_rows(np.zeros((4, 64), dtype=np.int64), 2),
-            "scale": np.ones((4, 1), np.float16),
-            "zero": np.ones((4, 1), np.float16),
-        },
-        {"bits": 2, "group": 64},
-    )
-    with pytest.raises(ValueError):
-        kernels.packed_matmul(torch.randn(1, 64), grid, activations="int8")
-    assert kernels.packed_matmul(torch.randn(1, 64), grid).shape == (1, 4)  # float path unaffected
+
+    def grid(bits: int, g: int) -> PackedLinear:
+        return PackedLinear(
+            "t",
+            "grid",
+            (4, 192),
+            {
+                "codes": pack_rows(np.zeros((4, 192), dtype=np.int64), bits),
+                "scale": np.ones((4, 192 // g), np.float16),
+                "zero": np.ones((4, 192 // g), np.float16),
+            },
+            {"bits": bits, "group": g},
+        )
+
+    for bad in (grid(3, 64), grid(2, 48), grid(2, 192), grid(2, 8)):  # 3 bits; groups 48 / 192 / 8
+        assert not kernels.int8_supported(bad)
+        with pytest.raises(ValueError):
+            kernels.packed_matmul(torch.randn(1, 192), bad, activations="int8")
+        assert kernels.packed_matmul(torch.randn(1, 192), bad).shape == (1, 4)  # float path unaffected
+    assert kernels.int8_supported(grid(2, 64))
     with pytest.raises(SalomiError):
         kernels.packed_matmul(
             torch.randn(1, 64), PackedLinear("t", "sign", (4, 64), dict(p.tensors), {"group": 48}), activations="int8"

@@ -19,24 +19,39 @@
  * Integer formulation (exact, any summation order gives the same integers):
  *   sign:    w = s (2b - 1), b in {0,1}:  sum_j x_j w_j = s sx (2 sum_j b_j xq_j - X_g)
  *   ternary: w = s (t - 1), t in {0,1,2}: sum_j x_j w_j = s sx (sum_j t_j xq_j - X_g)
- * with X_g = sum_{j in g} xq_j (row independent, folded into one per-row correction).
+ * with X_g = sum_{j in g} xq_j (row independent: one per-row correction, or for the
+ * sign planes layout the starting value of the integer accumulator).
  * Ternary bytes hold 5 base-3 digits t_k = f_k - 3 f_{k+1}, f_k = floor(byte / 3^k),
  * so sum_k t_k x_k = sum_k f_k (x_k - 3 x_{k-1}) (x_{-1} = 0): the activations are
  * transformed once per call and the weights need only four exact mulhi divisions
  * (f_k = mulhi(byte, ceil(2^16 / 3^k)), exact for bytes < 256), no digit extraction.
  *
- * Layout: for each group the activations are copied into "slots" that line up with
- * whole weight bytes: the group's bytes [b0, b1) (a ternary byte or sign byte that
- * straddles a group edge belongs to both groups, with the other group's columns zeroed)
- * padded to whole SIMD chunks with zeros. So any G works with one inner loop; weight
- * bytes read past the group are multiplied by zero, and chunks whose load would leave
- * the row are read from a zero-padded copy (no out-of-bounds reads).
+ * Layouts (activations are re-laid out once per call to match the weight bytes):
+ *  - sign, G in {32, 64, 128} or a multiple of 256 (the usual case): bit planes. A
+ *    256-column chunk is 32 weight bytes; plane k holds the activations of bit k of each
+ *    byte, so per plane one 16-bit shift + and + maddubs handles 32 weights (no byte
+ *    shuffles, one weight load per 256 columns per row), and each int32 lane (32 columns)
+ *    lies in one group, so the group scales are applied per lane with one FMA per chunk.
+ *    The accumulator starts at -sum xq, so it directly holds sum (2b - 1) xq.
+ *  - otherwise ("slots"): for each group the activations are copied into slots that line
+ *    up with whole weight bytes: the group's bytes [b0, b1) (a byte that straddles a
+ *    group edge belongs to both groups, with the other group's columns zeroed) padded
+ *    to whole SIMD chunks with zeros (32 columns for sign, 16 bytes for ternary). So any
+ *    G works with one inner loop.
+ * Weight bytes read past a group or row meet zero activations; loads that would leave
+ * the weight buffer read a zero-padded copy instead (no out-of-bounds reads).
+ *
+ * Why not T-MAC tables: a pshufb lookup applies one 16-entry table (one group of 4
+ * activations) to 32 indices, which must then be 32 different rows' nibbles for the same
+ * columns, i.e. weights interleaved across rows; the packed format is row-major, and
+ * transposing it on the fly costs more than the shift/and/maddubs decode above.
  *
  * Float part and determinism: the AVX2 and scalar paths compute the same integers per
- * lane (int32 lane l of a chunk = sign columns [4l, 4l+4) / ternary slots [2l, 2l+2))
- * and then the same float operations in the same order (per-lane fma with the group
- * scale, the same horizontal sum, the same correction), so forcing the scalar ISA
- * gives bit-identical results. AVX-512 has no int8 kernel here: it uses the AVX2 one.
+ * lane (int32 lane l of a chunk = sign planes columns [32l, 32l+32), sign slots
+ * columns [4l, 4l+4), ternary slots [2l, 2l+2)) and then the same float operations in
+ * the same order (per-lane fma with the group scale, the same horizontal sum, the same
+ * correction), so forcing the scalar ISA gives bit-identical results. AVX-512 has no
+ * int8 kernel here: it uses the AVX2 one.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -59,7 +74,7 @@
 #define TERN_PLANES 5
 #define SIGN_FLUSH 64 /* sign chunks per int16 accumulator flush: 64 * 2 * 127 < 32767 */
 
-enum { LFMT_SIGN, LFMT_TERNARY };
+enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2 };
 
 /* Where a group's weight bytes and activation slots are. */
 typedef struct {
@@ -74,6 +89,7 @@ typedef struct {
     int64_t in, out, G, ng, ngp, rb; /* ngp = ng rounded up to 8 (padded per-group arrays) */
     const uint8_t *data;
     const uint16_t *scale;
+    const uint16_t *zero; /* grid2 only */
     int64_t M;
     const gmeta_t *gm;
     const void *xs;   /* M rows of slots: int8 (sign) or int16 (ternary), stride xstride */
@@ -84,7 +100,9 @@ typedef struct {
     int64_t nchunk;   /* planes: 256-column chunks per row */
     const float *gsv; /* planes: [M][nchunk][8] gs of the group of each int32 lane, 0 past in */
     int lane_g[8];    /* planes: group of int32 lane l relative to the chunk's first group (32 l / G) */
-    int nhalf;        /* planes: groups per chunk: 256 / G, or 1 */
+    int nhalf;        /* planes: groups per chunk: ccols / G, or 1 */
+    int64_t ccols;    /* planes: columns per chunk (256 sign, 128 grid2); int32 lanes hold ccols / 8 */
+    const float *xsv; /* grid2: [M][nchunk][8] sx_g * sum of the activations of each lane */
     float *y;
     int isa;
 } ljob_t;
@@ -236,10 +254,33 @@ static void sign_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, 
         }
 }
 
+/* grid2 planes layout: a 128-column chunk is 32 code bytes (4 codes each); plane k
+ * (k = 0..3) holds the activations of code k of each byte (column 128c + 4i + k).
+ * int32 lane l covers columns [128c + 16l, +16); xsv = sx * sum of its activations
+ * (for the zero point term s z sx X). Needs G in {16, 32, 64, 128} or G % 128 == 0. */
+#define GRID_CHUNK 128
+
+static int grid2_planes_ok(int64_t G) { return G % 16 == 0 && (128 % G == 0 || G % 128 == 0); }
+
+static void grid2_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, int8_t *planes, float *gsv,
+                             float *xsv) {
+    memset(planes, 0, (size_t)(J->nchunk * GRID_CHUNK));
+    for (int64_t j = 0; j < J->in; j++) planes[(j / 128) * GRID_CHUNK + (j % 4) * 32 + (j % 128) / 4] = xq[j];
+    for (int64_t c = 0; c < J->nchunk; c++)
+        for (int l = 0; l < 8; l++) {
+            const int64_t col = c * 128 + 16 * l;
+            int32_t X = 0;
+            if (col < J->in) /* G % 16 == 0, so a lane inside the row is inside one group */
+                for (int64_t j = col; j < col + 16; j++) X += xq[j];
+            gsv[c * 8 + l] = col < J->in ? gs[col / J->G] : 0.0f;
+            xsv[c * 8 + l] = col < J->in ? gs[col / J->G] * (float)X : 0.0f;
+        }
+}
+
 /* Quantize one activation row group by group and write its slots, the per-group
  * multipliers gs and corrections xc. Every ISA produces the same integers. */
 static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, void *slots, float *gs, float *xc,
-                         float *gsv, int8_t *xq) {
+                         float *gsv, float *xsv, int8_t *xq) {
     const int64_t G = J->G;
     for (int64_t g = 0; g < J->ng; g++) {
         float amax;
@@ -255,6 +296,10 @@ static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, voi
         xc[g] = sx * (float)X;
     }
     for (int64_t g = J->ng; g < J->ngp; g++) gs[g] = 0.0f, xc[g] = 0.0f;
+    if (J->fmt == LFMT_GRID2) {
+        grid2_planes_row(J, xq, gs, slots, gsv, xsv);
+        return;
+    }
     if (J->planes) {
         sign_planes_row(J, xq, gs, slots, gsv);
         return;
@@ -328,6 +373,30 @@ static void sign_planes_row_scalar(const ljob_t *J, const int8_t *xs, const floa
             const int64_t col = c * 256 + 32 * l;
             const float sw = col < J->in ? salomi_h2f(sc[col / J->G]) : 0.0f;
             yv[l] = fmaf(sw * gsv[c * 8 + l], (float)a, yv[l]);
+        }
+    }
+    y[o] = hsum8_ref(yv);
+}
+
+/* grid2, portable: int32 lane l of chunk c = columns [128c + 16l, +16). */
+static void grid2_row_scalar(const ljob_t *J, const int8_t *xs, const float *gsv, const float *xsv, int64_t o,
+                             float *y) {
+    const uint8_t *row = J->data + o * J->rb;
+    const uint16_t *sc = J->scale + o * J->ng, *zr = J->zero + o * J->ng;
+    float yv[8] = {0};
+    for (int64_t c = 0; c < J->nchunk; c++) {
+        const int8_t *ch = xs + c * GRID_CHUNK;
+        for (int l = 0; l < 8; l++) {
+            int32_t a = 0;
+            for (int i = 4 * l; i < 4 * l + 4; i++) {
+                const int b = wbyte(row, J->rb, 32 * c + i);
+                for (int k = 0; k < 4; k++) a += ((b >> (2 * k)) & 3) * ch[k * 32 + i];
+            }
+            const int64_t col = c * 128 + 16 * l;
+            const float sw = col < J->in ? salomi_h2f(sc[col / J->G]) : 0.0f;
+            const float z = col < J->in ? salomi_h2f(zr[col / J->G]) : 0.0f;
+            yv[l] = fmaf(sw * gsv[c * 8 + l], (float)a, yv[l]);
+            yv[l] = fmaf(-(sw * z), xsv[c * 8 + l], yv[l]);
         }
     }
     y[o] = hsum8_ref(yv);
@@ -530,6 +599,12 @@ A2I __m256 chunk_scales(const uint16_t *sc, const ljob_t *J, int64_t g0) {
     return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(h), idx);
 }
 
+/* Advance g0 (first group of a chunk) by one chunk without a division. */
+static inline void next_chunk_group(const ljob_t *J, int64_t cpg, int64_t *g0, int64_t *cin) {
+    if (J->G < J->ccols) *g0 += J->nhalf;
+    else if (++*cin == cpg) *cin = 0, ++*g0;
+}
+
 A2I void sign_planes_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, int64_t o, const int R,
                                float *y) {
     const int64_t rb = J->rb, ng = J->ng;
@@ -540,10 +615,7 @@ A2I void sign_planes_rows_avx2(const ljob_t *J, const int8_t *xs, const float *g
     const int64_t cpg = J->G >= 256 ? J->G / 256 : 1; /* chunks per group when groups span chunks */
     int64_t g0 = 0, cin = 0;                              /* first group of chunk c, chunk index inside it */
     for (int64_t c = 0; c < J->nchunk; c++) {
-        if (c > 0) {
-            if (J->G < 256) g0 += J->nhalf;
-            else if (++cin == cpg) cin = 0, g0++;
-        }
+        if (c > 0) next_chunk_group(J, cpg, &g0, &cin);
         const int8_t *xp = xs + PLANE_CHUNK * c;
         const __m256i xneg = _mm256_load_si256((const __m256i *)(xp + 256));
         const __m256 gv = _mm256_load_ps(gsv + 8 * c);
@@ -577,10 +649,53 @@ A2I void sign_planes_rows_avx2(const ljob_t *J, const int8_t *xs, const float *g
     for (int r = 0; r < R; r++) y[o + r] = hsum8_avx2(yv[r]);
 }
 
+/* grid2: per plane k one 16-bit shift + and gives code k of every byte (0..3), maddubs
+ * multiplies it with plane k's activations; the zero point enters per lane as
+ * - s z (sx X) with one more FMA per chunk. */
+A2I void grid2_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, const float *xsv, int64_t o,
+                         const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng;
+    const __m256i three8 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
+    const uint8_t *row[4];
+    __m256 yv[4];
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    const int64_t cpg = J->G >= 128 ? J->G / 128 : 1;
+    int64_t g0 = 0, cin = 0;
+    for (int64_t c = 0; c < J->nchunk; c++) {
+        if (c > 0) next_chunk_group(J, cpg, &g0, &cin);
+        const int8_t *xp = xs + GRID_CHUNK * c;
+        const __m256i x0 = _mm256_load_si256((const __m256i *)xp), x1 = _mm256_load_si256((const __m256i *)(xp + 32));
+        const __m256i x2 = _mm256_load_si256((const __m256i *)(xp + 64)), x3 = _mm256_load_si256((const __m256i *)(xp + 96));
+        const __m256 gv = _mm256_load_ps(gsv + 8 * c), xv = _mm256_load_ps(xsv + 8 * c);
+        for (int r = 0; r < R; r++) {
+            __m256i v;
+            if ((o + r) * rb + 32 * c + 32 <= J->out * rb) v = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * c));
+            else { /* near the end of the weight buffer */
+                uint8_t t[32] = {0};
+                memcpy(t, row[r] + 32 * c, (size_t)(rb - 32 * c));
+                v = _mm256_loadu_si256((const __m256i *)t);
+            }
+            __m256i acc = _mm256_maddubs_epi16(_mm256_and_si256(v, three8), x0);
+            acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), three8), x1));
+            acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), three8), x2));
+            acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), three8), x3));
+            const __m256 sv = chunk_scales(J->scale + (o + r) * ng, J, g0);
+            const __m256 zv = chunk_scales(J->zero + (o + r) * ng, J, g0);
+            yv[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, gv), _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, one16)), yv[r]);
+            yv[r] = _mm256_fnmadd_ps(_mm256_mul_ps(sv, zv), xv, yv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) y[o + r] = hsum8_avx2(yv[r]);
+}
+
 A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const float *xc, int64_t o0, int64_t o1,
                          float *y) {
     int64_t o = o0;
-    if (J->planes) {
+    if (J->fmt == LFMT_GRID2) {
+        const float *gsv = gs, *xsv = xc; /* the caller passes the per-lane arrays */
+        for (; o + 4 <= o1; o += 4) grid2_rows_avx2(J, xs, gsv, xsv, o, 4, y);
+        for (; o < o1; o++) grid2_rows_avx2(J, xs, gsv, xsv, o, 1, y);
+    } else if (J->planes) {
         const float *gsv = gs; /* the caller passes gsv in place of gs for the planes layout */
         for (; o + 4 <= o1; o += 4) sign_planes_rows_avx2(J, xs, gsv, o, 4, y);
         for (; o < o1; o++) sign_planes_rows_avx2(J, xs, gsv, o, 1, y);
@@ -600,16 +715,19 @@ static void lut_task(void *ctx, int tid, int nt) {
     const ljob_t *J = ctx;
     const int64_t per = roundup((J->out + nt - 1) / nt, 8); /* contiguous ranges, no shared lines in y */
     const int64_t o0 = tid * per, o1 = min64(J->out, o0 + per);
-    const size_t esz = J->fmt == LFMT_SIGN ? 1 : 2;
+    const size_t esz = J->fmt == LFMT_TERNARY ? 2 : 1;
     for (int64_t m = 0; m < J->M && o0 < o1; m++) { /* small M: one pass over the rows per activation row */
         const void *xs = (const char *)J->xs + (size_t)(m * J->xstride) * esz;
-        const float *gs = J->planes ? J->gsv + m * J->nchunk * 8 : J->gs + m * J->ngp, *xc = J->xc + m * J->ngp;
+        /* planes layouts take the per-lane arrays gsv (and xsv for grid2) instead of gs / xc */
+        const float *gs = J->planes ? J->gsv + m * J->nchunk * 8 : J->gs + m * J->ngp;
+        const float *xc = J->fmt == LFMT_GRID2 ? J->xsv + m * J->nchunk * 8 : J->xc + m * J->ngp;
         float *y = J->y + m * J->out;
 #if LUT_X86
         if (J->isa >= SALOMI_ISA_AVX2) { rows_avx2(J, xs, gs, xc, o0, o1, y); continue; }
 #endif
         for (int64_t o = o0; o < o1; o++) {
-            if (J->planes) sign_planes_row_scalar(J, xs, gs, o, y);
+            if (J->fmt == LFMT_GRID2) grid2_row_scalar(J, xs, gs, xc, o, y);
+            else if (J->planes) sign_planes_row_scalar(J, xs, gs, o, y);
             else if (J->fmt == LFMT_SIGN) sign_row_scalar(J, xs, gs, xc, o, y);
             else ternary_row_scalar(J, xs, gs, xc, o, y);
         }
@@ -617,48 +735,76 @@ static void lut_task(void *ctx, int tid, int nt) {
 }
 
 static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *data,
-                  const uint16_t *scale, int64_t G, float *y, int threads) {
+                  const uint16_t *scale, const uint16_t *zero, int64_t G, const int32_t *perm, float *y,
+                  int threads) {
     if (!x || !y || !data || !scale || M < 0 || in < 1 || out < 1 || G < 1 || in % G) return -1;
+    if (fmt == LFMT_GRID2 && (!zero || !grid2_planes_ok(G))) return -1;
     if (in > (INT64_C(1) << 24)) return -1; /* keeps every int32 lane sum exact (|sum| < 2^31) */
+    if (perm)
+        for (int64_t j = 0; j < in; j++)
+            if (perm[j] < 0 || perm[j] >= in) return -1;
     if (M == 0) return 0;
-    ljob_t J = {.fmt = fmt, .in = in, .out = out, .G = G, .ng = in / G, .data = data, .scale = scale, .M = M, .y = y};
+    ljob_t J = {.fmt = fmt, .in = in, .out = out, .G = G, .ng = in / G, .data = data, .scale = scale, .zero = zero,
+                .M = M, .y = y};
     J.ngp = roundup(J.ng, 8);
-    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : (in + 4) / 5;
+    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : fmt == LFMT_TERNARY ? (in + 4) / 5 : (in + 3) / 4;
     gmeta_t *gm = malloc(sizeof(gmeta_t) * (size_t)J.ng);
     if (!gm) return -2;
     J.gm = gm;
-    J.planes = fmt == LFMT_SIGN && sign_planes_ok(G);
-    J.nchunk = (in + 255) / 256;
-    J.nhalf = G >= 256 ? 1 : (int)(256 / G);
-    for (int l = 0; l < 8; l++) J.lane_g[l] = G >= 256 ? 0 : (int)(32 * l / G);
-    J.xstride = J.planes ? J.nchunk * PLANE_CHUNK : roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows */
-    const size_t esz = fmt == LFMT_SIGN ? 1 : 2;
-    if (M > INT64_MAX / 8 / (J.xstride + J.ngp)) { free(gm); return -1; }
+    J.planes = fmt == LFMT_GRID2 || (fmt == LFMT_SIGN && sign_planes_ok(G));
+    J.ccols = fmt == LFMT_GRID2 ? 128 : 256;
+    J.nchunk = (in + J.ccols - 1) / J.ccols;
+    J.nhalf = G >= J.ccols ? 1 : (int)(J.ccols / G);
+    for (int l = 0; l < 8; l++) J.lane_g[l] = G >= J.ccols ? 0 : (int)(J.ccols / 8 * l / G);
+    J.xstride = fmt == LFMT_GRID2 ? J.nchunk * GRID_CHUNK
+                : J.planes        ? J.nchunk * PLANE_CHUNK
+                                  : roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows */
+    const size_t esz = fmt == LFMT_TERNARY ? 2 : 1;
+    if (M > INT64_MAX / 8 / (J.xstride + J.ngp + in)) { free(gm); return -1; }
     void *xs = aligned_alloc(64, (size_t)roundup(M * J.xstride * (int64_t)esz, 64));
     float *gs = malloc(sizeof(float) * (size_t)(M * J.ngp)), *xc = malloc(sizeof(float) * (size_t)(M * J.ngp));
     int8_t *xq = malloc((size_t)in);
-    float *gsv = J.planes ? aligned_alloc(64, sizeof(float) * (size_t)roundup(M * J.nchunk * 8, 16)) : NULL;
+    const size_t nlane = sizeof(float) * (size_t)roundup(M * J.nchunk * 8, 16);
+    float *gsv = J.planes ? aligned_alloc(64, nlane) : NULL;
+    float *xsv = fmt == LFMT_GRID2 ? aligned_alloc(64, nlane) : NULL;
+    float *xp = perm ? malloc(sizeof(float) * (size_t)in) : NULL; /* x permuted like the stored columns */
     int rc = 0;
-    if (!xs || !gs || !xc || !xq || (J.planes && !gsv)) { rc = -2; goto done; }
+    if (!xs || !gs || !xc || !xq || (J.planes && !gsv) || (fmt == LFMT_GRID2 && !xsv) || (perm && !xp)) {
+        rc = -2;
+        goto done;
+    }
     J.isa = salomi_get_isa();
-    for (int64_t m = 0; m < M; m++)
-        quantize_row(&J, gm, x + m * in, (char *)xs + (size_t)(m * J.xstride) * esz, gs + m * J.ngp,
-                     xc + m * J.ngp, gsv ? gsv + m * J.nchunk * 8 : NULL, xq);
-    J.xs = xs, J.gs = gs, J.xc = xc, J.gsv = gsv;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * in;
+        if (perm) {
+            for (int64_t j = 0; j < in; j++) xp[j] = xr[perm[j]]; /* stored column j is weight column perm[j] */
+            xr = xp;
+        }
+        quantize_row(&J, gm, xr, (char *)xs + (size_t)(m * J.xstride) * esz, gs + m * J.ngp, xc + m * J.ngp,
+                     gsv ? gsv + m * J.nchunk * 8 : NULL, xsv ? xsv + m * J.nchunk * 8 : NULL, xq);
+    }
+    J.xs = xs, J.gs = gs, J.xc = xc, J.gsv = gsv, J.xsv = xsv;
     int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (nt > (out + 7) / 8) nt = (int)((out + 7) / 8); /* no point in more threads than 8-row ranges */
     salomi_internal_run_parallel(lut_task, &J, nt);
 done:
-    free(gsv), free(xq), free(xc), free(gs), free(xs), free(gm);
+    free(xp), free(xsv), free(gsv), free(xq), free(xc), free(gs), free(xs), free(gm);
     return rc;
 }
 
 int salomi_sign_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *bits,
                           const uint16_t *scale, int64_t group, float *y, int threads) {
-    return run_i8(LFMT_SIGN, x, M, in, out, bits, scale, group, y, threads);
+    return run_i8(LFMT_SIGN, x, M, in, out, bits, scale, NULL, group, NULL, y, threads);
 }
 
 int salomi_ternary_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *trits,
                              const uint16_t *scale, int64_t group, float *y, int threads) {
-    return run_i8(LFMT_TERNARY, x, M, in, out, trits, scale, group, y, threads);
+    return run_i8(LFMT_TERNARY, x, M, in, out, trits, scale, NULL, group, NULL, y, threads);
+}
+
+int salomi_grid_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *codes, int bits,
+                          const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm, float *y,
+                          int threads) {
+    if (bits != 2) return -1;
+    return run_i8(LFMT_GRID2, x, M, in, out, codes, scale, zero, group, perm, y, threads);
 }
