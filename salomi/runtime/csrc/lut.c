@@ -1,5 +1,5 @@
-/* int8-activation GEMV / small-M kernels for the sign and ternary formats
- * (salomi_sign_matmul_i8, salomi_ternary_matmul_i8; API in kernels.h).
+/* int8-activation GEMV / small-M kernels for the sign, ternary and 2-bit grid formats
+ * (salomi_sign_matmul_i8, salomi_ternary_matmul_i8, salomi_grid_matmul_i8; API in kernels.h).
  *
  * Why: the float kernels of kernels.c decode every 1-2-bit weight to a float and FMA
  * it, which is compute bound far below memory bandwidth. Here the activation row is
@@ -13,12 +13,13 @@
  *   xq_j = round_half_even(x_j * (127 / amax_g)) in [-127, 127]  (all-zero group: 0).
  * Using the weight group as the block costs nothing: a float multiply per group is
  * already needed for the weight scale. Error vs the float kernel per output:
- *   |y - y_float| <= sum_g |s_g| * sx_g / 2 * sum_{j in g} |q_j|  (+ float rounding),
- * i.e. at most amax_g / 254 per unit of |w|. Non-finite activations give NaN outputs.
+ *   |y - y_float| <= sum_g |s_g| * sx_g / 2 * sum_{j in g} |q_j - z_g|  (+ float rounding),
+ * (w_j = s_g (q_j - z_g)), i.e. at most amax_g / 254 per unit of |w|. Non-finite activations give NaN outputs.
  *
  * Integer formulation (exact, any summation order gives the same integers):
  *   sign:    w = s (2b - 1), b in {0,1}:  sum_j x_j w_j = s sx (2 sum_j b_j xq_j - X_g)
  *   ternary: w = s (t - 1), t in {0,1,2}: sum_j x_j w_j = s sx (sum_j t_j xq_j - X_g)
+ *   grid2:   w = s (q - z), q in {0..3}:  sum_j x_j w_j = s sx sum_j q_j xq_j - s z (sx X_g)
  * with X_g = sum_{j in g} xq_j (row independent: one per-row correction, or for the
  * sign planes layout the starting value of the integer accumulator).
  * Ternary bytes hold 5 base-3 digits t_k = f_k - 3 f_{k+1}, f_k = floor(byte / 3^k),
@@ -33,6 +34,9 @@
  *    shuffles, one weight load per 256 columns per row), and each int32 lane (32 columns)
  *    lies in one group, so the group scales are applied per lane with one FMA per chunk.
  *    The accumulator starts at -sum xq, so it directly holds sum (2b - 1) xq.
+ *  - grid2 (G in {16, 32, 64, 128} or a multiple of 128, required): the same with 4
+ *    planes of 2-bit codes per 128-column chunk; the zero point enters per int32 lane
+ *    (16 columns) as - s z (sx X_lane), one more FMA per chunk.
  *  - otherwise ("slots"): for each group the activations are copied into slots that line
  *    up with whole weight bytes: the group's bytes [b0, b1) (a byte that straddles a
  *    group edge belongs to both groups, with the other group's columns zeroed) padded
@@ -47,7 +51,8 @@
  * transposing it on the fly costs more than the shift/and/maddubs decode above.
  *
  * Float part and determinism: the AVX2 and scalar paths compute the same integers per
- * lane (int32 lane l of a chunk = sign planes columns [32l, 32l+32), sign slots
+ * lane (int32 lane l of a chunk = sign planes columns [32l, 32l+32), grid2 columns
+ * [16l, 16l+16), sign slots
  * columns [4l, 4l+4), ternary slots [2l, 2l+2)) and then the same float operations in
  * the same order (per-lane fma with the group scale, the same horizontal sum, the same
  * correction), so forcing the scalar ISA gives bit-identical results. AVX-512 has no
@@ -438,17 +443,20 @@ A2I float hsum8_avx2(__m256 v) { /* same association as hsum8_ref */
 }
 
 /* The correction with 8 groups per step (F16C converts 8 scales at once); the ragged
- * tail goes lane by lane, so no load ever passes the end of the scale row. */
+ * tail's scales are converted one by one, so no load ever passes the end of the scale
+ * row. fma(0, 0, c) == c for the padding lanes (c is never -0), as in correction_ref. */
 A2I float correction_avx2(const uint16_t *sc, const float *xc, int64_t ng) {
     __m256 cv = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8)
         cv = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g))), _mm256_loadu_ps(xc + g), cv);
-    if (g == ng) return hsum8_avx2(cv);
-    float c[8];
-    _mm256_storeu_ps(c, cv);
-    for (; g < ng; g++) c[g % 8] = fmaf(_cvtsh_ss(sc[g]), xc[g], c[g % 8]); /* fmaf = vfmadd: same rounding */
-    return hsum8_avx2(_mm256_loadu_ps(c));
+    if (g < ng) { /* tail scales built in registers; lanes past ng: 0 * 0 (xc is zero padded to 8) */
+        float f[8];
+        for (int l = 0; l < 8; l++) f[l] = g + l < ng ? _cvtsh_ss(sc[g + l]) : 0.0f;
+        const __m256 sv = _mm256_setr_ps(f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]);
+        cv = _mm256_fmadd_ps(sv, _mm256_loadu_ps(xc + g), cv);
+    }
+    return hsum8_avx2(cv);
 }
 
 /* out[i] = scale[g + i] * gs[g + i] for the 8 groups from g (zero past ng): one F16C
