@@ -244,19 +244,25 @@ static int sign_planes_ok(int64_t G) { return G == 32 || G == 64 || G == 128 || 
 #define PLANE_CHUNK 288
 
 static void sign_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, int8_t *planes, float *gsv) {
-    memset(planes, 0, (size_t)(J->nchunk * PLANE_CHUNK));
-    for (int64_t j = 0; j < J->in; j++) {
-        const int64_t c = j / 256, i = (j % 256) / 8, k = j % 8;
+    const int64_t in = J->in, G = J->G; /* locals: the int8 stores below may alias *J */
+    for (int64_t c = 0; c < J->nchunk; c++) {
+        const int8_t *xc = xq + 256 * c;
+        const int n = (int)min64(256, in - 256 * c); /* valid columns of this chunk */
         int8_t *ch = planes + c * PLANE_CHUNK;
-        ch[k * 32 + i] = xq[j];
-        int16_t *xneg = (int16_t *)(ch + 256) + (j % 256) / 16;
-        *xneg = (int16_t)(*xneg - xq[j]);
-    }
-    for (int64_t c = 0; c < J->nchunk; c++)
+        int16_t xneg[16];
+        for (int i = 0; i < 32; i++)
+            for (int k = 0; k < 8; k++) ch[k * 32 + i] = 8 * i + k < n ? xc[8 * i + k] : 0;
+        for (int j = 0; j < 16; j++) {
+            int sum = 0;
+            for (int t = 16 * j; t < 16 * j + 16 && t < n; t++) sum += xc[t];
+            xneg[j] = (int16_t)-sum;
+        }
+        memcpy(ch + 256, xneg, sizeof xneg);
         for (int l = 0; l < 8; l++) {
             const int64_t col = c * 256 + 32 * l;
-            gsv[c * 8 + l] = col < J->in ? 0.5f * gs[col / J->G] : 0.0f; /* gs = 2 sx: exact halving */
+            gsv[c * 8 + l] = col < in ? 0.5f * gs[col / G] : 0.0f; /* gs = 2 sx: exact halving */
         }
+    }
 }
 
 /* grid2 planes layout: a 128-column chunk is 32 code bytes (4 codes each); plane k
@@ -269,17 +275,21 @@ static int grid2_planes_ok(int64_t G) { return G % 16 == 0 && (128 % G == 0 || G
 
 static void grid2_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, int8_t *planes, float *gsv,
                              float *xsv) {
-    memset(planes, 0, (size_t)(J->nchunk * GRID_CHUNK));
-    for (int64_t j = 0; j < J->in; j++) planes[(j / 128) * GRID_CHUNK + (j % 4) * 32 + (j % 128) / 4] = xq[j];
-    for (int64_t c = 0; c < J->nchunk; c++)
-        for (int l = 0; l < 8; l++) {
+    const int64_t in = J->in, G = J->G; /* locals: the int8 stores below may alias *J */
+    for (int64_t c = 0; c < J->nchunk; c++) {
+        const int8_t *xc = xq + 128 * c;
+        const int n = (int)min64(128, in - 128 * c);
+        int8_t *ch = planes + c * GRID_CHUNK;
+        for (int i = 0; i < 32; i++)
+            for (int k = 0; k < 4; k++) ch[k * 32 + i] = 4 * i + k < n ? xc[4 * i + k] : 0;
+        for (int l = 0; l < 8; l++) { /* G % 16 == 0: a lane inside the row is inside one group */
             const int64_t col = c * 128 + 16 * l;
             int32_t X = 0;
-            if (col < J->in) /* G % 16 == 0, so a lane inside the row is inside one group */
-                for (int64_t j = col; j < col + 16; j++) X += xq[j];
-            gsv[c * 8 + l] = col < J->in ? gs[col / J->G] : 0.0f;
-            xsv[c * 8 + l] = col < J->in ? gs[col / J->G] * (float)X : 0.0f;
+            for (int t = 16 * l; t < 16 * l + 16 && t < n; t++) X += xc[t];
+            gsv[c * 8 + l] = col < in ? gs[col / G] : 0.0f;
+            xsv[c * 8 + l] = col < in ? gs[col / G] * (float)X : 0.0f;
         }
+    }
 }
 
 /* Quantize one activation row group by group and write its slots, the per-group
