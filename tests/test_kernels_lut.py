@@ -3,19 +3,22 @@
 Contract (kernels.h): each activation row is quantized per weight scale group g:
     amax_g = max_{j in g} |x_j|,  sx_g = amax_g / 127,
     xq_j = round_half_even(x_j * float32(127 / amax_g))  in [-127, 127]
-and y = sum_g s_g * sx_g * sum_{j in g} q_j xq_j with the integer sums exact.
+and, with w_j = s_g (q_j - z_g) (sign: q = 2b, z = 1; ternary: q = t, z = 1; 2-bit grid:
+codes and fp16 zero points, in stored column order when the layer has a permutation),
+    y = sum_g s_g * sx_g * (sum_{j in g} q_j xq_j - z_g * sum_{j in g} xq_j)
+with the integer sums exact.
 
 Checked here:
  (a) against an exact reference in float64 that applies the same quantization
      (`quantize_ref`, written from the contract, not from the C code): per output
-         |y - y_int| <= 1e-5 * 3 * sum_g |s_g| sx_g sum_{j in g} |xq_j|
-     i.e. float32 rounding only (the factor 3 covers the kernels' 2*S - X split);
+         |y - y_int| <= 3e-5 * sum_g |s_g| sx_g sum_{j in g} (|q_j| + |z_g|) |xq_j|
+     i.e. float32 rounding only;
  (b) against the float reference x @ dequantize(W)^T with the rigorous bound
-         |y - y_float| <= sum_g |s_g| * (sx_g / 2) * sum_{j in g} |q_j|  (+ the (a) term
+         |y - y_float| <= sum_g |s_g| * (sx_g / 2) * sum_{j in g} |q_j - z_g|  (+ the (a) term
          and 1e-5 ||x|| ||w|| for float rounding),
      which is at most max|x_g| / 254 per unit of |w|. Measured: the error is 4-10% of
      that bound; relative L2 error of an output row vs the float kernel 0.6-1.0% for
-     Gaussian activations, 1.4-1.9% (G = 64) and 4.5-7% (G = in) with x20 outlier
+     Gaussian activations (2-bit grid 0.4-0.7%), 1.4-1.9% (G = 64) and 4.5-7% (G = in) with x20 outlier
      channels (numbers above test_relative_error_is_small);
  (c) scalar and AVX2 give bit-identical results, and so do all thread counts.
 """
