@@ -246,15 +246,21 @@ static int sign_planes_ok(int64_t G) { return G == 32 || G == 64 || G == 128 || 
 static void sign_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, int8_t *planes, float *gsv) {
     const int64_t in = J->in, G = J->G; /* locals: the int8 stores below may alias *J */
     for (int64_t c = 0; c < J->nchunk; c++) {
-        const int8_t *xc = xq + 256 * c;
         const int n = (int)min64(256, in - 256 * c); /* valid columns of this chunk */
+        int8_t pad[256];
+        const int8_t *xc = xq + 256 * c;
+        if (n < 256) { /* last chunk: zero padded, so the loops below have fixed bounds */
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xc, (size_t)n);
+            xc = pad;
+        }
         int8_t *ch = planes + c * PLANE_CHUNK;
         int16_t xneg[16];
-        for (int i = 0; i < 32; i++)
-            for (int k = 0; k < 8; k++) ch[k * 32 + i] = 8 * i + k < n ? xc[8 * i + k] : 0;
+        for (int k = 0; k < 8; k++)
+            for (int i = 0; i < 32; i++) ch[k * 32 + i] = xc[8 * i + k];
         for (int j = 0; j < 16; j++) {
             int sum = 0;
-            for (int t = 16 * j; t < 16 * j + 16 && t < n; t++) sum += xc[t];
+            for (int t = 16 * j; t < 16 * j + 16; t++) sum += xc[t];
             xneg[j] = (int16_t)-sum;
         }
         memcpy(ch + 256, xneg, sizeof xneg);
@@ -277,15 +283,21 @@ static void grid2_planes_row(const ljob_t *J, const int8_t *xq, const float *gs,
                              float *xsv) {
     const int64_t in = J->in, G = J->G; /* locals: the int8 stores below may alias *J */
     for (int64_t c = 0; c < J->nchunk; c++) {
-        const int8_t *xc = xq + 128 * c;
         const int n = (int)min64(128, in - 128 * c);
+        int8_t pad[128];
+        const int8_t *xc = xq + 128 * c;
+        if (n < 128) { /* last chunk: zero padded, so the loops below have fixed bounds */
+            memset(pad, 0, sizeof pad);
+            memcpy(pad, xc, (size_t)n);
+            xc = pad;
+        }
         int8_t *ch = planes + c * GRID_CHUNK;
-        for (int i = 0; i < 32; i++)
-            for (int k = 0; k < 4; k++) ch[k * 32 + i] = 4 * i + k < n ? xc[4 * i + k] : 0;
+        for (int k = 0; k < 4; k++)
+            for (int i = 0; i < 32; i++) ch[k * 32 + i] = xc[4 * i + k];
         for (int l = 0; l < 8; l++) { /* G % 16 == 0: a lane inside the row is inside one group */
             const int64_t col = c * 128 + 16 * l;
             int32_t X = 0;
-            for (int t = 16 * l; t < 16 * l + 16 && t < n; t++) X += xc[t];
+            for (int t = 16 * l; t < 16 * l + 16; t++) X += xc[t];
             gsv[c * 8 + l] = col < in ? gs[col / G] : 0.0f;
             xsv[c * 8 + l] = col < in ? gs[col / G] * (float)X : 0.0f;
         }
