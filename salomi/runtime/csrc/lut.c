@@ -243,6 +243,39 @@ static int sign_planes_ok(int64_t G) { return G == 32 || G == 64 || G == 128 || 
  * starts there, so the kernel directly sums sum_j (2 b_j - 1) xq_j (no correction pass). */
 #define PLANE_CHUNK 288
 
+#if LUT_X86
+/* ch[k * 32 + i] = src[8 i + k] for i < 32, k < 8 (bytes): the plane transpose, in
+ * registers. Vector r holds rows i = 4r..4r+3; two in-lane byte shuffles and a qword
+ * permute turn it into 8 dwords "rows 4r..4r+3 of column k", then an 8x8 dword
+ * transpose gathers column k of all rows. Pure data movement: same bytes as the loop. */
+__attribute__((target("avx2"))) static void transpose_32x8_avx2(const int8_t *src, int8_t *ch) {
+    const __m256i pair = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15, /* words (a_k, b_k) */
+                                          0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    const __m256i quad = _mm256_setr_epi8(0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15, /* dwords (W_k, U_k) */
+                                          0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15);
+    __m256i R[8], t[8], u[8];
+    for (int r = 0; r < 8; r++) {
+        __m256i v = _mm256_shuffle_epi8(_mm256_loadu_si256((const __m256i *)(src + 32 * r)), pair);
+        v = _mm256_permute4x64_epi64(v, 0xD8); /* qwords 0,2,1,3: lane 0 = k 0..3, lane 1 = k 4..7 */
+        R[r] = _mm256_shuffle_epi8(v, quad);   /* dword k = rows 4r..4r+3 of column k */
+    }
+    for (int r = 0; r < 8; r += 2) {
+        t[r] = _mm256_unpacklo_epi32(R[r], R[r + 1]);
+        t[r + 1] = _mm256_unpackhi_epi32(R[r], R[r + 1]);
+    }
+    for (int r = 0; r < 8; r += 4) {
+        u[r] = _mm256_unpacklo_epi64(t[r], t[r + 2]);
+        u[r + 1] = _mm256_unpackhi_epi64(t[r], t[r + 2]);
+        u[r + 2] = _mm256_unpacklo_epi64(t[r + 1], t[r + 3]);
+        u[r + 3] = _mm256_unpackhi_epi64(t[r + 1], t[r + 3]);
+    }
+    for (int k = 0; k < 4; k++) { /* u[k]: column k (lane 0) and k + 4 (lane 1) of rows 0..15 */
+        _mm256_storeu_si256((__m256i *)(ch + 32 * k), _mm256_permute2x128_si256(u[k], u[k + 4], 0x20));
+        _mm256_storeu_si256((__m256i *)(ch + 32 * (k + 4)), _mm256_permute2x128_si256(u[k], u[k + 4], 0x31));
+    }
+}
+#endif
+
 static void sign_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, int8_t *planes, float *gsv) {
     const int64_t in = J->in, G = J->G; /* locals: the int8 stores below may alias *J */
     for (int64_t c = 0; c < J->nchunk; c++) {
@@ -256,8 +289,12 @@ static void sign_planes_row(const ljob_t *J, const int8_t *xq, const float *gs, 
         }
         int8_t *ch = planes + c * PLANE_CHUNK;
         int16_t xneg[16];
-        for (int k = 0; k < 8; k++)
-            for (int i = 0; i < 32; i++) ch[k * 32 + i] = xc[8 * i + k];
+#if LUT_X86
+        if (J->isa >= SALOMI_ISA_AVX2) transpose_32x8_avx2(xc, ch);
+        else
+#endif
+            for (int k = 0; k < 8; k++)
+                for (int i = 0; i < 32; i++) ch[k * 32 + i] = xc[8 * i + k];
         for (int j = 0; j < 16; j++) {
             int sum = 0;
             for (int t = 16 * j; t < 16 * j + 16; t++) sum += xc[t];
