@@ -14,8 +14,8 @@ setup(
     ext_modules=[
         Extension(
             "salomi._kernels",
-            sources=[f"{CSRC}/kernels.c", f"{CSRC}/engine.c", f"{CSRC}/pymodule.c"],
-            depends=[f"{CSRC}/kernels.h", f"{CSRC}/engine.h"],
+            sources=[f"{CSRC}/kernels.c", f"{CSRC}/lut.c", f"{CSRC}/engine.c", f"{CSRC}/pymodule.c"],
+            depends=[f"{CSRC}/kernels.h", f"{CSRC}/kernels_internal.h", f"{CSRC}/engine.h"],
             include_dirs=[CSRC],
             extra_compile_args=["-O3", "-fPIC", "-std=gnu11", "-pthread"],
             extra_link_args=["-pthread"],

@@ -8,7 +8,14 @@ reference, a STREAM-style copy bandwidth measured in the same run (numpy copy of
 STREAM's Copy). Matrices larger than the caches are rotated through enough copies that
 every GEMV call reads its weights from DRAM.
 
-    python bench/bench_kernels.py [--threads 2] [--m 64] [--quick] [--json OUT]
+A second table compares the float kernels with the int8-activation kernels (csrc/lut.c,
+packed_matmul(..., activations="int8")) on GEMV for sign, ternary and 2-bit grid (g64) at
+the INT8_SHAPES:
+time, GB/s of packed bytes, % of the copy bandwidth and speed-up vs torch float32 GEMV.
+Float, int8 and torch batches are interleaved and the best batch of each is kept, so the
+ratios come from the same minutes of a shared machine.
+
+    python bench/bench_kernels.py [--threads 2] [--m 64] [--quick] [--only float|int8] [--json OUT]
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import platform
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,6 +38,8 @@ from salomi.runtime import kernels
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (8192, 8192)]  # (out, in)
 FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64)]  # (format, bits, group)
+INT8_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (8192, 8192)]  # (out, in)
+INT8_FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64)]  # (format, bits, group)
 COLD_BYTES = 512 << 20  # rotate copies of a layer until they span this much memory
 
 
@@ -143,29 +153,110 @@ def bench_layer(fmt, bits, group, o, i, threads, m, rng, l3_bytes):
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--m", type=int, default=64, help="activation rows for the GEMM (prefill) timing")
-    ap.add_argument("--quick", action="store_true", help="skip the 8192x8192 shape")
-    ap.add_argument("--isa", default="auto", help="avx512 | avx2 | scalar | auto")
-    ap.add_argument("--json", metavar="OUT", help="write all results as JSON")
-    args = ap.parse_args()
+def cold_layers(
+    fmt: str, bits: int, group: int, o: int, i: int, rng: np.random.Generator, l3_bytes: int
+) -> list[PackedLinear]:
+    """The layer plus enough random copies that GEMV streams them from DRAM when large."""
+    base = random_layer(fmt, bits, group, o, i, rng)
+    cold = base.nbytes * 4 > l3_bytes
+    copies = max(1, min(64, -(-COLD_BYTES // base.nbytes))) if cold else 1
+    return [base] + [random_layer(fmt, bits, group, o, i, rng) for _ in range(copies - 1)]
 
-    kernels.set_isa(args.isa)
-    torch.set_num_threads(args.threads)
-    l3 = 32 << 20
-    try:
-        l3 = int(os.sysconf("SC_LEVEL3_CACHE_SIZE")) or l3
-    except (ValueError, OSError):
-        pass
-    bw = copy_bandwidth(args.threads)
-    copy_ref = max(bw.values())
-    print(
-        f"isa={kernels.isa()} (cpu best {kernels.cpu_isa()})  threads={args.threads}  torch {torch.__version__}  "
-        f"load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
+
+def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, min_time: float = 0.05) -> dict[str, float]:
+    """Per-call time of each fn: rounds of one batch per fn, interleaved; the best batch wins."""
+    n = {}
+    for k, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        n[k] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(n[k]):
+                fn()
+            best[k] = min(best[k], (time.perf_counter() - t0) / n[k])
+    return best
+
+
+def bench_int8(
+    fmt: str, bits: int, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int
+) -> dict:
+    layers = cold_layers(fmt, bits, group, o, i, rng, l3_bytes)
+    preps = [kernels.prepare(p) for p in layers]
+    nbytes = layers[0].nbytes
+    x1 = torch.randn(1, i)
+    w = layers[0].dequantize().contiguous()
+    wcopies = [w] if (len(layers) == 1 or w.numel() * 4 > l3_bytes * 2) else [w] + [w.clone() for _ in range(3)]
+    st = {"f": 0, "q": 0, "t": 0}
+
+    def nxt(key: str, n: int) -> int:
+        st[key] = (st[key] + 1) % n
+        return st[key]
+
+    fns = {
+        "float": lambda: kernels.packed_matmul(x1, preps[nxt("f", len(preps))], threads),
+        "int8": lambda: kernels.packed_matmul(x1, preps[nxt("q", len(preps))], threads, activations="int8"),
+        "torch": lambda: torch.matmul(x1, wcopies[nxt("t", len(wcopies))].T),
+    }
+    t = best_interleaved(fns)
+    y8 = kernels.packed_matmul(x1, preps[0], threads, activations="int8")
+    yf = kernels.packed_matmul(x1, preps[0], threads)
+    return {
+        "format": fmt if fmt != "grid" else f"grid{bits}",
+        "group": group,
+        "out": o,
+        "in": i,
+        "weight_bytes": nbytes,
+        "cold_copies": len(layers),
+        "float_us": t["float"] * 1e6,
+        "int8_us": t["int8"] * 1e6,
+        "torch_us": t["torch"] * 1e6,
+        "float_gbs": nbytes / t["float"] / 1e9,
+        "int8_gbs": nbytes / t["int8"] / 1e9,
+        "int8_rel_err": ((y8 - yf).norm() / yf.norm()).item(),
+    }
+
+
+def run_int8_table(args: argparse.Namespace, copy_ref: float, l3: int) -> list[dict]:
+    print(f"\nGEMV, float vs int8 activations (threads={args.threads}, best of 7 interleaved batches)")
+    hdr = (
+        f"{'format':8} {'out x in':>11} {'MB':>6} {'cold':>4} | {'float us':>9} {'GB/s':>6} {'%copy':>6} "
+        f"{'x torch':>7} | {'int8 us':>9} {'GB/s':>6} {'%copy':>6} {'x torch':>7} | {'int8/float':>10} {'rel err':>8}"
     )
-    print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items()))
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(1)
+    rows = []
+    for o, i in INT8_SHAPES:
+        if args.quick and o * i > 4_000_000:
+            continue
+        for fmt, bits, group in INT8_FORMATS:
+            r = bench_int8(fmt, bits, group, o, i, args.threads, rng, l3)
+            r["float_vs_copy"] = r["float_gbs"] / copy_ref
+            r["int8_vs_copy"] = r["int8_gbs"] / copy_ref
+            r["float_speedup_vs_torch"] = r["torch_us"] / r["float_us"]
+            r["int8_speedup_vs_torch"] = r["torch_us"] / r["int8_us"]
+            r["int8_speedup_vs_float"] = r["float_us"] / r["int8_us"]
+            rows.append(r)
+            print(
+                f"{r['format']:8} {f'{o}x{i}':>11} {r['weight_bytes'] / 1e6:6.2f} {'yes' if r['cold_copies'] > 1 else 'no':>4} | "
+                f"{r['float_us']:9.1f} {r['float_gbs']:6.1f} {100 * r['float_vs_copy']:5.1f}% "
+                f"{r['float_speedup_vs_torch']:6.1f}x | {r['int8_us']:9.1f} {r['int8_gbs']:6.1f} "
+                f"{100 * r['int8_vs_copy']:5.1f}% {r['int8_speedup_vs_torch']:6.1f}x | "
+                f"{r['int8_speedup_vs_float']:9.2f}x {r['int8_rel_err']:8.4f}",
+                flush=True,
+            )
+    print(
+        f"%copy = packed bytes (codes + fp16 scales) per GEMV over the best copy bandwidth ({copy_ref:.1f} GB/s); "
+        f"rel err = ||y_int8 - y_float|| / ||y_float|| on one Gaussian row."
+    )
+    return rows
+
+
+def run_main_table(args: argparse.Namespace, copy_ref: float, l3: int) -> list[dict]:
     rng = np.random.default_rng(0)
     rows = []
     hdr = (
@@ -196,6 +287,35 @@ def main() -> None:
         f"bandwidth ({copy_ref:.1f} GB/s); cold = layer rotated through copies spanning >= {COLD_BYTES >> 20} MB; "
         f"GEMM m={args.m}."
     )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--m", type=int, default=64, help="activation rows for the GEMM (prefill) timing")
+    ap.add_argument("--quick", action="store_true", help="skip the 8192x8192 shape")
+    ap.add_argument("--isa", default="auto", help="avx512 | avx2 | scalar | auto")
+    ap.add_argument("--only", choices=["float", "int8"], help="run only the main table or only the int8 table")
+    ap.add_argument("--json", metavar="OUT", help="write all results as JSON")
+    args = ap.parse_args()
+
+    kernels.set_isa(args.isa)
+    torch.set_num_threads(args.threads)
+    l3 = 32 << 20
+    try:
+        l3 = int(os.sysconf("SC_LEVEL3_CACHE_SIZE")) or l3
+    except (ValueError, OSError):
+        pass
+    bw = copy_bandwidth(args.threads)
+    copy_ref = max(bw.values())
+    print(
+        f"isa={kernels.isa()} (cpu best {kernels.cpu_isa()})  threads={args.threads}  torch {torch.__version__}  "
+        f"load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
+    )
+    print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items()))
+    rows = run_main_table(args, copy_ref, l3) if args.only != "int8" else []
+    int8_rows = run_int8_table(args, copy_ref, l3) if args.only != "float" else []
     if args.json:
         meta = {
             "isa": kernels.isa(),
@@ -208,7 +328,7 @@ def main() -> None:
             "copy_ref_gbs": copy_ref,
         }
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": rows}, f, indent=2)
+            json.dump({"meta": meta, "results": rows, "int8": int8_rows}, f, indent=2)
         print(f"wrote {args.json}")
 
 

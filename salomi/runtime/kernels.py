@@ -12,7 +12,19 @@ Public API:
     cpu_isa() -> str                    best ISA this CPU supports
     set_isa(name) -> None               force "avx512" | "avx2" | "scalar", or "auto"
     prepare(p) -> PreparedLayer         validate + cache the C-ready view of a PackedLinear
-    packed_matmul(x, p, threads=2)      x [..., in] float32 CPU -> [..., out] float32
+    packed_matmul(x, p, threads=2, activations="float")
+                                        x [..., in] float32 CPU -> [..., out] float32
+    int8_supported(p) -> bool           an int8-activation kernel exists for this layer
+
+activations="int8" (sign, ternary, and grid with 2 bits and group 16/32/64/128 or a
+multiple of 128) quantizes each activation row to int8 per weight scale group (absmax
+/ 127, round half to even) and runs integer kernels (csrc/lut.c): 1.6-2.8x faster GEMV,
+but not bit-exact with the float kernels; per output
+|y - y_float| <= sum_g |s_g| * (max_{j in g} |x_j| / 254) * sum_{j in g} |q_j - z_g|
+plus float rounding (measured: 0.4-1% relative error for Gaussian activations, see
+tests/test_kernels_lut.py). The default stays "float": it is the exact reference the
+rest of the project (perplexity, generation tests) is checked against, and the int8
+error has not been evaluated end to end on a model yet.
 The environment variable SALOMI_ISA=avx512|avx2|scalar selects the default ISA (a
 request above what the CPU supports falls back to the best available one).
 """
@@ -67,6 +79,12 @@ def _load() -> ctypes.CDLL:
     lib.salomi_ternary_matmul.restype = cint
     lib.salomi_grid_matmul.argtypes = [c_f, i64, i64, i64, c_u8, cint, c_u16, c_u16, i64, c_i32, c_f, cint]
     lib.salomi_grid_matmul.restype = cint
+    for name in ("salomi_sign_matmul_i8", "salomi_ternary_matmul_i8"):
+        fn = getattr(lib, name)
+        fn.argtypes = [c_f, i64, i64, i64, c_u8, c_u16, i64, c_f, cint]
+        fn.restype = cint
+    lib.salomi_grid_matmul_i8.argtypes = [c_f, i64, i64, i64, c_u8, cint, c_u16, c_u16, i64, c_i32, c_f, cint]
+    lib.salomi_grid_matmul_i8.restype = cint
     _lib = lib
     return lib
 
@@ -172,14 +190,37 @@ def prepare(p: PackedLinear) -> PreparedLayer:
 _ERRORS = {-1: "invalid argument", -2: "out of memory"}
 
 
-def packed_matmul(x: torch.Tensor, p: PackedLinear | PreparedLayer, threads: int = 2) -> torch.Tensor:
+INT8_FORMATS = ("sign", "ternary", "grid")  # grid: 2 bits and a supported group only (int8_supported)
+
+
+def int8_supported(p: PackedLinear | PreparedLayer) -> bool:
+    """True when packed_matmul(..., activations="int8") can run this layer."""
+    prep = p if isinstance(p, PreparedLayer) else prepare(p)
+    if prep.format in ("sign", "ternary"):
+        return True
+    g = prep.group
+    return prep.format == "grid" and prep.bits == 2 and g % 16 == 0 and (128 % g == 0 or g % 128 == 0)
+
+
+def packed_matmul(
+    x: torch.Tensor, p: PackedLinear | PreparedLayer, threads: int = 2, activations: str = "float"
+) -> torch.Tensor:
     """y = x @ W^T with W = p.dequantize(), computed from the packed bytes.
 
     x: float32 CPU tensor [..., in] (made contiguous if it is not). Returns float32 [..., out].
     threads: worker threads over output rows (>= 1).
+    activations: "float" (exact float32 kernels, the reference) or "int8" (activations
+    quantized to int8 per weight group, integer kernels; layers with int8_supported(p)).
     """
     lib = _load()
+    if activations not in ("float", "int8"):
+        raise ValueError(f"activations must be 'float' or 'int8', not {activations!r}")
     prep = p if isinstance(p, PreparedLayer) else prepare(p)
+    if activations == "int8" and not int8_supported(prep):
+        raise ValueError(
+            f"no int8-activation kernel for this {prep.format!r} layer (bits {prep.bits}, group {prep.group}); "
+            "int8 covers sign, ternary and 2-bit grid with group 16/32/64/128 or a multiple of 128"
+        )
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError("packed_matmul expects a float32 CPU torch.Tensor")
     if x.dim() < 1 or x.shape[-1] != prep.in_features:
@@ -194,13 +235,17 @@ def packed_matmul(x: torch.Tensor, p: PackedLinear | PreparedLayer, threads: int
     if m == 0:
         return y
     args = (x.data_ptr(), m, prep.in_features, prep.out_features, prep.data.ctypes.data)
-    if prep.format == "sign":
+    if activations == "int8" and prep.format != "grid":
+        fn = lib.salomi_sign_matmul_i8 if prep.format == "sign" else lib.salomi_ternary_matmul_i8
+        rc = fn(*args, prep.scale.ctypes.data, prep.group, y.data_ptr(), threads)
+    elif prep.format == "sign":
         rc = lib.salomi_sign_matmul(*args, prep.scale.ctypes.data, prep.group, y.data_ptr(), threads)
     elif prep.format == "ternary":
         rc = lib.salomi_ternary_matmul(*args, prep.scale.ctypes.data, prep.group, y.data_ptr(), threads)
     else:
         assert prep.zero is not None
-        rc = lib.salomi_grid_matmul(
+        grid_fn = lib.salomi_grid_matmul_i8 if activations == "int8" else lib.salomi_grid_matmul
+        rc = grid_fn(
             *args,
             prep.bits,
             prep.scale.ctypes.data,

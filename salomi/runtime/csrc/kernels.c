@@ -26,6 +26,7 @@
  */
 #define _GNU_SOURCE
 #include "kernels.h"
+#include "kernels_internal.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -97,22 +98,7 @@ static void init_tables(void) {
             for (int k = 0; k < 8; k++) LANEMASK[lo][hi][k] = (k >= lo && k < hi) ? 0xFFFFFFFFu : 0u;
 }
 
-/* IEEE half -> float, portable (the SIMD paths use F16C instead). */
-static inline float h2f(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
-    float f;
-    if (e == 0) {
-        f = (float)m * (1.0f / 16777216.0f); /* subnormal: m * 2^-24 (exact) */
-        memcpy(&u, &f, 4);
-        u |= s;
-    } else if (e == 31) {
-        u = s | 0x7f800000u | (m << 13);
-    } else {
-        u = s | ((e + 112) << 23) | (m << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
-}
+static inline float h2f(uint16_t h) { return salomi_h2f(h); }
 
 /* K-bit code j of a row (K <= 8 so it spans at most two bytes). */
 static inline unsigned code_at(const uint8_t *row, int64_t rb, int64_t j, int K) {

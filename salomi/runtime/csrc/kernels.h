@@ -58,6 +58,25 @@ int salomi_matmul_batch(const salomi_matmul_op *ops, int n, const float *x, int6
 typedef void (*salomi_task_fn)(void *ctx, int tid, int nt);
 void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads);
 
+/* ---------------------------------------------------------------- int8-activation kernels (lut.c)
+ * Same arguments, layouts and return codes as salomi_sign_matmul / salomi_ternary_matmul,
+ * but each activation row is first quantized to int8 per weight scale group
+ * (sx_g = max|x_j| / 127 over the group's G columns, xq = round-half-even(x * 127 / max))
+ * and the dot products run in integer arithmetic. NOT bit-exact with the float kernels:
+ * per output, |y - y_float| <= sum_g |s_g| * sx_g / 2 * sum_{j in g} |q_j| plus float
+ * rounding (q = +-1 for sign, -1/0/+1 for ternary). Results are identical on every ISA
+ * (the AVX-512 setting runs the AVX2 code). in <= 2^24. Meant for GEMV (M = 1) and small
+ * M (rows are processed one activation row at a time). Non-finite x gives NaN rows. */
+int salomi_sign_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *bits,
+                          const uint16_t *scale, int64_t group, float *y, int threads);
+int salomi_ternary_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *trits,
+                             const uint16_t *scale, int64_t group, float *y, int threads);
+/* Grid with bits == 2 only, and group in {16, 32, 64, 128} or a multiple of 128 (returns
+ * -1 otherwise); w = s (q - z), error bound as above with |q_j - z_g| for |q_j|. */
+int salomi_grid_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *codes, int bits,
+                          const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm,
+                          float *y, int threads);
+
 #ifdef __cplusplus
 }
 #endif

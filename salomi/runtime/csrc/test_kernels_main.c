@@ -1,4 +1,9 @@
-/* Tolerance: |y - y_ref| <= 1e-5 * ||x|| * ||m|| per output, m_j = |w_j| for sign and
+/* int8 kernels (lut.c): for sign, ternary and 2-bit grid cases (grid only with a group
+ * the int8 kernel takes) the test also runs salomi_*_matmul_i8 and checks it against a double-precision reference that applies the
+ * documented activation quantization (tolerance 3e-5 * sum_g |s_g| sx_g sum |xq_j|), and
+ * that the scalar ISA gives bit-identical results.
+ *
+ * Tolerance: |y - y_ref| <= 1e-5 * ||x|| * ||m|| per output, m_j = |w_j| for sign and
  * ternary and |s| (|q_j| + |z|) for grid: the kernels sum s (sum x q - z sum x) per
  * group, whose float rounding scales with |q| and |z| rather than with |q - z|.
  *
@@ -41,6 +46,74 @@ static uint16_t rnd_half(int elo, int ehi, int neg) {
 static int bit_at(const uint8_t *row, int64_t bit) { return (row[bit >> 3] >> (bit & 7)) & 1; }
 
 enum { SIGN, TERN, GRID };
+
+/* The int8 path: same-quantization reference, and scalar == current ISA bit for bit.
+ * w holds the dequantized weights in weight column order; for grid (2 bits only) the
+ * activations are quantized in stored column order (stored column j = weight column
+ * perm[j]), like the kernel. */
+static int check_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *data,
+                    const uint16_t *scale, const uint16_t *zero, int64_t G, const int32_t *perm, const double *w,
+                    int threads, int isa) {
+    const int64_t ng = in / G;
+    float *y = malloc(sizeof(float) * (size_t)(M * out)), *y0 = malloc(sizeof(float) * (size_t)(M * out));
+    float *xq = malloc(sizeof(float) * (size_t)in), *sx = malloc(sizeof(float) * (size_t)ng);
+    float *xs = malloc(sizeof(float) * (size_t)in);
+    int bad = 0;
+    memset(y, 0xFF, sizeof(float) * (size_t)(M * out));
+#define RUN_I8(Y)                                                                                                     \
+    (fmt == SIGN   ? salomi_sign_matmul_i8(x, M, in, out, data, scale, G, Y, threads)                              \
+     : fmt == TERN ? salomi_ternary_matmul_i8(x, M, in, out, data, scale, G, Y, threads)                           \
+                   : salomi_grid_matmul_i8(x, M, in, out, data, 2, scale, zero, G, perm, Y, threads))
+    int rc = RUN_I8(y);
+    salomi_set_isa(0);
+    int rc0 = RUN_I8(y0);
+    salomi_set_isa(isa);
+#undef RUN_I8
+    if (rc != 0 || rc0 != 0) {
+        printf("FAIL i8 rc=%d/%d\n", rc, rc0);
+        bad = 1;
+    } else if (memcmp(y, y0, sizeof(float) * (size_t)(M * out)) != 0) {
+        printf("FAIL i8: isa %s differs from scalar\n", salomi_isa_name(isa));
+        bad = 1;
+    }
+    for (int64_t m = 0; m < M && !bad; m++) {
+        for (int64_t j = 0; j < in; j++) xs[j] = x[m * in + (perm ? perm[j] : j)];
+        for (int64_t g = 0; g < ng; g++) { /* the documented quantization, in float */
+            float amax = 0.0f;
+            for (int64_t j = g * G; j < (g + 1) * G; j++) amax = fabsf(xs[j]) > amax ? fabsf(xs[j]) : amax;
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            sx[g] = amax / 127.0f;
+            for (int64_t j = g * G; j < (g + 1) * G; j++) {
+                float v = nearbyintf(xs[j] * inv);
+                xq[j] = v > 127.0f ? 127.0f : v < -127.0f ? -127.0f : v;
+            }
+        }
+        for (int64_t o = 0; o < out && !bad; o++) {
+            double ref = 0, mag = 0;
+            for (int64_t g = 0; g < ng; g++) {
+                const double s = ref_h2f(scale[o * ng + g]), z = fmt == GRID ? fabs(ref_h2f(zero[o * ng + g])) : 1.0;
+                double acc = 0, am = 0;
+                for (int64_t j = g * G; j < (g + 1) * G; j++) {
+                    const double qz = s != 0.0 ? w[o * in + (perm ? perm[j] : j)] / s : 0.0; /* q - z */
+                    acc += qz * xq[j];
+                    am += (fabs(qz) + 2 * z) * fabs(xq[j]);
+                }
+                ref += s * sx[g] * acc;
+                mag += fabs(s) * sx[g] * am;
+            }
+            const double got = y[m * out + o], tol = 3e-5 * mag + 1e-30;
+            if (!(fabs(got - ref) <= tol)) {
+                printf("FAIL i8 m=%lld o=%lld got %.9g want %.9g (tol %.3g)\n", (long long)m, (long long)o, got, ref,
+                       tol);
+                bad = 1;
+            }
+        }
+    }
+    free(y), free(y0), free(xq), free(sx), free(xs);
+    return bad;
+}
+
+static int grid2_i8_ok(int K, int64_t G) { return K == 2 && G % 16 == 0 && (128 % G == 0 || G % 128 == 0); }
 
 static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_t M, int use_perm, int threads,
                       int isa) {
@@ -117,6 +190,9 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
                 bad = 1;
             }
         }
+    if (!bad && (fmt != GRID || grid2_i8_ok(K, G)))
+        bad = check_i8(fmt, x, M, in, out, data, scale, zero, G, fmt == GRID && use_perm ? perm : NULL, w, threads,
+                       isa);
     if (bad)
         printf("  case: isa=%s fmt=%d K=%d in=%lld out=%lld G=%lld M=%lld perm=%d threads=%d\n", salomi_isa_name(isa),
                fmt, K, (long long)in, (long long)out, (long long)G, (long long)M, use_perm, threads);
@@ -162,8 +238,22 @@ int main(int argc, char **argv) {
         int r2 = salomi_grid_matmul(x, 1, 8, 1, d, 9, s, z, 8, NULL, y, 1);  /* bits 9 */
         int r3 = salomi_grid_matmul(x, 1, 8, 1, d, 1, s, z, 8, bad_perm, y, 1);
         int r4 = salomi_sign_matmul(x, 0, 8, 1, d, s, 8, y, 1);              /* M = 0 is fine */
-        if (r1 != -1 || r2 != -1 || r3 != -1 || r4 != 0) {
-            printf("FAIL argument checks: %d %d %d %d\n", r1, r2, r3, r4);
+        int r5 = salomi_sign_matmul_i8(x, 1, 8, 1, d, s, 3, y, 1);           /* 3 does not divide 8 */
+        int r6 = salomi_ternary_matmul_i8(x, 0, 8, 1, d, s, 8, y, 1);        /* M = 0 is fine */
+        int r7 = salomi_ternary_matmul_i8(NULL, 1, 8, 1, d, s, 8, y, 1);
+        float x32[32] = {0};
+        uint8_t d8[8] = {0};
+        int32_t bad_perm32[32] = {0};
+        for (int j = 0; j < 32; j++) bad_perm32[j] = j;
+        bad_perm32[5] = 32;
+        int r8 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 3, s, z, 32, NULL, y, 1);       /* 3 bits */
+        int r9 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 2, s, z, 8, NULL, y, 1);        /* group 8 */
+        int r10 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 2, s, z, 32, bad_perm32, y, 1); /* perm out of range */
+        int r11 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 2, s, z, 32, NULL, y, 1);      /* fine */
+        if (r1 != -1 || r2 != -1 || r3 != -1 || r4 != 0 || r5 != -1 || r6 != 0 || r7 != -1 || r8 != -1 || r9 != -1 ||
+            r10 != -1 || r11 != 0) {
+            printf("FAIL argument checks: %d %d %d %d %d %d %d %d %d %d %d\n", r1, r2, r3, r4, r5, r6, r7, r8, r9, r10,
+                   r11);
             failures++;
         }
     }
