@@ -35,10 +35,11 @@ def assert_close_logits(got: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def variants(tiny_llama_dir: Path, packed: Path, austen_slice: Path,
              tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny Llama in each storage format the engine runs: sign, ternary, grid, vq."""
+    """The tiny Llama in each storage format the engine runs: sign, ternary, grid, vq, and +rot ones."""
     d = tmp_path_factory.mktemp("engine")
     out = {"grid": packed}
-    for fmt, method in (("sign", "binary"), ("ternary", "ternary"), ("vq", "vq:d4:k16")):
+    for fmt, method in (("sign", "binary"), ("ternary", "ternary"), ("vq", "vq:d4:k16"),
+                        ("sign+rot", "gptq:binary+rot"), ("grid+rot", "gptq:2:g32+rot"), ("vq+rot", "vq:d4:k16+rot")):
         f = d / f"{fmt}.salomi"
         api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=4,
                      seg_len=64, progress=False)
@@ -51,7 +52,7 @@ def reference_logits(qf: QuantizedFile, ids: torch.Tensor) -> torch.Tensor:
         return build_model(qf, "dequant")(ids[None]).logits[0].float()
 
 
-@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid", "vq"])
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid", "vq", "sign+rot", "grid+rot", "vq+rot"])
 def test_prefill_and_decode_match_dequant(variants: dict[str, Path], fmt: str) -> None:
     qf = load_quantized(variants[fmt])
     assert {p.format for p in qf.packed.values()} == {fmt}
@@ -97,6 +98,26 @@ def test_scalar_isa_gives_same_logits(variants: dict[str, Path]) -> None:
         assert_close_logits(torch.stack([eng.forward([int(t)]) for t in IDS[:5]]), ref[:5])
     finally:
         kernels.set_isa("auto")
+
+
+def test_rot_scalar_isa_and_auto(variants: dict[str, Path]) -> None:
+    """+rot layers: the scalar kernels give the same logits, and runtime auto accepts the file."""
+    qf = load_quantized(variants["grid+rot"])
+    assert unsupported_reason(qf) is None
+    ref = reference_logits(qf, IDS)
+    try:
+        kernels.set_isa("scalar")
+        eng = Engine.from_file(qf, max_seq=64)
+        assert_close_logits(eng.logits(IDS), ref)
+    finally:
+        kernels.set_isa("auto")
+    bad = copy.copy(qf)
+    bad.packed = dict(qf.packed)
+    name = next(iter(bad.packed))
+    p = bad.packed[name]
+    bad.packed[name] = type(p)(p.method, p.format, p.shape, p.tensors, {**p.params, "rot_seed": -1})
+    with pytest.raises(SalomiError, match="rot_seed"):
+        Engine.from_file(bad, max_seq=8)
 
 
 def _rtn_packed(weight: np.ndarray, group: int = 32, bits: int = 4):  # noqa: ANN202

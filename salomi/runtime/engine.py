@@ -38,6 +38,7 @@ PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 PROFILE_STAGES = ("embed", "norms", "qkv", "attention", "o_proj", "gate_up", "act", "down", "head", "calls")
 
+ROT = "+rot"  # composite "BASE+rot": W = U^T BASE V (salomi/quantizers/rotation.py)
 W_F32, W_F16, W_SIGN, W_TERNARY, W_GRID, W_VQ = range(6)
 _KIND = {"sign": W_SIGN, "ternary": W_TERNARY, "grid": W_GRID, "vq": W_VQ}
 
@@ -51,6 +52,10 @@ class _Weight(ctypes.Structure):
         ("scale", ctypes.c_void_p), ("scale_len", ctypes.c_int64),
         ("zero", ctypes.c_void_p), ("perm", ctypes.c_void_p), ("codebook", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
+        ("rot", ctypes.c_int32), ("rot_nb_in", ctypes.c_int32), ("rot_nb_out", ctypes.c_int32),
+        ("rot_f_in", ctypes.c_int32 * 8), ("rot_f_out", ctypes.c_int32 * 8),
+        ("rot_s_in", ctypes.c_void_p), ("rot_s_out", ctypes.c_void_p),
+        ("rot_m_in", ctypes.c_void_p), ("rot_m_out", ctypes.c_void_p),
     ]
 
 
@@ -182,7 +187,8 @@ def unsupported_reason(qf: QuantizedFile) -> str | None:
     except SalomiError as e:
         return str(e)
     for name, p in {**qf.packed, **qf.embeddings}.items():
-        if p.format not in ENGINE_FORMATS:
+        base = p.format.removesuffix(ROT)
+        if base not in ENGINE_FORMATS or (base != p.format and name == "model.embed_tokens"):
             return f"layer {name} has storage format {p.format!r}"
     return None
 
@@ -219,6 +225,7 @@ class Engine:
         self.qf = qf
         self.arch = arch
         self._keep: list[Any] = []  # every array the C side points into
+        self._rot: dict[tuple[int, int], tuple[tuple[int, ...], np.ndarray, np.ndarray]] = {}
         L, H, nh, nkv, hd = arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.head_dim
         inter, vocab = arch.intermediate, arch.vocab
         self.max_seq = min(arch.max_positions, int(max_seq)) if max_seq else arch.max_positions
@@ -296,9 +303,40 @@ class Engine:
         w.bias = self._bias(name, out)
         return w
 
+    def _rotation(self, n: int, seed: int, f_out: Any) -> tuple[int, int, int]:
+        """Block orders (written into f_out), sign and block pointers of the transform of
+        order n from seed; one copy per (n, seed) so layers sharing it share pointers."""
+        key = (n, seed)
+        if key not in self._rot:
+            from salomi.quantizers.rotation import _mats, _signs, factors
+
+            f = factors(n)  # one-line SalomiError for unsupported orders
+            if len(f) > 8 or max(f) > 64:
+                raise _unsupported(f"+rot of order {n}")
+            s = np.ascontiguousarray(_signs(n, seed).numpy(), dtype=np.float32)
+            m = np.ascontiguousarray(np.concatenate([t.numpy().reshape(-1) for t in _mats(n)]), dtype=np.float32)
+            self._rot[key] = (f, s, m)
+            self._keep += [s, m]
+        f, s, m = self._rot[key]
+        for i, v in enumerate(f):
+            f_out[i] = v
+        return len(f), int(s.ctypes.data), int(m.ctypes.data)
+
     def _packed(self, w: _Weight, name: str, p: PackedLinear, out: int, inp: int) -> None:
         if tuple(int(v) for v in p.shape) != (out, inp):
             raise SalomiError(f"{name}: packed shape {list(p.shape)}, the config needs {[out, inp]} (corrupt file?)")
+        if p.format.endswith(ROT):
+            from salomi.quantizers.rotation import split_rot
+
+            if name == "model.embed_tokens":
+                raise _unsupported(f"layer {name} has storage format {p.format!r}")
+            seed = p.params.get("rot_seed")
+            if not isinstance(seed, int) or not 0 <= seed < 2**31 - 1:
+                raise SalomiError(f"{name}: +rot layer has no valid rot_seed (corrupt file?)")
+            w.rot = 1
+            w.rot_nb_in, w.rot_s_in, w.rot_m_in = self._rotation(inp, seed, w.rot_f_in)
+            w.rot_nb_out, w.rot_s_out, w.rot_m_out = self._rotation(out, seed + 1, w.rot_f_out)
+            p = split_rot(p)
         if p.format not in _KIND:
             raise _unsupported(f"layer {name} has storage format {p.format!r}")
         w.kind = _KIND[p.format]

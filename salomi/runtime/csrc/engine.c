@@ -66,6 +66,7 @@ struct salomi_engine {
     float *x, *xn, *q, *k, *v, *att, *tmp, *g, *u;
     float *scores;        /* [threads][max_seq] */
     float *cosb, *sinb;   /* [CHUNK][head_dim/2] */
+    float *rx;            /* rotated input of a +rot layer [CHUNK][max in] */
     float *lut;           /* vq table: max over vq layers of (in/d)*k floats */
     int64_t lut_len;
     int profile;
@@ -433,7 +434,92 @@ static void add_bias(const salomi_weight *w, int64_t M, float *y) {
             for (int64_t o = 0; o < w->out; o++) y[m * w->out + o] += w->bias[o];
 }
 
+/* ------------------------------------------------------------------ +rot */
+
+/* In place on each of M rows of length n: forward y = H (s * x) / sqrt(n), inverse
+ * y = s * (H^T x) / sqrt(n), H = kron(blocks) applied axis by axis on x viewed as
+ * [f_0][f_1]...[f_{nb-1}] (row-major), exactly as salomi.quantizers.rotation.transform. */
+static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s, const float *mats,
+                      int inverse) {
+    const float sc = 1.0f / sqrtf((float)n);
+    float t[64], u[64];
+    for (int64_t r = 0; r < M; r++) {
+        float *y = x + r * n;
+        if (!inverse)
+            for (int64_t i = 0; i < n; i++) y[i] *= s[i];
+        const float *m = mats;
+        int64_t outer = 1;
+        for (int a = 0; a < nb; a++) {
+            const int64_t fa = f[a], inner = n / (outer * fa);
+            for (int64_t o = 0; o < outer; o++)
+                for (int64_t q = 0; q < inner; q++) {
+                    float *base = y + o * fa * inner + q;
+                    for (int64_t k = 0; k < fa; k++) t[k] = base[k * inner];
+                    for (int64_t i = 0; i < fa; i++) {
+                        float acc = 0.f;
+                        if (inverse) for (int64_t k = 0; k < fa; k++) acc += m[k * fa + i] * t[k];
+                        else for (int64_t k = 0; k < fa; k++) acc += m[i * fa + k] * t[k];
+                        u[i] = acc;
+                    }
+                    for (int64_t i = 0; i < fa; i++) base[i * inner] = u[i];
+                }
+            outer *= fa;
+            m += fa * fa;
+        }
+        if (inverse)
+            for (int64_t i = 0; i < n; i++) y[i] *= s[i] * sc;
+        else
+            for (int64_t i = 0; i < n; i++) y[i] *= sc;
+    }
+}
+
+static const float *rot_in(salomi_engine *e, const salomi_weight *w, const float *x, int64_t M) {
+    memcpy(e->rx, x, sizeof(float) * (size_t)(M * w->in));
+    rot_apply(e->rx, M, w->in, w->rot_nb_in, w->rot_f_in, w->rot_s_in, w->rot_m_in, 0);
+    return e->rx;
+}
+
+static void rot_out(const salomi_weight *w, float *y, int64_t M) {
+    rot_apply(y, M, w->out, w->rot_nb_out, w->rot_f_out, w->rot_s_out, w->rot_m_out, 1);
+}
+
+static int check_rot(const salomi_weight *w, const char *what, char *err, int errlen) {
+    if (!w->rot) return 0;
+    const int nb[2] = {w->rot_nb_in, w->rot_nb_out};
+    const int32_t *f[2] = {w->rot_f_in, w->rot_f_out};
+    const int64_t n[2] = {w->in, w->out};
+    if (!w->rot_s_in || !w->rot_s_out || !w->rot_m_in || !w->rot_m_out) {
+        seterr(err, errlen, "%s: +rot layer without signs or blocks (corrupt file?)", what);
+        return -1;
+    }
+    for (int d = 0; d < 2; d++) {
+        int64_t prod = 1;
+        if (nb[d] < 1 || nb[d] > 8) { seterr(err, errlen, "%s: +rot with %d blocks (1..8)", what, nb[d]); return -1; }
+        for (int i = 0; i < nb[d]; i++) {
+            if (f[d][i] < 1 || f[d][i] > 64) { seterr(err, errlen, "%s: +rot block of order %d (1..64)", what, f[d][i]); return -1; }
+            prod *= f[d][i];
+        }
+        if (prod != n[d]) { seterr(err, errlen, "%s: +rot blocks multiply to %lld, not %lld", what, (long long)prod, (long long)n[d]); return -1; }
+    }
+    return 0;
+}
+
+static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y);
+
 static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
+    const salomi_weight *w = &W->w;
+    if (!w->rot) return matmul_base(e, W, x, M, y);
+    weight_t plain = *W;
+    plain.w.rot = 0;
+    plain.w.bias = NULL;
+    int rc = matmul_base(e, &plain, rot_in(e, w, x, M), M, y);
+    if (rc) return rc;
+    rot_out(w, y, M);
+    add_bias(w, M, y);
+    return 0;
+}
+
+static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
     const salomi_weight *w = &W->w;
     const int nt = e->c.threads;
     int rc = 0;
@@ -477,8 +563,12 @@ static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M
 static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
     salomi_matmul_op ops[4];
     int ok = n <= 4;
+    const int rot = n > 0 && W[0].w.rot;
     for (int i = 0; ok && i < n; i++) {
         const salomi_weight *w = &W[i].w;
+        /* +rot: batched only when every layer uses the same input rotation */
+        if (w->rot != rot || (rot && (w->rot_s_in != W[0].w.rot_s_in || w->rot_m_in != W[0].w.rot_m_in ||
+                                      w->in != W[0].w.in))) { ok = 0; break; }
         int f = w->kind == SALOMI_W_SIGN ? SALOMI_FMT_SIGN : w->kind == SALOMI_W_TERNARY ? SALOMI_FMT_TERNARY
                 : w->kind == SALOMI_W_GRID ? SALOMI_FMT_GRID : -1;
         if (f < 0) { ok = 0; break; }
@@ -492,12 +582,15 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         }
         return 0;
     }
-    int rc = salomi_matmul_batch(ops, n, x, M, e->c.threads);
+    int rc = salomi_matmul_batch(ops, n, rot ? rot_in(e, &W[0].w, x, M) : x, M, e->c.threads);
     if (rc != 0) {
         snprintf(e->err, sizeof e->err, "kernel failed (%s) on a batch of %d layers", rc == -2 ? "out of memory" : "invalid argument", n);
         return rc == -2 ? -2 : -3;
     }
-    for (int i = 0; i < n; i++) add_bias(&W[i].w, M, y[i]);
+    for (int i = 0; i < n; i++) {
+        if (rot) rot_out(&W[i].w, y[i], M);
+        add_bias(&W[i].w, M, y[i]);
+    }
     return 0;
 }
 
@@ -602,7 +695,7 @@ void salomi_engine_free(salomi_engine *e) {
     free(e->norms);
     free(e->kcache); free(e->vcache);
     free(e->x); free(e->xn); free(e->q); free(e->k); free(e->v); free(e->att); free(e->tmp); free(e->g); free(e->u);
-    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut);
+    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->rx);
     free(e);
 }
 
@@ -640,7 +733,8 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             const int64_t ins[7] = {H, H, H, e->q_dim, H, H, I};
             out = outs[j], in = ins[j];
         }
-        if (check_weight(w, out, in, what, i, err, errlen)) { salomi_engine_free(e); return NULL; }
+        if (check_weight(w, out, in, what, i, err, errlen) || check_rot(w, what, err, errlen)) { salomi_engine_free(e); return NULL; }
+        if (i == 0 && w->rot) { seterr(err, errlen, "embed_tokens: +rot embeddings are not supported; re-quantize without +rot on the embedding"); salomi_engine_free(e); return NULL; }
         e->w[i].w = *w;
         if (w->kind == SALOMI_W_VQ) {
             int64_t n = w->vq_k * w->vq_d, lut = (in / w->vq_d) * w->vq_k;
@@ -672,9 +766,10 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     e->scores = malloc(sizeof(float) * (size_t)e->c.threads * (size_t)c.max_seq);
     e->cosb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
     e->sinb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
+    e->rx = malloc(sizeof(float) * CHUNK * (maxin > c.vocab ? maxin : c.vocab));
     e->lut = e->lut_len ? malloc(sizeof(float) * (size_t)e->lut_len) : NULL;
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
-        !e->u || !e->scores || !e->cosb || !e->sinb || (e->lut_len && !e->lut))
+        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || (e->lut_len && !e->lut))
         goto oom;
     const char *p = getenv("SALOMI_ENGINE_PROFILE");
     e->profile = p && *p && strcmp(p, "0") != 0;

@@ -43,6 +43,16 @@ typedef struct {
     const int32_t *perm;    /* grid: NULL or int32 [in] */
     const uint16_t *codebook; /* vq: fp16 bits [k, d] */
     const float *bias;      /* NULL or float32 [out] */
+    /* "+rot": W = U^T Q V with Q the layer above; V = H_in diag(rot_s_in) / sqrt(in),
+     * U likewise over out. H is the Kronecker product of rot_nb_* blocks of orders
+     * rot_f_*[i] (<= 64 each, product = in / out); rot_m_* holds the blocks row-major,
+     * concatenated. rot = 0: no rotation (the rot_* fields are ignored). Layers whose
+     * rot_s_in / rot_m_in pointers are equal share one input rotation. */
+    int32_t rot;
+    int32_t rot_nb_in, rot_nb_out;
+    int32_t rot_f_in[8], rot_f_out[8];
+    const float *rot_s_in, *rot_s_out;  /* float32 +-1 [in], [out] */
+    const float *rot_m_in, *rot_m_out;  /* float32 sum f^2 */
 } salomi_weight;
 
 typedef struct {
