@@ -362,7 +362,7 @@ def export_dequantized(file: str | Path, out_dir: str | Path) -> Path:
 
 
 def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: str = "auto",
-             temperature: float = 0.0, seed: int = 0) -> Iterator[str]:
+             temperature: float = 0.0, seed: int = 0, activations: str = "float") -> Iterator[str]:
     """Stream decoded text pieces; the last item is a stats line (tokens/s)."""
     qf = load_quantized(file)
     tok = qf.tokenizer()
@@ -370,8 +370,10 @@ def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: s
         raise SalomiError("--prompt is empty; give some text to continue")
     runtime = resolve_runtime(qf, runtime)
     if runtime == "engine":
-        yield from _generate_engine(qf, tok, prompt, max_new_tokens, temperature, seed)
+        yield from _generate_engine(qf, tok, prompt, max_new_tokens, temperature, seed, activations)
         return
+    if activations != "float":
+        raise SalomiError(f"--activations {activations} needs the native engine; use --runtime engine")
     model = build_model(qf, runtime)
     from salomi.runtime import kernels
 
@@ -414,12 +416,12 @@ def generate(file: str | Path, prompt: str, max_new_tokens: int = 64, runtime: s
 
 
 def _generate_engine(qf: QuantizedFile, tok: Any, prompt: str, max_new_tokens: int, temperature: float,
-                     seed: int) -> Iterator[str]:
+                     seed: int, activations: str = "float") -> Iterator[str]:
     """generate() through the native engine: one C call per token."""
     from salomi.runtime.engine import Engine
 
     ids = tokenize(tok, prompt)
-    eng = Engine.from_file(qf, max_seq=min(4096, ids.numel() + max_new_tokens))
+    eng = Engine.from_file(qf, max_seq=min(4096, ids.numel() + max_new_tokens), activations=activations)
     generated: list[int] = []
     printed = ""
     t0 = time.perf_counter()

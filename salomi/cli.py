@@ -83,7 +83,8 @@ def cmd_inspect(a: argparse.Namespace) -> None:
 def cmd_generate(a: argparse.Namespace) -> None:
     from salomi import api
 
-    for piece in api.generate(a.file, a.prompt, a.max_new_tokens, a.runtime, a.temperature, a.seed):
+    for piece in api.generate(a.file, a.prompt, a.max_new_tokens, a.runtime, a.temperature, a.seed,
+                              a.activations):
         sys.stdout.write(piece)
         sys.stdout.flush()
 
@@ -124,9 +125,10 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from salomi.runtime.bench import run_bench
 
     runtimes = tuple(r.strip() for r in a.runtimes.split(",") if r.strip())
-    bad = [r for r in runtimes if r not in ("kernels", "engine", "dequant")]
+    bad = [r for r in runtimes if r not in ("kernels", "engine", "engine-int8", "dequant")]
     if bad or not runtimes:
-        raise SalomiError(f"--runtimes takes a comma-separated list of kernels, engine, dequant (got {a.runtimes!r})")
+        raise SalomiError(f"--runtimes takes a comma-separated list of kernels, engine, engine-int8, dequant "
+                          f"(got {a.runtimes!r})")
     rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp, runtimes)
     print(f"{'model':<24} {'runtime':<10} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
           f"{'peak RSS MB':>11} {'model RSS MB':>12}")
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine: native C forward pass (Llama family); auto: engine if it supports the file")
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--activations", default="float", choices=["float", "int8"],
+                   help="engine only: int8 runs sign/ternary/2-bit grid layers with int8-activation kernels")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a plain float Hugging Face checkpoint of the quantized weights")
@@ -236,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--llamacpp", default="runs/llamacpp/bench.json", help="llama-bench rows from bench/llamacpp.py")
-    b.add_argument("--runtimes", default="kernels,engine", help="runtimes to measure each file with")
+    b.add_argument("--runtimes", default="kernels,engine", help="runtimes to measure each file with (kernels, engine, engine-int8, dequant)")
     b.add_argument("--json", default=None)
     b.set_defaults(fn=cmd_bench)
 

@@ -56,6 +56,7 @@ class _Weight(ctypes.Structure):
         ("rot_f_in", ctypes.c_int32 * 8), ("rot_f_out", ctypes.c_int32 * 8),
         ("rot_s_in", ctypes.c_void_p), ("rot_s_out", ctypes.c_void_p),
         ("rot_m_in", ctypes.c_void_p), ("rot_m_out", ctypes.c_void_p),
+        ("act_i8", ctypes.c_int32),
     ]
 
 
@@ -220,7 +221,12 @@ def _expect(p: PackedLinear, t: str, dtype: str, shape: tuple[int, ...], name: s
 class Engine:
     """A loaded native decoder with its KV cache. Not thread safe; one sequence at a time."""
 
-    def __init__(self, qf: QuantizedFile, max_seq: int | None = None, threads: int = 2) -> None:
+    def __init__(self, qf: QuantizedFile, max_seq: int | None = None, threads: int = 2,
+                 activations: str = "float") -> None:
+        if activations not in ("float", "int8"):
+            raise SalomiError(f"activations must be 'float' or 'int8' (got {activations!r})")
+        self.activations = activations
+        self.int8_layers = 0
         arch = check_config(qf.metadata["config"])
         self.qf = qf
         self.arch = arch
@@ -275,9 +281,13 @@ class Engine:
 
     @classmethod
     def from_file(cls, qf_or_path: QuantizedFile | str | Path, max_seq: int | None = 4096,
-                  threads: int = 2) -> Engine:
+                  threads: int = 2, activations: str = "float") -> Engine:
+        """activations="int8": layers with an int8-activation kernel (sign, ternary, 2-bit
+        grid with group 16/32/64/128 or a multiple of 128, and their +rot forms) quantize
+        their input rows to int8 per group (kernels.h gives the error bound); the rest
+        stay float."""
         qf = qf_or_path if isinstance(qf_or_path, QuantizedFile) else load_quantized(qf_or_path)
-        return cls(qf, max_seq=max_seq, threads=threads)
+        return cls(qf, max_seq=max_seq, threads=threads, activations=activations)
 
     def _bias(self, name: str, out: int) -> int | None:
         b = self.qf.floats.get(f"{name}.bias")
@@ -358,6 +368,9 @@ class Engine:
             from salomi.runtime import kernels
 
             prep = kernels.prepare(p)  # checks dtypes/shapes of the kernel formats
+            if self.activations == "int8" and name != "model.embed_tokens" and kernels.int8_supported(prep):
+                w.act_i8 = 1
+                self.int8_layers += 1
             codes, scale = prep.data, prep.scale
             w.group, w.bits = prep.group, prep.bits
             if prep.zero is not None:

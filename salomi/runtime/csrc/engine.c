@@ -525,13 +525,14 @@ static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int6
     int rc = 0;
     switch (w->kind) {
     case SALOMI_W_SIGN:
-        rc = salomi_sign_matmul(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
+        rc = (w->act_i8 ? salomi_sign_matmul_i8 : salomi_sign_matmul)(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
         break;
     case SALOMI_W_TERNARY:
-        rc = salomi_ternary_matmul(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
+        rc = (w->act_i8 ? salomi_ternary_matmul_i8 : salomi_ternary_matmul)(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
         break;
     case SALOMI_W_GRID:
-        rc = salomi_grid_matmul(x, M, w->in, w->out, w->data, w->bits, w->scale, w->zero, w->group, w->perm, y, nt);
+        rc = (w->act_i8 ? salomi_grid_matmul_i8 : salomi_grid_matmul)(x, M, w->in, w->out, w->data, w->bits, w->scale, w->zero,
+                                                                   w->group, w->perm, y, nt);
         break;
     case SALOMI_W_VQ: {
         vqjob_t J = {.W = W, .lut = e->lut, .avx2 = use_avx2()};
@@ -562,18 +563,35 @@ static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int6
  * one pool dispatch runs them all (saves a wake-up and a sync per projection). */
 static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
     salomi_matmul_op ops[4];
-    int ok = n <= 4;
+    int ok = n <= 4, shared = 1;
     const int rot = n > 0 && W[0].w.rot;
+    for (int i = 0; i < n; i++) {
+        const salomi_weight *w = &W[i].w;
+        /* +rot: one input rotation when every layer uses the same one */
+        if (w->rot != rot || (rot && (w->rot_s_in != W[0].w.rot_s_in || w->rot_m_in != W[0].w.rot_m_in ||
+                                      w->in != W[0].w.in))) shared = 0;
+    }
     for (int i = 0; ok && i < n; i++) {
         const salomi_weight *w = &W[i].w;
-        /* +rot: batched only when every layer uses the same input rotation */
-        if (w->rot != rot || (rot && (w->rot_s_in != W[0].w.rot_s_in || w->rot_m_in != W[0].w.rot_m_in ||
-                                      w->in != W[0].w.in))) { ok = 0; break; }
+        if (!shared || w->act_i8) { ok = 0; break; }  /* no batched int8 kernel */
         int f = w->kind == SALOMI_W_SIGN ? SALOMI_FMT_SIGN : w->kind == SALOMI_W_TERNARY ? SALOMI_FMT_TERNARY
                 : w->kind == SALOMI_W_GRID ? SALOMI_FMT_GRID : -1;
         if (f < 0) { ok = 0; break; }
         ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
                                     .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
+    }
+    if (!ok && rot && shared) {  /* rotate x once, run each layer, unrotate each output */
+        const float *rx = rot_in(e, &W[0].w, x, M);
+        for (int i = 0; i < n; i++) {
+            weight_t plain = W[i];
+            plain.w.rot = 0;
+            plain.w.bias = NULL;
+            int rc = matmul_base(e, &plain, rx, M, y[i]);
+            if (rc) return rc;
+            rot_out(&W[i].w, y[i], M);
+            add_bias(&W[i].w, M, y[i]);
+        }
+        return 0;
     }
     if (!ok) {
         for (int i = 0; i < n; i++) {

@@ -53,6 +53,9 @@ typedef struct {
     int32_t rot_f_in[8], rot_f_out[8];
     const float *rot_s_in, *rot_s_out;  /* float32 +-1 [in], [out] */
     const float *rot_m_in, *rot_m_out;  /* float32 sum f^2 */
+    /* 1: run this layer with the int8-activation kernel (lut.c; sign, ternary, 2-bit grid
+     * with a supported group; the kernel's error bound applies). 0: float kernels. */
+    int32_t act_i8;
 } salomi_weight;
 
 typedef struct {
