@@ -3,7 +3,7 @@
  * past a weight, scale, code row or cache shows up as an ASan error.
  *
  * For random tiny Llama shapes and every weight kind (fp32, fp16, sign, ternary, grid
- * with/without permutation, vq; random biases), on each ISA and with 1 and 2 threads:
+ * with/without permutation, vq; random biases, +rot, int8 activations), on each ISA and with 1 and 2 threads:
  *   - logits of a prefill (all positions, longer than one internal chunk) equal the
  *     logits of token-by-token decode over the KV cache;
  *   - scalar and SIMD paths agree;
@@ -36,7 +36,7 @@ static uint16_t f2h(float f) {
     return (uint16_t)(s | ((e - 112) << 10) | (m >> 13));
 }
 
-typedef struct { void *p[8]; int n; } owned_t;
+typedef struct { void *p[16]; int n; } owned_t;
 static void *own(owned_t *o, size_t bytes) {
     void *p = malloc(bytes ? bytes : 1);
     if (!p) { fprintf(stderr, "malloc failed\n"); exit(2); }
@@ -127,6 +127,35 @@ static void make_weight(salomi_weight *w, owned_t *o, int kind, int64_t out, int
     }
 }
 
+/* +rot on one side: blocks (random matrices; the engine only needs them consistent) */
+static int make_rot_side(owned_t *o, int64_t n, int32_t *nb, int32_t *f, const float **sg, const float **m) {
+    if (n <= 64) *nb = 1, f[0] = (int32_t)n;
+    else if (n % 8 == 0 && n / 8 <= 64) *nb = 2, f[0] = 8, f[1] = (int32_t)(n / 8);
+    else return 0;
+    int64_t tot = 0;
+    for (int i = 0; i < *nb; i++) tot += (int64_t)f[i] * f[i];
+    float *s = own(o, sizeof(float) * (size_t)n), *mm = own(o, sizeof(float) * (size_t)tot);
+    for (int64_t i = 0; i < n; i++) s[i] = rnd() & 1 ? 1.0f : -1.0f;
+    for (int64_t i = 0; i < tot; i++) mm[i] = frand();
+    *sg = s, *m = mm;
+    return 1;
+}
+
+static void maybe_rot_i8(salomi_weight *w, owned_t *o, const salomi_weight *prev) {
+    if (w->kind == SALOMI_W_SIGN || w->kind == SALOMI_W_TERNARY ||
+        (w->kind == SALOMI_W_GRID && w->bits == 2 && w->group == 16))
+        w->act_i8 = rint_(2);
+    if (rint_(3)) return;
+    if (!make_rot_side(o, w->in, &w->rot_nb_in, w->rot_f_in, &w->rot_s_in, &w->rot_m_in) ||
+        !make_rot_side(o, w->out, &w->rot_nb_out, w->rot_f_out, &w->rot_s_out, &w->rot_m_out))
+        return;
+    w->rot = 1;
+    if (prev && prev->rot && prev->in == w->in && rint_(2)) { /* share the input rotation (q/k/v, gate/up) */
+        w->rot_nb_in = prev->rot_nb_in, w->rot_s_in = prev->rot_s_in, w->rot_m_in = prev->rot_m_in;
+        memcpy(w->rot_f_in, prev->rot_f_in, sizeof w->rot_f_in);
+    }
+}
+
 static int failures = 0;
 #define CHECK(cond, ...)                                                                                              \
     do {                                                                                                              \
@@ -164,6 +193,7 @@ static void run_case(int cs) {
         int64_t out = i == 0 || i == nw - 1 ? c.vocab : outs[(i - 1) % 7];
         int64_t in = i == 0 || i == nw - 1 ? H : ins[(i - 1) % 7];
         make_weight(&W[i], &own_w[i], rint_(6), out, in, i > 0 && i < nw - 1 && rint_(3) == 0);
+        if (i > 0) maybe_rot_i8(&W[i], &own_w[i], i > 1 && i < nw - 1 ? &W[i - 1] : NULL);
     }
     owned_t own_n = {0};
     const float **norms = own(&own_n, sizeof(float *) * (size_t)(2 * L + 1));
