@@ -30,12 +30,13 @@ from salomi.quantizers.base import PackedLinear
 KIND = "salomi-model"
 
 
-def _tokenizer_files(tokenizer: Any) -> dict[str, np.ndarray]:
+def _tokenizer_files(tokenizer: Any, compress: bool = True) -> dict[str, np.ndarray]:
     # Compressed: a BPE vocabulary is megabytes of JSON (0.2 bpw of a 135M model) and packs ~4x.
     with tempfile.TemporaryDirectory() as d:
         tokenizer.save_pretrained(d)
         return {
-            f"tokenizer/{p.name}": np.frombuffer(zlib.compress(p.read_bytes(), 9), dtype=np.uint8).copy()
+            f"tokenizer/{p.name}": np.frombuffer(zlib.compress(p.read_bytes(), 9) if compress else p.read_bytes(),
+                                                 dtype=np.uint8).copy()
             for p in sorted(Path(d).iterdir())
             if p.is_file()
         }
@@ -60,6 +61,7 @@ def save_quantized(
     metadata: dict[str, Any],
     float_dtype: torch.dtype = torch.float16,
     embeddings: dict[str, PackedLinear] | None = None,
+    compress_tokenizer: bool = True,
 ) -> int:
     """Write the quantized model; returns the file size. `model` supplies the unquantized parts;
     `embeddings` holds packed embedding tables / heads (module name -> packed table)."""
@@ -75,7 +77,7 @@ def save_quantized(
     layers = tables["layers"]
     skip = {f"{n}.weight" for n in packed} | {f"{n}.weight" for n in embeddings or {}}
     tensors.update(float_state(model, skip, float_dtype))
-    tensors.update(_tokenizer_files(tokenizer))
+    tensors.update(_tokenizer_files(tokenizer, compress_tokenizer))
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
     meta = {
@@ -83,7 +85,7 @@ def save_quantized(
         "config": cfg,
         "layers": layers,
         **({"embeddings": tables["embeddings"]} if embeddings else {}),
-        "tokenizer_encoding": "zlib",
+        **({"tokenizer_encoding": "zlib"} if compress_tokenizer else {}),
         "float_dtype": str(float_dtype).removeprefix("torch."),
         "reference_params": int(sum(p.numel() for p in model.parameters())),
         **metadata,

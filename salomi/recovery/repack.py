@@ -85,8 +85,9 @@ def save_recovered(
     meta["recovery"] = ([*prev] if isinstance(prev, list) else ([prev] if prev else [])) + [record]
     if len(packed) != len(source.packed) or set(packed) != set(source.packed):
         raise SalomiError("repack: the set of quantized layers changed")
+    # keep the source's tokenizer encoding (files written before compression store raw bytes): same layout
     size = save_quantized(out, model, RawTokenizer(source.tokenizer_files), packed, meta, float_dtype_of(source),
-                          source.embeddings)
+                          source.embeddings, source.metadata.get("tokenizer_encoding") == "zlib")
     check_same_layout(source.path, out)
     return size
 
