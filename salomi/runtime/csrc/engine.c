@@ -25,6 +25,7 @@
 #include "engine.h"
 
 #include "kernels.h"
+#include "kernels_internal.h" /* salomi_h2f: the one portable fp16 -> float */
 
 #include <math.h>
 #include <stdarg.h>
@@ -93,23 +94,6 @@ static void seterr(char *buf, int len, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(buf, (size_t)len, fmt, ap);
     va_end(ap);
-}
-
-/* IEEE half -> float, portable (bit-exact, like F16C). */
-static inline float h2f(uint16_t h) {
-    uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;
-    float f;
-    if (e == 0) {
-        f = (float)m * (1.0f / 16777216.0f);
-        memcpy(&u, &f, 4);
-        u |= s;
-    } else if (e == 31) {
-        u = s | 0x7f800000u | (m << 13);
-    } else {
-        u = s | ((e + 112) << 23) | (m << 13);
-    }
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 /* Code v of a packed row (b <= 16 bits, LSB-first stream); never reads past rb bytes. */
@@ -318,7 +302,7 @@ static void f16_row(const uint16_t *h, float *f, int64_t n, int avx2) {
     if (avx2) { f16_to_f32_avx2(h, f, n); return; }
 #endif
     (void)avx2;
-    for (int64_t i = 0; i < n; i++) f[i] = h2f(h[i]);
+    for (int64_t i = 0; i < n; i++) f[i] = salomi_h2f(h[i]);
 }
 
 /* ------------------------------------------------------------------ float matmul */
@@ -422,7 +406,7 @@ static void vq_sum_task(void *ctx, int tid, int nt) {
             }
         }
         for (; v < nv; v++, L += k) a0 += L[code_at(row, rb, v, b)];
-        J->y[o] = h2f(w->scale[o]) * (a0 + a1);
+        J->y[o] = salomi_h2f(w->scale[o]) * (a0 + a1);
     }
 }
 
@@ -623,28 +607,28 @@ static void weight_row(const weight_t *W, int64_t r, float *out, int avx2) {
     case SALOMI_W_SIGN: {
         const int64_t ng = in / w->group;
         for (int64_t j = 0; j < in; j++)
-            out[j] = h2f(w->scale[r * ng + j / w->group]) * ((row[j >> 3] >> (j & 7)) & 1 ? 1.0f : -1.0f);
+            out[j] = salomi_h2f(w->scale[r * ng + j / w->group]) * ((row[j >> 3] >> (j & 7)) & 1 ? 1.0f : -1.0f);
         break;
     }
     case SALOMI_W_TERNARY: {
         const int64_t ng = in / w->group;
         static const int pow3[5] = {1, 3, 9, 27, 81};
         for (int64_t j = 0; j < in; j++)
-            out[j] = h2f(w->scale[r * ng + j / w->group]) * (float)((row[j / 5] / pow3[j % 5]) % 3 - 1);
+            out[j] = salomi_h2f(w->scale[r * ng + j / w->group]) * (float)((row[j / 5] / pow3[j % 5]) % 3 - 1);
         break;
     }
     case SALOMI_W_GRID: {
         const int64_t ng = in / w->group;
         for (int64_t j = 0; j < in; j++) {
             int64_t g = r * ng + j / w->group;
-            float val = h2f(w->scale[g]) * ((float)code_at(row, rb, j, w->bits) - h2f(w->zero[g]));
+            float val = salomi_h2f(w->scale[g]) * ((float)code_at(row, rb, j, w->bits) - salomi_h2f(w->zero[g]));
             out[w->perm ? w->perm[j] : j] = val; /* stored column j is weight column perm[j] */
         }
         break;
     }
     case SALOMI_W_VQ: {
         const int64_t d = w->vq_d, nv = in / d;
-        const float s = h2f(w->scale[r]);
+        const float s = salomi_h2f(w->scale[r]);
         for (int64_t v = 0; v < nv; v++) {
             const float *cb = W->cb + (int64_t)code_at(row, rb, v, w->bits) * d;
             for (int64_t t = 0; t < d; t++) out[v * d + t] = cb[t] * s;
@@ -758,7 +742,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             int64_t n = w->vq_k * w->vq_d, lut = (in / w->vq_d) * w->vq_k;
             e->w[i].cb = malloc(sizeof(float) * (size_t)n);
             if (!e->w[i].cb) goto oom;
-            for (int64_t t = 0; t < n; t++) e->w[i].cb[t] = h2f(w->codebook[t]);
+            for (int64_t t = 0; t < n; t++) e->w[i].cb[t] = salomi_h2f(w->codebook[t]);
             if (lut > e->lut_len) e->lut_len = lut;
         }
     }
