@@ -68,6 +68,7 @@ struct salomi_engine {
     float *scores;        /* [threads][max_seq] */
     float *cosb, *sinb;   /* [CHUNK][head_dim/2] */
     float *rx;            /* rotated input of a +rot layer [CHUNK][max in] */
+    float *rtmp;          /* one row of scratch for the rotation */
     float *lut;           /* vq table: max over vq layers of (in/d)*k floats */
     int64_t lut_len;
     int profile;
@@ -422,11 +423,48 @@ static void add_bias(const salomi_weight *w, int64_t M, float *y) {
 
 /* In place on each of M rows of length n: forward y = H (s * x) / sqrt(n), inverse
  * y = s * (H^T x) / sqrt(n), H = kron(blocks) applied axis by axis on x viewed as
- * [f_0][f_1]...[f_{nb-1}] (row-major), exactly as salomi.quantizers.rotation.transform. */
+ * [f_0][f_1]...[f_{nb-1}] (row-major), as salomi.quantizers.rotation.transform does.
+ * Power-of-two blocks are Sylvester matrices (check_rot verifies it), so they run as
+ * in-place Walsh-Hadamard butterflies, O(log f) adds per element instead of f MACs;
+ * the 12/20 Paley blocks run dense. Both loops walk contiguous runs of the inner axes
+ * so the compiler vectorises them. `tmp` holds n floats. */
+static void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
+                           float *tmp) {
+    for (int64_t o = 0; o < outer; o++) {
+        float *base = y + o * fa * inner;
+        for (int64_t i = 0; i < fa; i++) {
+            float *dst = tmp + i * inner;
+            for (int64_t q = 0; q < inner; q++) dst[q] = 0.f;
+            for (int64_t k = 0; k < fa; k++) {
+                const float c = inverse ? m[k * fa + i] : m[i * fa + k];
+                const float *src = base + k * inner;
+                for (int64_t q = 0; q < inner; q++) dst[q] += c * src[q];
+            }
+        }
+        memcpy(base, tmp, sizeof(float) * (size_t)(fa * inner));
+    }
+}
+
+static void rot_axis_walsh(float *y, int64_t outer, int64_t fa, int64_t inner) {
+    for (int64_t o = 0; o < outer; o++) {
+        float *base = y + o * fa * inner;
+        for (int64_t h = inner; h < fa * inner; h *= 2)
+            for (int64_t b = 0; b < fa * inner; b += 2 * h) {
+                float *lo = base + b, *hi = base + b + h;
+                for (int64_t j = 0; j < h; j++) {
+                    const float a = lo[j], c = hi[j];
+                    lo[j] = a + c;
+                    hi[j] = a - c;
+                }
+            }
+    }
+}
+
+static int is_pow2(int64_t f) { return f > 1 && (f & (f - 1)) == 0; }
+
 static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s, const float *mats,
-                      int inverse) {
+                      int inverse, float *tmp) {
     const float sc = 1.0f / sqrtf((float)n);
-    float t[64], u[64];
     for (int64_t r = 0; r < M; r++) {
         float *y = x + r * n;
         if (!inverse)
@@ -435,18 +473,8 @@ static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, 
         int64_t outer = 1;
         for (int a = 0; a < nb; a++) {
             const int64_t fa = f[a], inner = n / (outer * fa);
-            for (int64_t o = 0; o < outer; o++)
-                for (int64_t q = 0; q < inner; q++) {
-                    float *base = y + o * fa * inner + q;
-                    for (int64_t k = 0; k < fa; k++) t[k] = base[k * inner];
-                    for (int64_t i = 0; i < fa; i++) {
-                        float acc = 0.f;
-                        if (inverse) for (int64_t k = 0; k < fa; k++) acc += m[k * fa + i] * t[k];
-                        else for (int64_t k = 0; k < fa; k++) acc += m[i * fa + k] * t[k];
-                        u[i] = acc;
-                    }
-                    for (int64_t i = 0; i < fa; i++) base[i * inner] = u[i];
-                }
+            if (is_pow2(fa)) rot_axis_walsh(y, outer, fa, inner);
+            else rot_axis_dense(y, outer, fa, inner, m, inverse, tmp);
             outer *= fa;
             m += fa * fa;
         }
@@ -459,12 +487,12 @@ static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, 
 
 static const float *rot_in(salomi_engine *e, const salomi_weight *w, const float *x, int64_t M) {
     memcpy(e->rx, x, sizeof(float) * (size_t)(M * w->in));
-    rot_apply(e->rx, M, w->in, w->rot_nb_in, w->rot_f_in, w->rot_s_in, w->rot_m_in, 0);
+    rot_apply(e->rx, M, w->in, w->rot_nb_in, w->rot_f_in, w->rot_s_in, w->rot_m_in, 0, e->rtmp);
     return e->rx;
 }
 
-static void rot_out(const salomi_weight *w, float *y, int64_t M) {
-    rot_apply(y, M, w->out, w->rot_nb_out, w->rot_f_out, w->rot_s_out, w->rot_m_out, 1);
+static void rot_out(salomi_engine *e, const salomi_weight *w, float *y, int64_t M) {
+    rot_apply(y, M, w->out, w->rot_nb_out, w->rot_f_out, w->rot_s_out, w->rot_m_out, 1, e->rtmp);
 }
 
 static int check_rot(const salomi_weight *w, const char *what, char *err, int errlen) {
@@ -484,6 +512,17 @@ static int check_rot(const salomi_weight *w, const char *what, char *err, int er
             prod *= f[d][i];
         }
         if (prod != n[d]) { seterr(err, errlen, "%s: +rot blocks multiply to %lld, not %lld", what, (long long)prod, (long long)n[d]); return -1; }
+        const float *m = d ? w->rot_m_out : w->rot_m_in;  /* rot_apply runs power-of-two blocks as butterflies */
+        for (int a = 0; a < nb[d]; m += (int64_t)f[d][a] * f[d][a], a++) {
+            const int64_t fa = f[d][a];
+            if (!is_pow2(fa)) continue;
+            for (int64_t i = 0; i < fa; i++)
+                for (int64_t k = 0; k < fa; k++)
+                    if (m[i * fa + k] != (__builtin_popcountll((unsigned long long)(i & k)) & 1 ? -1.f : 1.f)) {
+                        seterr(err, errlen, "%s: +rot block of order %lld is not a Sylvester Hadamard matrix", what, (long long)fa);
+                        return -1;
+                    }
+        }
     }
     return 0;
 }
@@ -498,7 +537,7 @@ static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M
     plain.w.bias = NULL;
     int rc = matmul_base(e, &plain, rot_in(e, w, x, M), M, y);
     if (rc) return rc;
-    rot_out(w, y, M);
+    rot_out(e, w, y, M);
     add_bias(w, M, y);
     return 0;
 }
@@ -572,7 +611,7 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
             plain.w.bias = NULL;
             int rc = matmul_base(e, &plain, rx, M, y[i]);
             if (rc) return rc;
-            rot_out(&W[i].w, y[i], M);
+            rot_out(e, &W[i].w, y[i], M);
             add_bias(&W[i].w, M, y[i]);
         }
         return 0;
@@ -590,7 +629,7 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         return rc == -2 ? -2 : -3;
     }
     for (int i = 0; i < n; i++) {
-        if (rot) rot_out(&W[i].w, y[i], M);
+        if (rot) rot_out(e, &W[i].w, y[i], M);
         add_bias(&W[i].w, M, y[i]);
     }
     return 0;
@@ -697,7 +736,7 @@ void salomi_engine_free(salomi_engine *e) {
     free(e->norms);
     free(e->kcache); free(e->vcache);
     free(e->x); free(e->xn); free(e->q); free(e->k); free(e->v); free(e->att); free(e->tmp); free(e->g); free(e->u);
-    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->rx);
+    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->rx); free(e->rtmp);
     free(e);
 }
 
@@ -769,9 +808,10 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     e->cosb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
     e->sinb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
     e->rx = malloc(sizeof(float) * CHUNK * (maxin > c.vocab ? maxin : c.vocab));
+    e->rtmp = malloc(sizeof(float) * (size_t)(maxin > c.vocab ? maxin : c.vocab));
     e->lut = e->lut_len ? malloc(sizeof(float) * (size_t)e->lut_len) : NULL;
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
-        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || (e->lut_len && !e->lut))
+        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_len && !e->lut))
         goto oom;
     const char *p = getenv("SALOMI_ENGINE_PROFILE");
     e->profile = p && *p && strcmp(p, "0") != 0;

@@ -127,7 +127,7 @@ static void make_weight(salomi_weight *w, owned_t *o, int kind, int64_t out, int
     }
 }
 
-/* +rot on one side: blocks (random matrices; the engine only needs them consistent) */
+/* +rot on one side: Sylvester blocks for powers of two (the engine checks), random dense ones otherwise */
 static int make_rot_side(owned_t *o, int64_t n, int32_t *nb, int32_t *f, const float **sg, const float **m) {
     if (n <= 64) *nb = 1, f[0] = (int32_t)n;
     else if (n % 8 == 0 && n / 8 <= 64) *nb = 2, f[0] = 8, f[1] = (int32_t)(n / 8);
@@ -136,7 +136,15 @@ static int make_rot_side(owned_t *o, int64_t n, int32_t *nb, int32_t *f, const f
     for (int i = 0; i < *nb; i++) tot += (int64_t)f[i] * f[i];
     float *s = own(o, sizeof(float) * (size_t)n), *mm = own(o, sizeof(float) * (size_t)tot);
     for (int64_t i = 0; i < n; i++) s[i] = rnd() & 1 ? 1.0f : -1.0f;
-    for (int64_t i = 0; i < tot; i++) mm[i] = frand();
+    /* power-of-two blocks must be Sylvester (the engine runs them as butterflies); others dense random */
+    float *b = mm;
+    for (int a = 0; a < *nb; b += (int64_t)f[a] * f[a], a++) {
+        const int64_t fa = f[a];
+        const int pow2 = fa > 1 && (fa & (fa - 1)) == 0;
+        for (int64_t i = 0; i < fa; i++)
+            for (int64_t k = 0; k < fa; k++)
+                b[i * fa + k] = pow2 ? (__builtin_popcountll((unsigned long long)(i & k)) & 1 ? -1.f : 1.f) : frand();
+    }
     *sg = s, *m = mm;
     return 1;
 }
