@@ -96,3 +96,18 @@ def test_embed_command_packs_an_existing_file_keeping_its_linears(embed_files: d
     assert float((diff > 2e-4).float().mean()) < 0.01
     with pytest.raises(SalomiError, match="packed already"):
         api.pack_embeddings(out, "rtn:4:g32", tmp_path / "again.salomi")
+
+
+def test_head_hessian_is_the_scaled_gram_of_the_final_hidden_states(tiny_llama_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from salomi.quantizers.embedding import head_hessian
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), torch_dtype=torch.float32).eval()
+    segs = torch.randint(0, model.config.vocab_size, (5, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = model(segs, output_hidden_states=True).hidden_states[-1].reshape(-1, model.config.hidden_size)
+    expect = (2.0 / x.shape[0]) * (x.double().T @ x.double())
+    got = head_hessian(model, segs, batch=2)
+    assert got.dtype == torch.float32 and got.shape == expect.shape
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)

@@ -21,8 +21,8 @@ from salomi.loading.models import decoder_blocks, linear_names, linear_weight
 from salomi.quantizers.base import PackedLinear, Quantizer
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward pass is skipped."""
 
 
 def _set_weight(mod: nn.Module, w: torch.Tensor) -> None:
@@ -37,19 +37,24 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, segments: torc
 
     def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
         captured.append((args, kwargs))
-        raise _Stop
+        raise StopForward
 
     h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
     try:
-        for i in range(0, len(segments), batch):
-            try:
-                model(segments[i : i + batch].to(device), use_cache=False)
-            except _Stop:
-                pass
+        run_batches(model, segments, batch)
     finally:
         h.remove()
     return captured
+
+
+def run_batches(model: nn.Module, segments: torch.Tensor, batch: int) -> None:
+    """Forward every batch of `segments` through `model`, for its hooks (a StopForward ends a batch)."""
+    device = next(model.parameters()).device
+    for i in range(0, len(segments), batch):
+        try:
+            model(segments[i : i + batch].to(device), use_cache=False)
+        except StopForward:
+            pass
 
 
 def block_output(out: Any) -> torch.Tensor:
@@ -58,22 +63,26 @@ def block_output(out: Any) -> torch.Tensor:
 
 
 @contextmanager
-def accumulate_hessians(layer: dict[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+def accumulate_hessians(layer: dict[str, nn.Module], stop: bool = False,
+                        dtype: torch.dtype = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
     """H = 2/n * sum(x x^T) of each linear's input over the forward passes run inside the
-    `with`; the dict is complete (normalised) once the block exits."""
+    `with`; the dict is complete (normalised) once the block exits. With `stop`, the
+    forward pass ends at the (single) layer's input (e.g. the head: no logits computed)."""
     hessians: dict[str, torch.Tensor] = {}
     counts = {n: 0 for n in layer}
     hooks = []
     for n, m in layer.items():
         cols = linear_weight(m).shape[1]
-        hessians[n] = torch.zeros(cols, cols, device=m.weight.device)
+        hessians[n] = torch.zeros(cols, cols, device=m.weight.device, dtype=dtype)
 
-        def acc(_mod: nn.Module, args: tuple, _out: Any, n: str = n, h: torch.Tensor = hessians[n]) -> None:
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+        def acc(_mod: nn.Module, args: tuple, n: str = n, h: torch.Tensor = hessians[n]) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).to(dtype)
             h.addmm_(x.t(), x)
             counts[n] += x.shape[0]
+            if stop:
+                raise StopForward
 
-        hooks.append(m.register_forward_hook(acc))
+        hooks.append(m.register_forward_pre_hook(acc))
     try:
         yield hessians
     finally:

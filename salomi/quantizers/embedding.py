@@ -91,38 +91,17 @@ class QuantEmbedding(nn.Module):
         return rows.to(ids.device)[inv].reshape(*ids.shape, self.embedding_dim)
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def head_hessian(model: nn.Module, segments: torch.Tensor, batch: int = 4) -> torch.Tensor:
     """H = 2/n sum x x^T over the head's inputs (final hidden states) on calibration segments."""
+    from salomi.calibration.sequential import accumulate_hessians, run_batches
+
     head = model.get_output_embeddings()
     if head is None:
         raise SalomiError("this model has no output head; quantize its embeddings without a Hessian (rtn:K:gG)")
-    d = head.weight.shape[1]
-    h = torch.zeros(d, d, dtype=torch.float64)
-    count = 0
-
-    def hook(_mod: nn.Module, args: tuple) -> None:
-        nonlocal count
-        x = args[0].reshape(-1, d).double().cpu()
-        h.addmm_(x.t(), x)
-        count += x.shape[0]
-        raise _Stop  # the logits themselves are not needed
-
-    handle = head.register_forward_pre_hook(hook)
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(segments), batch):
-            try:
-                model(segments[i : i + batch].to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return (h * (2.0 / max(count, 1))).float()
+    with accumulate_hessians({"head": head}, stop=True, dtype=torch.float64) as hs:
+        run_batches(model, segments, batch)
+    return hs["head"].float().cpu()
 
 
 def quantize_embeddings(model: nn.Module, quantizer: Quantizer, segments: torch.Tensor | None) -> dict[str, PackedLinear]:
