@@ -428,7 +428,8 @@ static void add_bias(const salomi_weight *w, int64_t M, float *y) {
  * in-place Walsh-Hadamard butterflies, O(log f) adds per element instead of f MACs;
  * the 12/20 Paley blocks run dense. Both loops walk contiguous runs of the inner axes
  * so the compiler vectorises them. `tmp` holds n floats. */
-static void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
+#define ROT_INLINE static inline __attribute__((always_inline))
+ROT_INLINE void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
                            float *tmp) {
     for (int64_t o = 0; o < outer; o++) {
         float *base = y + o * fa * inner;
@@ -445,7 +446,7 @@ static void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inner, c
     }
 }
 
-static void rot_axis_walsh(float *y, int64_t outer, int64_t fa, int64_t inner) {
+ROT_INLINE void rot_axis_walsh(float *y, int64_t outer, int64_t fa, int64_t inner) {
     for (int64_t o = 0; o < outer; o++) {
         float *base = y + o * fa * inner;
         for (int64_t h = inner; h < fa * inner; h *= 2)
@@ -462,8 +463,8 @@ static void rot_axis_walsh(float *y, int64_t outer, int64_t fa, int64_t inner) {
 
 static int is_pow2(int64_t f) { return f > 1 && (f & (f - 1)) == 0; }
 
-static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s, const float *mats,
-                      int inverse, float *tmp) {
+ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s,
+                               const float *mats, int inverse, float *tmp) {
     const float sc = 1.0f / sqrtf((float)n);
     for (int64_t r = 0; r < M; r++) {
         float *y = x + r * n;
@@ -483,6 +484,26 @@ static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, 
         else
             for (int64_t i = 0; i < n; i++) y[i] *= sc;
     }
+}
+
+/* the same body compiled twice: for AVX2+FMA (8-wide, fused) and for the portable baseline */
+static void rot_apply_base(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s,
+                           const float *mats, int inverse, float *tmp) {
+    rot_apply_body(x, M, n, nb, f, s, mats, inverse, tmp);
+}
+#if ENG_X86
+A2 static void rot_apply_avx2(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s,
+                              const float *mats, int inverse, float *tmp) {
+    rot_apply_body(x, M, n, nb, f, s, mats, inverse, tmp);
+}
+#endif
+
+static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s, const float *mats,
+                      int inverse, float *tmp) {
+#if ENG_X86
+    if (use_avx2()) { rot_apply_avx2(x, M, n, nb, f, s, mats, inverse, tmp); return; }
+#endif
+    rot_apply_base(x, M, n, nb, f, s, mats, inverse, tmp);
 }
 
 static const float *rot_in(salomi_engine *e, const salomi_weight *w, const float *x, int64_t M) {
