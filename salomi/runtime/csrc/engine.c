@@ -429,8 +429,8 @@ static void add_bias(const salomi_weight *w, int64_t M, float *y) {
  * the 12/20 Paley blocks run dense. Both loops walk contiguous runs of the inner axes
  * so the compiler vectorises them. `tmp` holds n floats. */
 #define ROT_INLINE static inline __attribute__((always_inline))
-ROT_INLINE void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
-                           float *tmp) {
+ROT_INLINE void rot_axis_dense_n(float *y, int64_t outer, int64_t fa, const int64_t inner, const float *m,
+                                 int inverse, float *tmp) {
     for (int64_t o = 0; o < outer; o++) {
         float *base = y + o * fa * inner;
         for (int64_t i = 0; i < fa; i++) {
@@ -446,18 +446,35 @@ ROT_INLINE void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inne
     }
 }
 
+/* a literal `inner` lets the compiler turn the short inner runs of late axes into fixed-width vectors */
+ROT_INLINE void rot_axis_dense(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
+                               float *tmp) {
+    if (inner == 4) rot_axis_dense_n(y, outer, fa, 4, m, inverse, tmp);
+    else if (inner == 2) rot_axis_dense_n(y, outer, fa, 2, m, inverse, tmp);
+    else if (inner == 1) rot_axis_dense_n(y, outer, fa, 1, m, inverse, tmp);
+    else rot_axis_dense_n(y, outer, fa, inner, m, inverse, tmp);
+}
+
+/* butterflies at distance h over the whole row: pairs never straddle an [outer] slice
+ * because every slice (fa * inner floats) is a multiple of 2h */
+ROT_INLINE void walsh_level(float *y, int64_t n, const int64_t h) {
+    for (int64_t b = 0; b < n; b += 2 * h) {
+        float *lo = y + b, *hi = y + b + h;
+        for (int64_t j = 0; j < h; j++) {
+            const float a = lo[j], c = hi[j];
+            lo[j] = a + c;
+            hi[j] = a - c;
+        }
+    }
+}
+
 ROT_INLINE void rot_axis_walsh(float *y, int64_t outer, int64_t fa, int64_t inner) {
-    for (int64_t o = 0; o < outer; o++) {
-        float *base = y + o * fa * inner;
-        for (int64_t h = inner; h < fa * inner; h *= 2)
-            for (int64_t b = 0; b < fa * inner; b += 2 * h) {
-                float *lo = base + b, *hi = base + b + h;
-                for (int64_t j = 0; j < h; j++) {
-                    const float a = lo[j], c = hi[j];
-                    lo[j] = a + c;
-                    hi[j] = a - c;
-                }
-            }
+    const int64_t n = outer * fa * inner;
+    for (int64_t h = inner; h < fa * inner; h *= 2) {
+        if (h == 1) walsh_level(y, n, 1);
+        else if (h == 2) walsh_level(y, n, 2);
+        else if (h == 4) walsh_level(y, n, 4);
+        else walsh_level(y, n, h);
     }
 }
 
