@@ -284,13 +284,13 @@ def test_attention_and_mlp_bias(gpt2_tokenizer_dir: Path, tmp_path: Path) -> Non
 
 
 def test_c_driver_under_address_and_ub_sanitizers() -> None:
-    """bench/sanitize_engine.sh: engine.c + kernels.c + a C driver with ASan/UBSan, random tiny
+    """bench/sanitize.sh engine: engine.c + kernels.c + a C driver with ASan/UBSan, random tiny
     shapes with every weight kind (exact-size buffers: any out-of-bounds read is an error)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
     assert shutil.which("gcc"), "gcc is needed to build the sanitizer driver"
-    r = subprocess.run(["bash", str(root / "bench" / "sanitize_engine.sh"), "12", "7"], capture_output=True,
+    r = subprocess.run(["bash", str(root / "bench" / "sanitize.sh"), "engine", "12", "7"], capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK: 12 cases, 0 failures" in r.stdout

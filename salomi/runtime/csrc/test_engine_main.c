@@ -1,5 +1,5 @@
 /* Pure-C driver for engine.c, meant to run under AddressSanitizer + UBSan
- * (bench/sanitize_engine.sh). Every buffer is malloc'ed at its exact size, so any read
+ * (bench/sanitize.sh engine). Every buffer is malloc'ed at its exact size, so any read
  * past a weight, scale, code row or cache shows up as an ASan error.
  *
  * For random tiny Llama shapes and every weight kind (fp32, fp16, sign, ternary, grid

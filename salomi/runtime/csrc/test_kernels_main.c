@@ -8,7 +8,7 @@
  * group, whose float rounding scales with |q| and |z| rather than with |q - z|.
  *
  * Stand-alone check of kernels.c, meant to be built with -fsanitize=address,undefined
- * (bench/sanitize_kernels.sh): random packed layers of every format, awkward shapes and
+ * (bench/sanitize.sh kernels): random packed layers of every format, awkward shapes and
  * group sizes, every ISA this CPU supports, 1..3 threads, compared against a naive
  * double-precision reference written independently of the kernels (bit-by-bit decode).
  *
