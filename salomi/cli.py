@@ -122,13 +122,11 @@ def cmd_sweep(a: argparse.Namespace) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from salomi.runtime.bench import run_bench
+    from salomi.runtime.bench import RUNTIMES, run_bench
 
     runtimes = tuple(r.strip() for r in a.runtimes.split(",") if r.strip())
-    bad = [r for r in runtimes if r not in ("kernels", "engine", "engine-int8", "dequant")]
-    if bad or not runtimes:
-        raise SalomiError(f"--runtimes takes a comma-separated list of kernels, engine, engine-int8, dequant "
-                          f"(got {a.runtimes!r})")
+    if not runtimes or any(r not in RUNTIMES for r in runtimes):
+        raise SalomiError(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)} (got {a.runtimes!r})")
     rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp, runtimes)
     print(f"{'model':<24} {'runtime':<10} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
           f"{'peak RSS MB':>11} {'model RSS MB':>12}")
@@ -240,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--llamacpp", default="runs/llamacpp/bench.json", help="llama-bench rows from bench/llamacpp.py")
-    b.add_argument("--runtimes", default="kernels,engine", help="runtimes to measure each file with (kernels, engine, engine-int8, dequant)")
+    b.add_argument("--runtimes", default="kernels,engine", help="runtimes to measure each file with: kernels, engine, engine-int8, dequant")
     b.add_argument("--json", default=None)
     b.set_defaults(fn=cmd_bench)
 

@@ -28,6 +28,7 @@ from salomi.errors import SalomiError
 from salomi.quantizers.base import COMPOSITES, PackedLinear, Quantizer, StorageFormat, storage_format
 
 SUFFIX = "+rot"
+MAX_SEED = 2**31 - 2  # U uses seed + 1, so both stay below 2**31
 
 
 def _paley(q: int) -> np.ndarray:
@@ -124,6 +125,14 @@ def rotate_hessian(h: torch.Tensor, seed: int) -> torch.Tensor:
     return transform(hv.T.contiguous(), seed)
 
 
+def rot_seed(p: PackedLinear, where: str | None = None) -> int:
+    """The layer's rotation seed, refused unless it is one the grammar can write (0..MAX_SEED)."""
+    seed = p.params.get("rot_seed")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise SalomiError(f"{where or f'packed layer ({p.method})'}: no valid rot_seed (corrupt file?)")
+    return seed
+
+
 def split_rot(p: PackedLinear) -> PackedLinear:
     if not p.format.endswith(SUFFIX):
         raise SalomiError(f"packed layer format {p.format!r} has no rotation")
@@ -139,15 +148,13 @@ class RotFormat(StorageFormat):
         self.name = base + SUFFIX
 
     def validate(self, p: PackedLinear) -> None:
-        seed = p.params.get("rot_seed")
-        if not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise SalomiError(f"packed layer ({p.method}) has no valid rot_seed (corrupt)")
+        rot_seed(p)
         factors(p.shape[0])
         factors(p.shape[1])
         self.base.validate(split_rot(p))
 
     def dequantize(self, p: PackedLinear) -> torch.Tensor:
-        return unrotate_weight(self.base.dequantize(split_rot(p)), int(p.params["rot_seed"]))
+        return unrotate_weight(self.base.dequantize(split_rot(p)), rot_seed(p))
 
 
 COMPOSITES[SUFFIX[1:]] = RotFormat
@@ -186,4 +193,4 @@ def wrap_rot(spec: str, base: Quantizer, *args: str) -> RotQuantizer:
 
     if len(args) > 1:
         raise TypeError
-    return RotQuantizer(base, int_arg(spec, args[0], "s", 0, 2**31 - 2) if args else 0)
+    return RotQuantizer(base, int_arg(spec, args[0], "s", 0, MAX_SEED) if args else 0)

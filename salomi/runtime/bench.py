@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+RUNTIMES = ("kernels", "engine", "engine-int8", "dequant")  # engine-int8: Engine(activations="int8")
+ENGINE_ACTIVATIONS = {"engine": "float", "engine-int8": "int8"}
+
 
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -34,13 +37,12 @@ def _peak_mb() -> float:
 def measure_one(target: str, runtime: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict[str, Any]:
     # Our kernels bring their own thread pool; torch's OpenMP pool spinning beside it
     # costs far more than the small ops (attention, norms) it would speed up.
-    torch.set_num_threads(1 if runtime in ("kernels", "engine", "engine-int8") else threads)
+    torch.set_num_threads(1 if runtime == "kernels" or runtime in ENGINE_ACTIVATIONS else threads)
     import transformers  # noqa: F401  (import cost is not the model's memory)
 
     base_rss = _rss_mb()
-    if runtime in ("engine", "engine-int8"):  # engine-int8: Engine(activations="int8")
-        return _measure_engine(target, prompt_tokens, new_tokens, threads, base_rss,
-                               "int8" if runtime == "engine-int8" else "float")
+    if runtime in ENGINE_ACTIVATIONS:
+        return _measure_engine(target, prompt_tokens, new_tokens, threads, base_rss, runtime)
     if target.endswith(".salomi"):
         from salomi.packing.model_file import build_model, load_quantized
 
@@ -79,13 +81,14 @@ def measure_one(target: str, runtime: str, prompt_tokens: int, new_tokens: int, 
 
 
 def _measure_engine(target: str, prompt_tokens: int, new_tokens: int, threads: int, base_rss: float,
-                    activations: str = "float") -> dict[str, Any]:
+                    runtime: str = "engine") -> dict[str, Any]:
     """Same protocol as measure_one, through the native engine (one C call per token)."""
     from salomi.packing.model_file import load_quantized
     from salomi.runtime.engine import Engine
 
     qf = load_quantized(target)
-    eng = Engine.from_file(qf, max_seq=prompt_tokens + new_tokens + 8, threads=threads, activations=activations)
+    eng = Engine.from_file(qf, max_seq=prompt_tokens + new_tokens + 8, threads=threads,
+                            activations=ENGINE_ACTIVATIONS[runtime])
     loaded_rss = _rss_mb()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20000, (prompt_tokens,), generator=g)
@@ -99,7 +102,7 @@ def _measure_engine(target: str, prompt_tokens: int, new_tokens: int, threads: i
         nxt = int(eng.forward([nxt]).argmax())
     decode_s = time.perf_counter() - t0
     return {
-        "model": qf.method, "runtime": "engine" if activations == "float" else "engine-int8", "file_bytes": qf.file_bytes, "linear_bpw": qf.linear_bpw,
+        "model": qf.method, "runtime": runtime, "file_bytes": qf.file_bytes, "linear_bpw": qf.linear_bpw,
         "threads": threads, "prefill_tokens": prompt_tokens, "prefill_tok_s": prompt_tokens / prefill_s,
         "decode_tokens": new_tokens, "decode_tok_s": new_tokens / decode_s,
         "rss_base_mb": base_rss, "rss_loaded_mb": loaded_rss, "peak_rss_mb": _peak_mb(),

@@ -346,13 +346,11 @@ class Engine:
         if tuple(int(v) for v in p.shape) != (out, inp):
             raise SalomiError(f"{name}: packed shape {list(p.shape)}, the config needs {[out, inp]} (corrupt file?)")
         if p.format.endswith(ROT):
-            from salomi.quantizers.rotation import split_rot
+            from salomi.quantizers.rotation import rot_seed, split_rot
 
             if name == "model.embed_tokens":
                 raise _unsupported(f"layer {name} has storage format {p.format!r}")
-            seed = p.params.get("rot_seed")
-            if not isinstance(seed, int) or not 0 <= seed < 2**31 - 1:
-                raise SalomiError(f"{name}: +rot layer has no valid rot_seed (corrupt file?)")
+            seed = rot_seed(p, name)
             w.rot = 1
             w.rot_nb_in, w.rot_s_in, w.rot_m_in = self._rotation(inp, seed, w.rot_f_in)
             w.rot_nb_out, w.rot_s_out, w.rot_m_out = self._rotation(out, seed + 1, w.rot_f_out)

@@ -567,17 +567,21 @@ static int check_rot(const salomi_weight *w, const char *what, char *err, int er
 
 static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y);
 
-static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
-    const salomi_weight *w = &W->w;
-    if (!w->rot) return matmul_base(e, W, x, M, y);
+/* A +rot layer on an already rotated input rx: the base kernel, then U^T, then the bias. */
+static int matmul_rotated(salomi_engine *e, const weight_t *W, const float *rx, int64_t M, float *y) {
     weight_t plain = *W;
     plain.w.rot = 0;
     plain.w.bias = NULL;
-    int rc = matmul_base(e, &plain, rot_in(e, w, x, M), M, y);
+    int rc = matmul_base(e, &plain, rx, M, y);
     if (rc) return rc;
-    rot_out(e, w, y, M);
-    add_bias(w, M, y);
+    rot_out(e, &W->w, y, M);
+    add_bias(&W->w, M, y);
     return 0;
+}
+
+static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
+    if (!W->w.rot) return matmul_base(e, W, x, M, y);
+    return matmul_rotated(e, W, rot_in(e, &W->w, x, M), M, y);
 }
 
 static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
@@ -644,13 +648,8 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
     if (!ok && rot && shared) {  /* rotate x once, run each layer, unrotate each output */
         const float *rx = rot_in(e, &W[0].w, x, M);
         for (int i = 0; i < n; i++) {
-            weight_t plain = W[i];
-            plain.w.rot = 0;
-            plain.w.bias = NULL;
-            int rc = matmul_base(e, &plain, rx, M, y[i]);
+            int rc = matmul_rotated(e, &W[i], rx, M, y[i]);
             if (rc) return rc;
-            rot_out(e, &W[i].w, y[i], M);
-            add_bias(&W[i].w, M, y[i]);
         }
         return 0;
     }
@@ -845,8 +844,9 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     e->scores = malloc(sizeof(float) * (size_t)e->c.threads * (size_t)c.max_seq);
     e->cosb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
     e->sinb = malloc(sizeof(float) * CHUNK * (size_t)(c.head_dim / 2));
-    e->rx = malloc(sizeof(float) * CHUNK * (maxin > c.vocab ? maxin : c.vocab));
-    e->rtmp = malloc(sizeof(float) * (size_t)(maxin > c.vocab ? maxin : c.vocab));
+    const int64_t widest = maxin > c.vocab ? maxin : c.vocab; /* any layer's in or out */
+    e->rx = malloc(sizeof(float) * CHUNK * widest);
+    e->rtmp = malloc(sizeof(float) * (size_t)widest);
     e->lut = e->lut_len ? malloc(sizeof(float) * (size_t)e->lut_len) : NULL;
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
         !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_len && !e->lut))
