@@ -141,7 +141,7 @@ def cmd_recover(a: argparse.Namespace) -> None:
     from salomi.recovery import format_report, run_recover
 
     res = run_recover(a.file, a.out, steps=a.steps, budget_minutes=a.budget_minutes, resume=a.resume,
-                      block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, train_codes=a.train_codes,
+                      block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, code_lr=a.code_lr, train_codes=a.train_codes,
                       calib=a.calib, segments=a.calib_segments, seg_len=a.calib_len, batch=a.batch, seed=a.seed,
                       ckpt_every=a.ckpt_every, eval_text=a.eval_text, eval_windows=a.eval_windows, model=a.model)
     print(format_report(res))
@@ -253,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-codes", action="store_true", help="also train the discrete codes (straight-through)")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--block-lr", type=float, default=2e-3)
+    r.add_argument("--code-lr", type=float, default=5e-3,
+                   help="learning rate of the latent codes with --train-codes (code units per step)")
     r.add_argument("--calib", default="austen", help="calibration text (never the eval text)")
     r.add_argument("--calib-segments", type=int, default=64)
     r.add_argument("--calib-len", type=int, default=256)

@@ -163,6 +163,25 @@ def test_packed_embedding_and_head(variants: dict[str, Path]) -> None:
         assert_close_logits(Engine.from_file(qf3, max_seq=32).logits(IDS), hidden @ w.T)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_head_of_8bit_grid(variants: dict[str, Path], tied: bool) -> None:
+    """An 8-bit grid head (tied to the packed embedding or its own lm_head) runs the int8 kernel
+    with activations="int8": logits within 1% relative L2 of the float engine on the same file,
+    same argmax; the embedding lookup stays exact (the float engine is pinned to dequant above)."""
+    qf = load_quantized(variants["sign"])
+    emb = np.asarray(qf.floats["model.embed_tokens.weight"], dtype=np.float32)
+    head = _rtn_packed(emb, group=emb.shape[1], bits=8)
+    qf2 = copy.copy(qf)
+    qf2.embeddings = {"model.embed_tokens" if tied else "lm_head": head}
+    ref = Engine.from_file(qf2, max_seq=32).logits(IDS)
+    eng = Engine.from_file(qf2, max_seq=32, activations="int8")
+    assert eng.int8_layers == len(qf.packed) + 1
+    got = eng.logits(IDS)
+    rel = float((got - ref).norm() / ref.norm())
+    assert 0 < rel < 0.05, rel
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
+
+
 def test_file_with_packed_embeddings_matches_dequant(tiny_llama_dir: Path, tmp_path: Path) -> None:
     f = tmp_path / "emb.salomi"
     api.quantize(model=str(tiny_llama_dir), method="binary:g32", out=f, progress=False, embed="rtn:4:g32")

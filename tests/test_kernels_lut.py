@@ -111,15 +111,17 @@ def random_layer(fmt: str, o: int, i: int, g: int, rng: np.random.Generator, per
         t = {"bits": pack_rows(rng.integers(0, 2, (o, i)), 1), "scale": scale}
     elif fmt == "ternary":
         t = {"trits": pack_trits(rng.integers(0, 3, (o, i))), "scale": scale}
-    else:  # 2-bit grid with random zero points (and optionally a column permutation)
+    else:  # 2- or 8-bit grid with random zero points (and optionally a column permutation)
+        bits = 8 if fmt == "grid8" else 2
+        top = (1 << bits) - 1
         t = {
-            "codes": pack_rows(rng.integers(0, 4, (o, i)), 2),
+            "codes": pack_rows(rng.integers(0, top + 1, (o, i)), bits),
             "scale": scale,
-            "zero": rng.uniform(-0.5, 3.5, (o, ng)).astype(np.float16),
+            "zero": rng.uniform(-0.5, top + 0.5, (o, ng)).astype(np.float16),
         }
         if perm:
             t["perm"] = rng.permutation(i).astype(np.int32)
-        fmt, params = "grid", {"bits": 2, "group": g}
+        fmt, params = "grid", {"bits": bits, "group": g}
     p = PackedLinear("t", fmt, (o, i), t, params)
     p.validate()
     return p
@@ -207,7 +209,38 @@ def test_grid2_random_shapes(perm):
             check(run_isas(x, p), x, p)
 
 
-@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid2"])
+# 8-bit grid (the head / embedding format): any group that is a multiple of 32.
+GRID8_SHAPES = [(1, 32, 32), (3, 64, 32), (5, 576, 64), (4, 576, 576), (7, 1536, 96), (2, 1536, 1536), (9, 640, 128)]
+
+
+@pytest.mark.parametrize("perm", [False, True])
+def test_grid8_random_shapes(perm):
+    rng = np.random.default_rng(21 + perm)
+    for o, i, g in GRID8_SHAPES:
+        p = random_layer("grid8", o, i, g, rng, perm)
+        assert kernels.int8_supported(p)
+        for m in (1, 3, 8):
+            x = torch.from_numpy(rng.standard_normal((m, i)).astype(np.float32))
+            check(run_isas(x, p), x, p)
+
+
+def test_grid8_extreme_codes_do_not_saturate():
+    """Codes 0 and 255 (q' = -128 / 127) against activations at +-127 in every pair: the
+    int16 pair sums of maddubs reach +-32512, just inside int16, and stay exact."""
+    i, g = 256, 64
+    codes = np.tile(np.array([0, 255, 0, 0, 255, 255, 128, 0], dtype=np.int64), (4, i // 8))
+    codes[1] = 0
+    codes[2] = 255
+    p = PackedLinear("t", "grid", (4, i), {"codes": pack_rows(codes, 8), "scale": np.ones((4, i // g), np.float16),
+                                           "zero": np.zeros((4, i // g), np.float16)}, {"bits": 8, "group": g})
+    x = torch.from_numpy(np.stack([np.full(i, -1.0), np.full(i, 1.0), np.where(np.arange(i) % 2, 1.0, -1.0)])
+                         .astype(np.float32))
+    y = run_isas(x, p)
+    check(y, x, p)
+    torch.testing.assert_close(y.double(), x.double() @ p.dequantize().double().T, rtol=1e-6, atol=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid2", "grid8"])
 def test_adversarial_activations(fmt):
     """Zeros, zero groups, huge and tiny values, exact rounding ties, one outlier."""
     rng = np.random.default_rng(3)
@@ -339,12 +372,13 @@ def test_errors():
             {"bits": bits, "group": g},
         )
 
-    for bad in (grid(3, 64), grid(2, 48), grid(2, 192), grid(2, 8)):  # 3 bits; groups 48 / 192 / 8
+    for bad in (grid(3, 64), grid(2, 48), grid(2, 192), grid(2, 8), grid(8, 48), grid(8, 16)):
         assert not kernels.int8_supported(bad)
         with pytest.raises(ValueError):
             kernels.packed_matmul(torch.randn(1, 192), bad, activations="int8")
         assert kernels.packed_matmul(torch.randn(1, 192), bad).shape == (1, 4)  # float path unaffected
-    assert kernels.int8_supported(grid(2, 64))
+    assert kernels.int8_supported(grid(2, 64)) and kernels.int8_supported(grid(8, 64))
+    assert kernels.int8_supported(grid(8, 192))
     with pytest.raises(SalomiError):
         kernels.packed_matmul(
             torch.randn(1, 64), PackedLinear("t", "sign", (4, 64), dict(p.tensors), {"group": 48}), activations="int8"

@@ -135,3 +135,59 @@ def test_views_start_exact_and_repack_identically(spec: str) -> None:
             assert (np.asarray(a).dtype, np.shape(a)) == (moved.tensors[t].dtype, moved.tensors[t].shape)
         v.snap_()
         torch.testing.assert_close(v.weight().detach(), moved.dequantize(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_kl_matches_full_logits(arch: str, tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
+    """kl_loss (logits made and freed in chunks, recomputed in backward) = KL on the full logits,
+    value and gradient, including a last partial chunk."""
+    from transformers import AutoModelForCausalLM
+
+    from salomi.recovery.distill import _kl, kl_loss
+
+    d = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    ref = AutoModelForCausalLM.from_pretrained(d).eval()
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    params = [p for n, p in model.named_parameters() if "wte" not in n and "embed_tokens" not in n]
+    ids = torch.randint(0, 50257, (2, 40))
+
+    full = _kl(model(ids, use_cache=False).logits, ref(ids, use_cache=False).logits.detach())
+    g_full = torch.autograd.grad(full, params)
+    chunked = kl_loss(model, ref, ids, chunk=32)  # 80 tokens: chunks of 32, 32, 16
+    g_chunked = torch.autograd.grad(chunked, params)
+    assert float(full.detach()) > 1e-3
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_full, g_chunked, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_reused_weights_follow_in_place_updates() -> None:
+    """Inside reused_weights the weight is built once, and rebuilt after any in-place change of a
+    stored value (optimizer step, snap_); outside it every call rebuilds; the cache is freed on exit."""
+    from salomi.quantizers.spec import parse_method
+    from salomi.recovery.trainable import TrainableLinear, reused_weights
+
+    g = torch.Generator().manual_seed(0)
+    p = parse_method("vq:d2:k16+rot").quantize(torch.randn(16, 64, generator=g), None)
+    lin = TrainableLinear(p, None)
+    x = torch.randn(3, 64, generator=g)
+    calls = []
+    build = lin.view.weight
+    lin.view.weight = lambda: (calls.append(1), build())[1]  # type: ignore[method-assign]
+    with torch.no_grad(), reused_weights(lin):
+        y0 = lin(x)
+        assert torch.equal(lin(x), y0) and len(calls) == 1
+        lin.view.conts()[0].delta.add_(0.05)  # what an optimizer step does
+        y1 = lin(x)
+        assert len(calls) == 2 and not torch.equal(y1, y0)
+        lin.view.snap_()  # base changes, delta back to 0
+        assert torch.equal(lin(x), x @ build().T)
+        assert len(calls) == 3
+    assert lin._cache is None
+    with torch.no_grad():
+        lin(x), lin(x)
+    assert len(calls) == 5

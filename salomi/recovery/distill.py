@@ -40,7 +40,7 @@ from torch import nn
 
 from salomi.calibration.sequential import block_output, capture_block_inputs
 from salomi.errors import SalomiError
-from salomi.recovery.trainable import TrainableLinear, describe_views
+from salomi.recovery.trainable import TrainableLinear, describe_views, reused_weights
 
 CKPT_VERSION = 1
 # Settings that must match for --resume (steps may grow: the schedule is extension-safe).
@@ -128,18 +128,19 @@ def capture_block0(model: nn.Module, blocks: nn.ModuleList, segs: torch.Tensor, 
 
 @torch.no_grad()
 def _run_block(block: nn.Module, call: BlockCall, h: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([call(block, h[i : i + batch]) for i in range(0, len(h), batch)])
+    with reused_weights(block):
+        return torch.cat([call(block, h[i : i + batch]) for i in range(0, len(h), batch)])
 
 
 @torch.no_grad()
 def calib_kl(model: nn.Module, ref: nn.Module, segs: torch.Tensor, batch: int, device: torch.device) -> float:
     """Mean KL(reference || model) per token of the next-token distribution on `segs`."""
     total, n = 0.0, 0
-    for i in range(0, len(segs), batch):
-        ids = segs[i : i + batch].to(device)
-        kl = _kl(model(ids, use_cache=False).logits, ref(ids, use_cache=False).logits)
-        total += float(kl) * ids.numel()
-        n += ids.numel()
+    with reused_weights(model):
+        for i in range(0, len(segs), batch):
+            ids = segs[i : i + batch].to(device)
+            total += float(kl_loss(model, ref, ids)) * ids.numel()
+            n += ids.numel()
     return total / max(n, 1)
 
 
@@ -147,6 +148,53 @@ def _kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     logq = F.log_softmax(logits.float(), dim=-1).flatten(0, -2)
     logp = F.log_softmax(ref_logits.float(), dim=-1).flatten(0, -2)
     return (logp.exp() * (logp - logq)).sum() / logq.shape[0]
+
+
+def _plain_head(model: nn.Module) -> nn.Module | None:
+    """The output head if logits = head(last hidden state) exactly (no soft-capping or logit
+    scaling in the causal-LM wrapper), else None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(model, "base_model", model) is model:
+        return None
+    return head
+
+
+def _kl_chunk(h: torch.Tensor, ref_logits_fn: Any, head: nn.Module, lo: int, hi: int) -> torch.Tensor:
+    return _kl(head(h[lo:hi]), ref_logits_fn(lo, hi)) * (hi - lo)
+
+
+def kl_loss(model: nn.Module, ref: nn.Module, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Mean KL(reference || model) per token, with the logits made `chunk` tokens at a time:
+    [tokens, vocab] tensors (about 8 of them between both softmaxes and the backward) are
+    what dominates the end-to-end stage's memory, so each chunk's logits are recomputed in
+    backward instead of kept. Same value as _kl on the full logits (pinned by a test)."""
+    head, ref_head = _plain_head(model), _plain_head(ref)
+    if head is None or ref_head is None:
+        with torch.no_grad():
+            ref_logits = ref(ids, use_cache=False).logits
+        return _kl(model(ids, use_cache=False).logits, ref_logits)
+    from torch.utils.checkpoint import checkpoint
+
+    with torch.no_grad():
+        hr = ref.base_model(ids, use_cache=False)[0].flatten(0, -2)
+    h = model.base_model(ids, use_cache=False)[0].flatten(0, -2)
+
+    def ref_logits(lo: int, hi: int) -> torch.Tensor:
+        with torch.no_grad():
+            return ref_head(hr[lo:hi])
+
+    n = h.shape[0]
+    total = h.new_zeros(())
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        if h.requires_grad:
+            total = total + checkpoint(_kl_chunk, h, ref_logits, head, lo, hi, use_reentrant=False)
+        else:
+            total = total + _kl_chunk(h, ref_logits, head, lo, hi)
+    return total / n
 
 
 @torch.no_grad()
@@ -271,10 +319,7 @@ class Recovery:
             a = self.acts
             out = a["qcall"](self.blocks[b], a["q"][idx.to(a["q"].device)])
             return F.mse_loss(out, a["target"][idx.to(out.device)]) / a["power"]
-        ids = self.segs[idx].to(self.device)
-        with torch.no_grad():
-            ref_logits = self.ref.model(ids, use_cache=False).logits
-        return _kl(self.model(ids, use_cache=False).logits, ref_logits)
+        return kl_loss(self.model, self.ref.model, self.segs[idx].to(self.device))
 
     def state(self) -> dict[str, Any]:
         return {n: {k: v.detach().cpu() for k, v in m.view.state_dict().items()} for n, m in self.views.items()}

@@ -28,6 +28,8 @@ What is trainable, per format:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -419,8 +421,18 @@ class TrainableLinear(nn.Module):
         self.view = make_view(packed, train_codes)
         self.out_features, self.in_features = packed.shape
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
+        self.reuse_weight = False  # set by reused_weights()
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reuse_weight and not torch.is_grad_enabled():
+            # Many no-grad batches through an unchanged view (pushing calibration activations
+            # through a block): rebuild the weight only when a stored value changed in place.
+            key = tuple(t._version for t in (*self.view.parameters(), *self.view.buffers()))
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, self.view.weight())
+            w = self._cache[1]
+            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters()):
             # Recompute the weight's intermediates in backward instead of keeping them: only
             # the weight itself (needed by the matmul's backward) stays alive per layer.
@@ -433,6 +445,21 @@ class TrainableLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.view.p.format}, trainable: {self.view.trainable or '-'}"
+
+
+@contextmanager
+def reused_weights(model: nn.Module) -> Iterator[None]:
+    """Inside the `with`, no-grad forwards of the model's TrainableLinears build each weight
+    once (per change of its stored values) instead of once per call; the copies are freed
+    on exit."""
+    mods = [m for m in model.modules() if isinstance(m, TrainableLinear)]
+    for m in mods:
+        m.reuse_weight = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reuse_weight, m._cache = False, None
 
 
 def describe_views(views: dict[str, TrainableLinear]) -> dict[str, Any]:

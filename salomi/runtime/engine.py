@@ -13,7 +13,8 @@ the architecture before a pointer is handed over, and again in C.
 randomized Hadamard V (once per group of layers sharing it: q/k/v, gate/up), run the base
 kernel, and apply U^T to the output; signs and blocks are rebuilt here from rot_seed.
 
-activations="int8" runs sign / ternary / 2-bit grid layers (and their +rot forms) with the
+activations="int8" runs sign / ternary / 2-bit grid layers (and their +rot forms) and 8-bit grid
+layers (e.g. an `--embed rtn:8` head, tied or not) with the
 int8-activation kernels of lut.c (error bound in kernels.h). Not the default: on SmolLM2-135M
 binary (no calibration), 256 tokens of Austen, logits vs dequant: float max|diff| 5.8e-5,
 int8 max|diff| 5.6 (max|logit| 33.8), relative L2 5.7%, argmax agreement 70%; decode tok/s
@@ -237,6 +238,7 @@ class Engine:
             raise SalomiError(f"activations must be 'float' or 'int8' (got {activations!r})")
         self.activations = activations
         self.int8_layers = 0
+        self._int8_ok: dict[str, bool] = {}
         arch = check_config(qf.metadata["config"])
         self.qf = qf
         self.arch = arch
@@ -264,7 +266,10 @@ class Engine:
         if "lm_head" in qf.packed or "lm_head" in qf.embeddings or "lm_head.weight" in qf.floats or not arch.tied:
             weights[7 * L + 1] = self._weight("lm_head", vocab, H)
         else:
-            weights[7 * L + 1] = weights[0]
+            weights[7 * L + 1] = weights[0]  # tied: the same bytes, read as a matrix
+            if self.activations == "int8" and self._int8_ok.get("model.embed_tokens"):
+                weights[7 * L + 1].act_i8 = 1  # the head GEMV may run int8; the row lookup never does
+                self.int8_layers += 1
         norm_names = [f"model.layers.{i}.{n}.weight" for i in range(L)
                       for n in ("input_layernorm", "post_attention_layernorm")] + ["model.norm.weight"]
         norms = (ctypes.c_void_p * len(norm_names))()
@@ -376,7 +381,8 @@ class Engine:
             from salomi.runtime import kernels
 
             prep = kernels.prepare(p)  # checks dtypes/shapes of the kernel formats
-            if self.activations == "int8" and name != "model.embed_tokens" and kernels.int8_supported(prep):
+            self._int8_ok[name] = kernels.int8_supported(prep)
+            if self.activations == "int8" and name != "model.embed_tokens" and self._int8_ok[name]:
                 w.act_i8 = 1
                 self.int8_layers += 1
             codes, scale = prep.data, prep.scale

@@ -190,7 +190,7 @@ def prepare(p: PackedLinear) -> PreparedLayer:
 _ERRORS = {-1: "invalid argument", -2: "out of memory"}
 
 
-INT8_FORMATS = ("sign", "ternary", "grid")  # grid: 2 bits and a supported group only (int8_supported)
+INT8_FORMATS = ("sign", "ternary", "grid")  # grid: 2 or 8 bits and a supported group only (int8_supported)
 
 
 def int8_supported(p: PackedLinear | PreparedLayer) -> bool:
@@ -199,6 +199,8 @@ def int8_supported(p: PackedLinear | PreparedLayer) -> bool:
     if prep.format in ("sign", "ternary"):
         return True
     g = prep.group
+    if prep.format == "grid" and prep.bits == 8:
+        return g % 32 == 0
     return prep.format == "grid" and prep.bits == 2 and g % 16 == 0 and (128 % g == 0 or g % 128 == 0)
 
 
@@ -219,7 +221,8 @@ def packed_matmul(
     if activations == "int8" and not int8_supported(prep):
         raise ValueError(
             f"no int8-activation kernel for this {prep.format!r} layer (bits {prep.bits}, group {prep.group}); "
-            "int8 covers sign, ternary and 2-bit grid with group 16/32/64/128 or a multiple of 128"
+            "int8 covers sign, ternary, 2-bit grid with group 16/32/64/128 or a multiple of 128, and 8-bit grid "
+            "with a group that is a multiple of 32"
         )
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError("packed_matmul expects a float32 CPU torch.Tensor")

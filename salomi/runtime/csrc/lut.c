@@ -20,6 +20,8 @@
  *   sign:    w = s (2b - 1), b in {0,1}:  sum_j x_j w_j = s sx (2 sum_j b_j xq_j - X_g)
  *   ternary: w = s (t - 1), t in {0,1,2}: sum_j x_j w_j = s sx (sum_j t_j xq_j - X_g)
  *   grid2:   w = s (q - z), q in {0..3}:  sum_j x_j w_j = s sx sum_j q_j xq_j - s z (sx X_g)
+ *   grid8:   w = s (q - z), q in {0..255}: with q' = q - 128 (int8),
+ *            sum_j x_j w_j = s sx sum_j q'_j xq_j - s (z - 128) (sx X_g)
  * with X_g = sum_{j in g} xq_j (row independent: one per-row correction, or for the
  * sign planes layout the starting value of the integer accumulator).
  * Ternary bytes hold 5 base-3 digits t_k = f_k - 3 f_{k+1}, f_k = floor(byte / 3^k),
@@ -37,6 +39,11 @@
  *  - grid2 (G in {16, 32, 64, 128} or a multiple of 128, required): the same with 4
  *    planes of 2-bit codes per 128-column chunk; the zero point enters per int32 lane
  *    (16 columns) as - s z (sx X_lane), one more FMA per chunk.
+ *  - grid8 (G % 32 == 0, required): the weight bytes are the codes, the activations are
+ *    the plain xq row. Per 32 columns: q' = byte ^ 0x80, maddubs(|q'|, sign(xq, q')) (the
+ *    llama.cpp q8 trick: |q'| <= 128 and |xq| <= 127, so a pair sum <= 32512 never
+ *    saturates), madd with ones; int32 lane l holds columns [4l, 4l+4) of each 32-column
+ *    chunk, all in one group, and the group scale is applied per group with one FMA.
  *  - otherwise ("slots"): for each group the activations are copied into slots that line
  *    up with whole weight bytes: the group's bytes [b0, b1) (a byte that straddles a
  *    group edge belongs to both groups, with the other group's columns zeroed) padded
@@ -79,7 +86,7 @@
 #define TERN_PLANES 5
 #define SIGN_FLUSH 64 /* sign chunks per int16 accumulator flush: 64 * 2 * 127 < 32767 */
 
-enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2 };
+enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2, LFMT_GRID8 };
 
 /* Where a group's weight bytes and activation slots are. */
 typedef struct {
@@ -360,6 +367,10 @@ static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, voi
         xc[g] = sx * (float)X;
     }
     for (int64_t g = J->ng; g < J->ngp; g++) gs[g] = 0.0f, xc[g] = 0.0f;
+    if (J->fmt == LFMT_GRID8) {
+        memcpy(slots, xq, (size_t)J->in);
+        return;
+    }
     if (J->fmt == LFMT_GRID2) {
         grid2_planes_row(J, xq, gs, slots, gsv, xsv);
         return;
@@ -464,6 +475,29 @@ static void grid2_row_scalar(const ljob_t *J, const int8_t *xs, const float *gsv
         }
     }
     y[o] = hsum8_ref(yv);
+}
+
+/* grid8 correction sum_g s_g (z_g - 128) xc_g, lanes as correction_ref; shared by both paths. */
+static float correction8(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng) {
+    float cv[8] = {0};
+    for (int64_t g = 0; g < ng; g++)
+        cv[g % 8] = fmaf(salomi_h2f(sc[g]) * (salomi_h2f(zr[g]) - 128.0f), xc[g], cv[g % 8]);
+    return hsum8_ref(cv);
+}
+
+/* grid8, portable: int32 lane l of a 32-column chunk = its columns [4l, 4l+4). */
+static void grid8_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                             float *y) {
+    const uint8_t *row = J->data + o * J->rb;
+    const uint16_t *sc = J->scale + o * J->ng, *zr = J->zero + o * J->ng;
+    float yv[8] = {0};
+    for (int64_t g = 0; g < J->ng; g++) {
+        int32_t a[8] = {0};
+        for (int64_t j = g * J->G; j < (g + 1) * J->G; j++) a[(j % 32) / 4] += ((int)row[j] - 128) * xs[j];
+        const float s = salomi_h2f(sc[g]) * gs[g];
+        for (int l = 0; l < 8; l++) yv[l] = fmaf(s, (float)a[l], yv[l]);
+    }
+    y[o] = hsum8_ref(yv) - correction8(sc, zr, xc, J->ng);
 }
 
 static void ternary_row_scalar(const ljob_t *J, const int16_t *xs, const float *gs, const float *xc, int64_t o,
@@ -755,10 +789,64 @@ A2I void grid2_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, co
     for (int r = 0; r < R; r++) y[o + r] = hsum8_avx2(yv[r]);
 }
 
+/* correction8 with F16C, 8 groups per step: lane l takes the groups g = l (mod 8) in
+ * order, as in correction8, so both give the same float. */
+A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng) {
+    const __m256 c128 = _mm256_set1_ps(128.0f);
+    __m256 cv = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= ng; g += 8) {
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + g)));
+        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, c128)), _mm256_loadu_ps(xc + g), cv);
+    }
+    if (g < ng) { /* padding lanes: 0 * xc(0) added, as fma(0, 0, c) == c */
+        float t[8];
+        for (int l = 0; l < 8; l++) t[l] = g + l < ng ? _cvtsh_ss(sc[g + l]) * (_cvtsh_ss(zr[g + l]) - 128.0f) : 0.0f;
+        cv = _mm256_fmadd_ps(_mm256_loadu_ps(t), _mm256_loadu_ps(xc + g), cv);
+    }
+    return hsum8_avx2(cv);
+}
+
+/* grid8: see the header comment; rows are whole 32-byte chunks (in % 32 == 0), so every
+ * load stays inside the weight buffer. */
+A2I void grid8_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                         const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng, cpg = J->G / 32;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), one16 = _mm256_set1_epi16(1);
+    const uint8_t *row[4];
+    __m256 yv[4];
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i acc[4];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_si256();
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) {
+            const __m256i xv = _mm256_load_si256((const __m256i *)(xs + 32 * c));
+            for (int r = 0; r < R; r++) {
+                /* rows are read as one stream (R consecutive rows); a software prefetch ~2 KB
+                 * ahead keeps it at memory bandwidth (prefetches never fault) */
+                _mm_prefetch((const char *)(row[r] + 32 * c) + 2048, _MM_HINT_T0);
+                const __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(row[r] + 32 * c)), flip);
+                const __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(xv, q));
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, one16));
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float s = _cvtsh_ss(J->scale[(o + r) * ng + g]) * gs[g];
+            yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc[r]), yv[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction8_avx2(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng);
+}
+
 A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const float *xc, int64_t o0, int64_t o1,
                          float *y) {
     int64_t o = o0;
-    if (J->fmt == LFMT_GRID2) {
+    if (J->fmt == LFMT_GRID8) {
+        for (; o + 4 <= o1; o += 4) grid8_rows_avx2(J, xs, gs, xc, o, 4, y);
+        for (; o < o1; o++) grid8_rows_avx2(J, xs, gs, xc, o, 1, y);
+    } else if (J->fmt == LFMT_GRID2) {
         const float *gsv = gs, *xsv = xc; /* the caller passes the per-lane arrays */
         for (; o + 4 <= o1; o += 4) grid2_rows_avx2(J, xs, gsv, xsv, o, 4, y);
         for (; o < o1; o++) grid2_rows_avx2(J, xs, gsv, xsv, o, 1, y);
@@ -793,7 +881,8 @@ static void lut_task(void *ctx, int tid, int nt) {
         if (J->isa >= SALOMI_ISA_AVX2) { rows_avx2(J, xs, gs, xc, o0, o1, y); continue; }
 #endif
         for (int64_t o = o0; o < o1; o++) {
-            if (J->fmt == LFMT_GRID2) grid2_row_scalar(J, xs, gs, xc, o, y);
+            if (J->fmt == LFMT_GRID8) grid8_row_scalar(J, xs, gs, xc, o, y);
+            else if (J->fmt == LFMT_GRID2) grid2_row_scalar(J, xs, gs, xc, o, y);
             else if (J->planes) sign_planes_row_scalar(J, xs, gs, o, y);
             else if (J->fmt == LFMT_SIGN) sign_row_scalar(J, xs, gs, xc, o, y);
             else ternary_row_scalar(J, xs, gs, xc, o, y);
@@ -806,6 +895,7 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
                   int threads) {
     if (!x || !y || !data || !scale || M < 0 || in < 1 || out < 1 || G < 1 || in % G) return -1;
     if (fmt == LFMT_GRID2 && (!zero || !grid2_planes_ok(G))) return -1;
+    if (fmt == LFMT_GRID8 && (!zero || G % 32)) return -1;
     if (in > (INT64_C(1) << 24)) return -1; /* keeps every int32 lane sum exact (|sum| < 2^31) */
     if (perm)
         for (int64_t j = 0; j < in; j++)
@@ -814,7 +904,7 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     ljob_t J = {.fmt = fmt, .in = in, .out = out, .G = G, .ng = in / G, .data = data, .scale = scale, .zero = zero,
                 .M = M, .y = y};
     J.ngp = roundup(J.ng, 8);
-    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : fmt == LFMT_TERNARY ? (in + 4) / 5 : (in + 3) / 4;
+    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : fmt == LFMT_TERNARY ? (in + 4) / 5 : fmt == LFMT_GRID8 ? in : (in + 3) / 4;
     gmeta_t *gm = malloc(sizeof(gmeta_t) * (size_t)J.ng);
     if (!gm) return -2;
     J.gm = gm;
@@ -823,7 +913,8 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     J.nchunk = (in + J.ccols - 1) / J.ccols;
     J.nhalf = G >= J.ccols ? 1 : (int)(J.ccols / G);
     for (int l = 0; l < 8; l++) J.lane_g[l] = G >= J.ccols ? 0 : (int)(J.ccols / 8 * l / G);
-    J.xstride = fmt == LFMT_GRID2 ? J.nchunk * GRID_CHUNK
+    J.xstride = fmt == LFMT_GRID8 ? roundup(in, 64)
+                : fmt == LFMT_GRID2 ? J.nchunk * GRID_CHUNK
                 : J.planes        ? J.nchunk * PLANE_CHUNK
                                   : roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows */
     const size_t esz = fmt == LFMT_TERNARY ? 2 : 1;
@@ -872,6 +963,6 @@ int salomi_ternary_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out,
 int salomi_grid_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *codes, int bits,
                           const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm, float *y,
                           int threads) {
-    if (bits != 2) return -1;
-    return run_i8(LFMT_GRID2, x, M, in, out, codes, scale, zero, group, perm, y, threads);
+    if (bits != 2 && bits != 8) return -1;
+    return run_i8(bits == 8 ? LFMT_GRID8 : LFMT_GRID2, x, M, in, out, codes, scale, zero, group, perm, y, threads);
 }

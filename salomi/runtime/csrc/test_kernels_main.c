@@ -1,4 +1,4 @@
-/* int8 kernels (lut.c): for sign, ternary and 2-bit grid cases (grid only with a group
+/* int8 kernels (lut.c): for sign, ternary and 2- or 8-bit grid cases (grid only with a group
  * the int8 kernel takes) the test also runs salomi_*_matmul_i8 and checks it against a double-precision reference that applies the
  * documented activation quantization (tolerance 3e-5 * sum_g |s_g| sx_g sum |xq_j|), and
  * that the scalar ISA gives bit-identical results.
@@ -51,7 +51,7 @@ enum { SIGN, TERN, GRID };
  * w holds the dequantized weights in weight column order; for grid (2 bits only) the
  * activations are quantized in stored column order (stored column j = weight column
  * perm[j]), like the kernel. */
-static int check_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *data,
+static int check_i8(int fmt, int K, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *data,
                     const uint16_t *scale, const uint16_t *zero, int64_t G, const int32_t *perm, const double *w,
                     int threads, int isa) {
     const int64_t ng = in / G;
@@ -63,7 +63,7 @@ static int check_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out,
 #define RUN_I8(Y)                                                                                                     \
     (fmt == SIGN   ? salomi_sign_matmul_i8(x, M, in, out, data, scale, G, Y, threads)                              \
      : fmt == TERN ? salomi_ternary_matmul_i8(x, M, in, out, data, scale, G, Y, threads)                           \
-                   : salomi_grid_matmul_i8(x, M, in, out, data, 2, scale, zero, G, perm, Y, threads))
+                   : salomi_grid_matmul_i8(x, M, in, out, data, K, scale, zero, G, perm, Y, threads))
     int rc = RUN_I8(y);
     salomi_set_isa(0);
     int rc0 = RUN_I8(y0);
@@ -91,7 +91,9 @@ static int check_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out,
         for (int64_t o = 0; o < out && !bad; o++) {
             double ref = 0, mag = 0;
             for (int64_t g = 0; g < ng; g++) {
-                const double s = ref_h2f(scale[o * ng + g]), z = fmt == GRID ? fabs(ref_h2f(zero[o * ng + g])) : 1.0;
+                /* 8-bit grid sums (q - 128) xq and (z - 128) X: 128 more per term in magnitude */
+                const double s = ref_h2f(scale[o * ng + g]),
+                             z = (fmt == GRID ? fabs(ref_h2f(zero[o * ng + g])) : 1.0) + (K == 8 ? 128.0 : 0.0);
                 double acc = 0, am = 0;
                 for (int64_t j = g * G; j < (g + 1) * G; j++) {
                     const double qz = s != 0.0 ? w[o * in + (perm ? perm[j] : j)] / s : 0.0; /* q - z */
@@ -113,7 +115,9 @@ static int check_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out,
     return bad;
 }
 
-static int grid2_i8_ok(int K, int64_t G) { return K == 2 && G % 16 == 0 && (128 % G == 0 || G % 128 == 0); }
+static int grid_i8_ok(int K, int64_t G) {
+    return (K == 2 && G % 16 == 0 && (128 % G == 0 || G % 128 == 0)) || (K == 8 && G % 32 == 0);
+}
 
 static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_t M, int use_perm, int threads,
                       int isa) {
@@ -190,8 +194,8 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
                 bad = 1;
             }
         }
-    if (!bad && (fmt != GRID || grid2_i8_ok(K, G)))
-        bad = check_i8(fmt, x, M, in, out, data, scale, zero, G, fmt == GRID && use_perm ? perm : NULL, w, threads,
+    if (!bad && (fmt != GRID || grid_i8_ok(K, G)))
+        bad = check_i8(fmt, K, x, M, in, out, data, scale, zero, G, fmt == GRID && use_perm ? perm : NULL, w, threads,
                        isa);
     if (bad)
         printf("  case: isa=%s fmt=%d K=%d in=%lld out=%lld G=%lld M=%lld perm=%d threads=%d\n", salomi_isa_name(isa),
@@ -276,7 +280,18 @@ int main(int argc, char **argv) {
             failures += check_case(fmt, fmt == GRID ? K : 1, in, out, G, M, fmt == GRID && rndi(2), threads, isa);
             total++;
         }
-        printf("isa %-6s: %d cases, %d failures\n", salomi_isa_name(isa), n_cases, failures - f0);
+        /* the 8-bit grid int8 kernel (embedding / head format) needs G % 32 == 0: few random
+         * cases hit it, so add some: every multiple-of-32 group of a few widths, with a perm */
+        static const int64_t ins8[] = {32, 64, 96, 192, 576, 1536};
+        int extra = 0;
+        for (size_t t = 0; t < sizeof ins8 / sizeof ins8[0]; t++)
+            for (int64_t G = 32; G <= ins8[t]; G += 32)
+                if (ins8[t] % G == 0) {
+                    failures += check_case(GRID, 8, ins8[t], 1 + rndi(13), G, Ms[rndi(sizeof Ms / sizeof Ms[0])] % 9,
+                                           (int)rndi(2), 1 + (int)rndi(3), isa);
+                    total++, extra++;
+                }
+        printf("isa %-6s: %d cases, %d failures\n", salomi_isa_name(isa), n_cases + extra, failures - f0);
     }
     salomi_set_isa(-1);
     printf("%s: %d cases, %d failures\n", failures ? "FAILED" : "OK", total, failures);
