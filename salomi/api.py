@@ -75,6 +75,7 @@ def quantize(
     target_model_bpw: float | None = None,
     candidates: Sequence[str] | None = None,
     embed: str | None = None,
+    damage: str = "damage",
 ) -> dict[str, Any]:
     """Quantize `model` with `method`, a per-layer `recipe`, or the best recipe for a bpw target.
 
@@ -83,7 +84,8 @@ def quantize(
 
     With `target_linear_bpw` / `target_model_bpw` a sensitivity table is measured (cached) and
     a recipe chosen whose stored bytes fit the target exactly; `method` is then only the
-    default for layers the recipe does not name.
+    default for layers the recipe does not name. `damage` is what the allocator minimises:
+    "damage" (normalised Hessian proxy), "error" (raw proxy) or "kl" (measured single-layer KL).
     """
     if target_linear_bpw is not None or target_model_bpw is not None:
         from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
@@ -91,7 +93,8 @@ def quantize(
         reference = reference or load_reference(model)
         recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
                              candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib, segments=segments,
-                             seg_len=seg_len, seed=seed, float_dtype=float_dtype, progress=progress, embed=embed)
+                             seg_len=seg_len, seed=seed, float_dtype=float_dtype, damage=damage, progress=progress,
+                             embed=embed)
         label = label or (f"budget:{target_linear_bpw}bpw" if target_linear_bpw is not None
                           else f"budget:model{target_model_bpw}bpw")
         method = "binary"

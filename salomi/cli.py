@@ -33,7 +33,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     cands = [c.strip() for c in a.candidates.split(",")] if a.candidates else None
     res = api.quantize(model=a.model, method=a.method, out=a.out, calib=a.calib, segments=a.calib_segments,
                        seg_len=a.calib_len, seed=a.seed, float_dtype=a.float_dtype, resume=a.resume,
-                       target_linear_bpw=a.bpw, target_model_bpw=a.model_bpw, candidates=cands, embed=a.embed)
+                       target_linear_bpw=a.bpw, target_model_bpw=a.model_bpw, candidates=cands, embed=a.embed,
+                       damage=a.damage)
     print(f"wrote {res['file']}: {res['file_bytes']:,} bytes, linear {res['linear_bpw']:.4f} bpw, "
           f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s, peak {res['peak_rss_mb']:.0f} MB")
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision: best recipe whose measured linear bpw is <= this (within 0.01)")
     q.add_argument("--model-bpw", type=float, default=None, help="mixed precision: target for the whole file")
     q.add_argument("--candidates", default=None, help="comma-separated methods the budget may choose from")
+    q.add_argument("--damage", default="damage", choices=("damage", "error", "kl"),
+                   help="what the budget minimises: normalised Hessian error proxy (default), raw proxy, or the "
+                        "measured KL when each layer alone is quantized (one forward pass per layer and candidate)")
     q.add_argument("--embed", default=None,
                    help="also pack the token embedding table (= tied head) with rtn:K:gG or gptq:K:gG[+ls], "
                         "e.g. gptq:4:g64; default: stored as --float-dtype")

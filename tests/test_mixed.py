@@ -181,3 +181,44 @@ def test_proxy_tracks_true_kl(tiny_ref, austen_slice: Path, brown_slice: Path) -
         rows = sorted((x for x in r["rows"] if x["layer"] == n), key=lambda x: x["damage"])
         assert rows[0]["kl"] <= rows[-1]["kl"]
     assert r["spearman_damage"] > 0.3
+
+
+def test_kl_damage_table(tiny_ref, austen_slice: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """damage="kl": each (layer, candidate) gets the measured KL of quantizing that layer alone, equal to
+    a direct measurement; a cached proxy-only table is extended with KLs; the plan minimises their sum."""
+    import torch.nn.functional as F
+
+    from salomi.calibration.sequential import _set_weight
+    from salomi.loading.models import linear_weight
+    from salomi.mixed.sensitivity import KLProbe, calibration_tokens, table_costs
+    from salomi.quantizers.spec import parse_method
+
+    monkeypatch.setenv("SALOMI_CACHE", str(tmp_path))
+    cands = ["binary", "gptq:4:g32"]
+    proxy = sensitivity_table(tiny_ref, cands, calib=str(austen_slice), progress=False, **CALIB)
+    with pytest.raises(SalomiError, match="no measured KL"):
+        table_costs(proxy, "kl")
+    t = sensitivity_table(tiny_ref, cands, calib=str(austen_slice), progress=False, kl_segments=2, kl_seg_len=32,
+                          **CALIB)
+    assert len(list((tmp_path / "mixed").glob("sens-*.json"))) == 1
+    for n, e in t["layers"].items():
+        assert e["choices"]["gptq:4:g32"]["kl"] < e["choices"]["binary"]["kl"], n
+        assert e["choices"]["binary"]["damage"] == proxy["layers"][n]["choices"]["binary"]["damage"]
+    # the stored KL is what a direct swap of that layer measures
+    model = tiny_ref.model
+    name = next(iter(t["layers"]))
+    mod = model.get_submodule(name)
+    w = linear_weight(mod).detach().clone()
+    segs = calibration_tokens(tiny_ref.tokenizer, str(austen_slice), 2, 32, CALIB.get("seed", 0) + 1)
+    with torch.no_grad():
+        ref = F.log_softmax(model(segs).logits.float(), -1)
+        _set_weight(mod, parse_method("binary").quantize(w.float()).dequantize())
+        lq = F.log_softmax(model(segs).logits.float(), -1)
+        _set_weight(mod, w)
+    direct = float((ref.exp() * (ref - lq)).sum() / (ref.numel() / ref.shape[-1]))
+    assert t["layers"][name]["choices"]["binary"]["kl"] == pytest.approx(direct, rel=1e-3)
+    assert KLProbe(model, segs).kl_with(mod, w) == pytest.approx(0.0, abs=1e-6)
+    plan = make_plan(tiny_ref, target_linear_bpw=2.5, table=t, damage="kl", progress=False)
+    costs = table_costs(t, "kl")
+    assert plan.damage == pytest.approx(sum(costs[n][c][1] for n, c in plan.recipe.items()))
+    assert plan.predicted_linear_bpw <= 2.5

@@ -36,7 +36,7 @@ import torch
 from salomi.errors import SalomiError
 from salomi.loading.models import linear_names
 from salomi.mixed.allocate import Allocation, allocate, byte_range
-from salomi.mixed.sensitivity import DEFAULT_CANDIDATES, sensitivity_table, table_costs
+from salomi.mixed.sensitivity import DEFAULT_CANDIDATES, KL_SEG_LEN, KL_SEGMENTS, sensitivity_table, table_costs
 
 # Bytes reserved for metadata api.quantize writes that we cannot know here (timings, model id,
 # the --method label), for header space padding, and for the alignment of the tensors stored after the linears.
@@ -162,7 +162,9 @@ def make_plan(
         raise SalomiError(f"{flag} must be a positive number (got {target})")
     ref = load_reference(reference) if isinstance(reference, str) else reference
     if table is None:
-        table = sensitivity_table(ref, candidates, calib, segments, seg_len, seed, progress=progress, cache=cache)
+        kl = (KL_SEGMENTS, KL_SEG_LEN) if damage == "kl" else (0, KL_SEG_LEN)
+        table = sensitivity_table(ref, candidates, calib, segments, seg_len, seed, progress=progress, cache=cache,
+                                  kl_segments=kl[0], kl_seg_len=kl[1])
     costs = table_costs(table, damage)
     layers = table["layers"]
     weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())

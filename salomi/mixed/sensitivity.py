@@ -16,6 +16,12 @@ Bytes are what PackedLinear.nbytes says, i.e. exactly what the file stores for t
 layer; a candidate whose size turns out to depend on the data (two layers of the same
 shape with different sizes) is dropped with a warning, since the budget could not be
 guaranteed when the layer is re-quantized with sequential Hessians.
+
+With kl_segments > 0 every choice also gets "kl": the measured KL(reference || model) per
+token on `kl_segments` held calibration segments (drawn with seed + 1, never the eval
+text) when that layer alone is quantized with that candidate - the damage the issue
+asks for, at one forward pass per (layer, candidate). The allocator then minimises the
+sum of per-layer KLs (damage="kl"). The proxy above stays as the cheap default.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ DEFAULT_CANDIDATES: tuple[str, ...] = (
 )
 
 TABLE_VERSION = 1
+DAMAGES = ("damage", "error", "kl")  # normalised proxy, raw proxy, measured single-layer KL
+KL_SEGMENTS, KL_SEG_LEN = 4, 128  # what damage="kl" measures on (512 calibration tokens)
 
 
 def canonical(candidates: Sequence[str]) -> list[str]:
@@ -168,6 +176,8 @@ def sensitivity_table(
     progress: bool = True,
     cache: bool = True,
     batch: int = 8,
+    kl_segments: int = 0,
+    kl_seg_len: int = 128,
 ) -> dict[str, Any]:
     """Bytes and damage of every candidate on every block linear of `reference`.
 
@@ -199,10 +209,21 @@ def sensitivity_table(
         except (OSError, ValueError):
             stored = {"info": info, "layers": {}}
     names = linear_names(model)
+    kl_probe = None
+    if kl_segments > 0:
+        kl_segs = calibration_tokens(reference.tokenizer, calib, kl_segments, kl_seg_len, seed + 1)
+        kl_key = hashlib.blake2b(kl_segs.numpy().tobytes(), digest_size=12).hexdigest()
+        if stored.get("kl_tokens") != kl_key:  # KLs measured on other segments are not comparable
+            for e in stored["layers"].values():
+                for ch in e.get("choices", {}).values():
+                    ch.pop("kl", None)
+            stored["kl_tokens"] = kl_key
+        kl_probe = KLProbe(model, kl_segs)
 
     def missing(n: str) -> list[str]:
         e = stored["layers"].get(n, {})
-        return [c for c in cands if c not in e.get("choices", {}) and c not in e.get("unfit", [])]
+        have = e.get("choices", {})
+        return [c for c in cands if c not in e.get("unfit", []) and (c not in have or (kl_probe and "kl" not in have[c]))]
 
     todo = {i: {n: missing(n) for n in layer} for i, layer in names.items()}
     total = sum(len(v) for layer in todo.values() for v in layer.values())
@@ -221,7 +242,9 @@ def sensitivity_table(
                     if not _fits(q, tuple(w.shape)):
                         entry["unfit"].append(c)
                     else:
-                        _, e = measure(q, w, h)
+                        p, e = measure(q, w, h)
+                        if kl_probe is not None:
+                            e["kl"] = kl_probe.kl_with(m, p.dequantize())
                         entry["choices"][c] = e
                     bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {c}")
                     bar.update(1)
@@ -230,7 +253,43 @@ def sensitivity_table(
             if i >= last:
                 break
         bar.close()
-    return _select(stored, names, cands, key_s, info)
+    return _select(stored, names, cands, key_s, info, need_kl=kl_probe is not None)
+
+
+class KLProbe:
+    """KL(reference || model) per token on fixed segments with one linear's weight swapped."""
+
+    def __init__(self, model: nn.Module, segments: torch.Tensor, batch: int = 8) -> None:
+        import torch.nn.functional as F
+
+        self.model, self.segs, self.batch = model, segments, batch
+        with torch.no_grad():
+            self.ref_logp = [F.log_softmax(self._logits(i), -1) for i in range(0, len(segments), batch)]
+
+    def _logits(self, i: int) -> torch.Tensor:
+        dev = next(self.model.parameters()).device
+        ids = self.segs[i : i + self.batch].to(dev)
+        return self.model(ids, use_cache=False).logits.float().flatten(0, -2)
+
+    @torch.no_grad()
+    def kl_with(self, module: nn.Module, weight: torch.Tensor) -> float:
+        import torch.nn.functional as F
+
+        from salomi.calibration.sequential import _set_weight
+        from salomi.loading.models import linear_weight
+
+        orig = linear_weight(module).detach().clone()
+        _set_weight(module, weight.to(orig.device, orig.dtype))
+        try:
+            total, n = 0.0, 0
+            for j, i in enumerate(range(0, len(self.segs), self.batch)):
+                rl = self.ref_logp[j]
+                lq = F.log_softmax(self._logits(i), -1)
+                total += float((rl.exp() * (rl - lq)).sum())
+                n += rl.shape[0]
+        finally:
+            _set_weight(module, orig)
+        return max(total / n, 0.0)
 
 
 def _fits(q: Quantizer, shape: tuple[int, int]) -> bool:
@@ -242,7 +301,7 @@ def _fits(q: Quantizer, shape: tuple[int, int]) -> bool:
 
 
 def _select(stored: dict[str, Any], names: dict[int, dict[str, nn.Module]], cands: list[str], key: str,
-            info: dict[str, Any]) -> dict[str, Any]:
+            info: dict[str, Any], need_kl: bool = False) -> dict[str, Any]:
     """The table restricted to `cands`, with normalised damage, and data-dependent sizes dropped."""
     layers: dict[str, Any] = {}
     for layer in names.values():
@@ -251,7 +310,7 @@ def _select(stored: dict[str, Any], names: dict[int, dict[str, nn.Module]], cand
             norm = e.get("norm") or 0.0
             choices = {}
             for c in cands:
-                if c in e["choices"]:
+                if c in e["choices"] and (not need_kl or "kl" in e["choices"][c]):
                     ch = dict(e["choices"][c])
                     ch["damage"] = ch["error"] / norm if norm > 0 else ch["error"]
                     choices[c] = ch
@@ -274,9 +333,12 @@ def _select(stored: dict[str, Any], names: dict[int, dict[str, nn.Module]], cand
 
 
 def table_costs(table: dict[str, Any], damage: str = "damage") -> dict[str, dict[str, tuple[int, float]]]:
-    """{layer: {spec: (bytes, damage)}} for the allocator. damage="error" uses the raw tr(dW H dW^T)."""
-    if damage not in ("damage", "error"):
-        raise SalomiError(f"damage must be 'damage' (normalised) or 'error' (raw), got {damage!r}")
+    """{layer: {spec: (bytes, damage)}} for the allocator. damage="error" uses the raw tr(dW H dW^T),
+    "kl" the measured single-layer KL (a table made with kl_segments > 0)."""
+    if damage not in DAMAGES:
+        raise SalomiError(f"damage must be one of {', '.join(DAMAGES)} (got {damage!r})")
+    if damage == "kl" and any("kl" not in ch for e in table["layers"].values() for ch in e["choices"].values()):
+        raise SalomiError("this sensitivity table has no measured KL; build it with kl_segments > 0")
     return {n: {c: (int(ch["bytes"]), float(ch[damage])) for c, ch in e["choices"].items()}
             for n, e in table["layers"].items()}
 
