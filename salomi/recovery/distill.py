@@ -375,7 +375,7 @@ def run_recover(
     eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
     calibration KL before/after, byte counts and (if evaluated) the before/after rows.
     """
-    from salomi.api import git_commit, peak_rss_mb, reference_for
+    from salomi.api import git_commit, map_large_allocations, peak_rss_mb, reference_for
     from salomi.calibration.data import calibration_segments
     from salomi.data.texts import load_text
     from salomi.evaluation.evaluate import tokenize
@@ -384,6 +384,7 @@ def run_recover(
     from salomi.recovery.repack import install_quantlinears, repack_views, save_recovered
 
     t0 = time.perf_counter()
+    map_large_allocations()
     file, out = Path(file), Path(out)
     if file.resolve() == out.resolve():
         raise SalomiError("--out must differ from the input file (the input is the starting point)")
