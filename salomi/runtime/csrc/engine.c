@@ -50,6 +50,7 @@ enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, P_C
 typedef struct {
     salomi_weight w;
     float *cb;            /* vq: codebook widened to float32 [k, d] (small; owned) */
+    float *cbt;           /* vq: the same transposed [d][k] (inside cb's allocation): 8 codewords per vector */
 } weight_t;
 
 struct salomi_engine {
@@ -367,6 +368,31 @@ typedef struct {
     int avx2;
 } vqjob_t;
 
+/* LUT row of one 4-vector x for codewords [c0, k): L[c] = sum_t cbt[t][c] x[t], accumulated
+ * over t in order with one FMA each (the same association on both paths). */
+static void lut_row4(const float *cbt, int64_t k, int64_t c0, const float *x, float *L) {
+    for (int64_t c = c0; c < k; c++) {
+        float a = cbt[c] * x[0];
+        a = fmaf(cbt[k + c], x[1], a);
+        a = fmaf(cbt[2 * k + c], x[2], a);
+        L[c] = fmaf(cbt[3 * k + c], x[3], a);
+    }
+}
+
+#if ENG_X86
+A2 static void lut_row4_avx2(const float *cbt, int64_t k, const float *x, float *L) {
+    const __m256 x0 = _mm256_set1_ps(x[0]), x1 = _mm256_set1_ps(x[1]), x2 = _mm256_set1_ps(x[2]), x3 = _mm256_set1_ps(x[3]);
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(cbt + c), x0);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(cbt + k + c), x1, a);
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(cbt + 2 * k + c), x2, a);
+        _mm256_storeu_ps(L + c, _mm256_fmadd_ps(_mm256_loadu_ps(cbt + 3 * k + c), x3, a));
+    }
+    lut_row4(cbt, k, c, x, L);
+}
+#endif
+
 static void vq_lut_task(void *ctx, int tid, int nt) {
     vqjob_t *J = ctx;
     const salomi_weight *w = &J->W->w;
@@ -376,12 +402,28 @@ static void vq_lut_task(void *ctx, int tid, int nt) {
         const float *xs = J->x + v * d;
         float *L = J->lut + v * k;
         const float *cb = J->W->cb;
-        if (d == 4) { /* the common case, unrolled: 4 FMAs per codeword */
-            const float x0 = xs[0], x1 = xs[1], x2 = xs[2], x3 = xs[3];
-            for (int64_t c = 0; c < k; c++, cb += 4) L[c] = ((cb[0] * x0 + cb[1] * x1) + (cb[2] * x2 + cb[3] * x3));
+        if (d == 4) { /* the common case: codebook transposed, 8 codewords per AVX2 step */
+#if ENG_X86
+            if (J->avx2) { lut_row4_avx2(J->W->cbt, k, xs, L); continue; }
+#endif
+            lut_row4(J->W->cbt, k, 0, xs, L);
         } else {
             for (int64_t c = 0; c < k; c++, cb += d) L[c] = dot(cb, xs, d, J->avx2);
         }
+    }
+}
+
+/* Codes v .. v+3 of a row of b-bit codes for b in {4, 6, 8}, v % 4 == 0 (whole bytes). */
+static inline void codes4(const uint8_t *row, int64_t v, int b, unsigned c[4]) {
+    if (b == 8) {
+        c[0] = row[v], c[1] = row[v + 1], c[2] = row[v + 2], c[3] = row[v + 3];
+    } else if (b == 6) { /* 4 codes = 3 bytes, LSB first */
+        const uint8_t *p = row + v / 4 * 3;
+        const uint32_t u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+        c[0] = u & 63, c[1] = (u >> 6) & 63, c[2] = (u >> 12) & 63, c[3] = u >> 18;
+    } else { /* 4 */
+        const uint8_t b0 = row[v / 2], b1 = row[v / 2 + 1];
+        c[0] = b0 & 15, c[1] = b0 >> 4, c[2] = b1 & 15, c[3] = b1 >> 4;
     }
 }
 
@@ -393,21 +435,38 @@ static void vq_sum_task(void *ctx, int tid, int nt) {
     int64_t o0, o1;
     split_rows(w->out, tid, nt, &o0, &o1);
     const uint8_t *codes = w->data;
-    for (int64_t o = o0; o < o1; o++) {
-        const uint8_t *row = codes + o * rb;
-        const float *L = J->lut;
-        float a0 = 0.0f, a1 = 0.0f; /* two chains: the gathers are independent */
-        int64_t v = 0;
-        if (b == 8) {
-            for (; v + 2 <= nv; v += 2, L += 2 * k) a0 += L[row[v]], a1 += L[k + row[v + 1]];
-        } else if (b == 4) {
-            for (; v + 2 <= nv; v += 2, L += 2 * k) {
-                uint8_t byte = row[v >> 1]; /* v even: low nibble is code v */
-                a0 += L[byte & 15], a1 += L[k + (byte >> 4)];
+    /* The sum is latency bound (a dependent add per lookup), so 4 rows run side by side with
+     * 4 chains each (16 independent adds in flight); codes are decoded 4 at a time. */
+    const int fast = b == 8 || b == 6 || b == 4;
+    const int64_t nv4 = fast ? nv / 4 * 4 : 0;
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) {
+        float a[4][4] = {{0}};
+        for (int64_t v = 0; v < nv4; v += 4) {
+            const float *L = J->lut + v * k;
+            for (int r = 0; r < 4; r++) {
+                unsigned c[4];
+                codes4(codes + (o + r) * rb, v, b, c);
+                a[r][0] += L[c[0]], a[r][1] += L[k + c[1]], a[r][2] += L[2 * k + c[2]], a[r][3] += L[3 * k + c[3]];
             }
         }
-        for (; v < nv; v++, L += k) a0 += L[code_at(row, rb, v, b)];
-        J->y[o] = salomi_h2f(w->scale[o]) * (a0 + a1);
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *row = codes + (o + r) * rb;
+            for (int64_t v = nv4; v < nv; v++) a[r][v & 3] += J->lut[v * k + code_at(row, rb, v, b)];
+            J->y[o + r] = salomi_h2f(w->scale[o + r]) * ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3]));
+        }
+    }
+    for (; o < o1; o++) {
+        const uint8_t *row = codes + o * rb;
+        float a[4] = {0};
+        for (int64_t v = 0; v < nv4; v += 4) {
+            const float *L = J->lut + v * k;
+            unsigned c[4];
+            codes4(row, v, b, c);
+            a[0] += L[c[0]], a[1] += L[k + c[1]], a[2] += L[2 * k + c[2]], a[3] += L[3 * k + c[3]];
+        }
+        for (int64_t v = nv4; v < nv; v++) a[v & 3] += J->lut[v * k + code_at(row, rb, v, b)];
+        J->y[o] = salomi_h2f(w->scale[o]) * ((a[0] + a[1]) + (a[2] + a[3]));
     }
 }
 
@@ -816,9 +875,12 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
         e->w[i].w = *w;
         if (w->kind == SALOMI_W_VQ) {
             int64_t n = w->vq_k * w->vq_d, lut = (in / w->vq_d) * w->vq_k;
-            e->w[i].cb = malloc(sizeof(float) * (size_t)n);
+            e->w[i].cb = malloc(sizeof(float) * (size_t)(2 * n));
             if (!e->w[i].cb) goto oom;
+            e->w[i].cbt = e->w[i].cb + n;
             for (int64_t t = 0; t < n; t++) e->w[i].cb[t] = salomi_h2f(w->codebook[t]);
+            for (int64_t c = 0; c < w->vq_k; c++)
+                for (int64_t t = 0; t < w->vq_d; t++) e->w[i].cbt[t * w->vq_k + c] = e->w[i].cb[c * w->vq_d + t];
             if (lut > e->lut_len) e->lut_len = lut;
         }
     }
