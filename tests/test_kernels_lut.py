@@ -198,26 +198,16 @@ GRID2_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("perm", [False, True])
-def test_grid2_random_shapes(perm):
-    rng = np.random.default_rng(11 + perm)
-    for o, i, g in GRID2_SHAPES:
-        p = random_layer("grid2", o, i, g, rng, perm)
-        assert kernels.int8_supported(p)
-        for m in (1, 3, 8):
-            x = torch.from_numpy(rng.standard_normal((m, i)).astype(np.float32))
-            check(run_isas(x, p), x, p)
-
-
 # 8-bit grid (the head / embedding format): any group that is a multiple of 32.
 GRID8_SHAPES = [(1, 32, 32), (3, 64, 32), (5, 576, 64), (4, 576, 576), (7, 1536, 96), (2, 1536, 1536), (9, 640, 128)]
 
 
+@pytest.mark.parametrize("fmt,shapes,seed", [("grid2", GRID2_SHAPES, 11), ("grid8", GRID8_SHAPES, 21)])
 @pytest.mark.parametrize("perm", [False, True])
-def test_grid8_random_shapes(perm):
-    rng = np.random.default_rng(21 + perm)
-    for o, i, g in GRID8_SHAPES:
-        p = random_layer("grid8", o, i, g, rng, perm)
+def test_grid_random_shapes(fmt, shapes, seed, perm):
+    rng = np.random.default_rng(seed + perm)
+    for o, i, g in shapes:
+        p = random_layer(fmt, o, i, g, rng, perm)
         assert kernels.int8_supported(p)
         for m in (1, 3, 8):
             x = torch.from_numpy(rng.standard_normal((m, i)).astype(np.float32))
