@@ -432,8 +432,7 @@ class TrainableLinear(nn.Module):
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, self.view.weight())
             w = self._cache[1]
-            return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters()):
+        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters()):
             # Recompute the weight's intermediates in backward instead of keeping them: only
             # the weight itself (needed by the matmul's backward) stays alive per layer.
             from torch.utils.checkpoint import checkpoint
