@@ -238,7 +238,6 @@ class Engine:
             raise SalomiError(f"activations must be 'float' or 'int8' (got {activations!r})")
         self.activations = activations
         self.int8_layers = 0
-        self._int8_ok: dict[str, bool] = {}
         arch = check_config(qf.metadata["config"])
         self.qf = qf
         self.arch = arch
@@ -267,7 +266,11 @@ class Engine:
             weights[7 * L + 1] = self._weight("lm_head", vocab, H)
         else:
             weights[7 * L + 1] = weights[0]  # tied: the same bytes, read as a matrix
-            if self.activations == "int8" and self._int8_ok.get("model.embed_tokens"):
+            from salomi.runtime import kernels
+
+            emb = qf.embeddings.get("model.embed_tokens")
+            if (self.activations == "int8" and emb is not None and emb.format in kernels.KERNEL_FORMATS
+                    and kernels.int8_supported(emb)):
                 weights[7 * L + 1].act_i8 = 1  # the head GEMV may run int8; the row lookup never does
                 self.int8_layers += 1
         norm_names = [f"model.layers.{i}.{n}.weight" for i in range(L)
@@ -381,8 +384,7 @@ class Engine:
             from salomi.runtime import kernels
 
             prep = kernels.prepare(p)  # checks dtypes/shapes of the kernel formats
-            self._int8_ok[name] = kernels.int8_supported(prep)
-            if self.activations == "int8" and name != "model.embed_tokens" and self._int8_ok[name]:
+            if self.activations == "int8" and name != "model.embed_tokens" and kernels.int8_supported(prep):
                 w.act_i8 = 1
                 self.int8_layers += 1
             codes, scale = prep.data, prep.scale
