@@ -427,47 +427,36 @@ static inline void codes4(const uint8_t *row, int64_t v, int b, unsigned c[4]) {
     }
 }
 
-static void vq_sum_task(void *ctx, int tid, int nt) {
-    vqjob_t *J = ctx;
+/* R consecutive rows from o (R = 4 or 1): the sum is latency bound (a dependent add per
+ * lookup), so the rows run side by side with 4 chains each; codes are decoded 4 at a time. */
+static inline __attribute__((always_inline)) void vq_rows(const vqjob_t *J, int64_t o, const int R) {
     const salomi_weight *w = &J->W->w;
-    const int64_t d = w->vq_d, k = w->vq_k, nv = w->in / d, rb = packed_row_bytes(w);
+    const int64_t k = w->vq_k, nv = w->in / w->vq_d, rb = packed_row_bytes(w);
     const int b = w->bits;
-    int64_t o0, o1;
-    split_rows(w->out, tid, nt, &o0, &o1);
-    const uint8_t *codes = w->data;
-    /* The sum is latency bound (a dependent add per lookup), so 4 rows run side by side with
-     * 4 chains each (16 independent adds in flight); codes are decoded 4 at a time. */
-    const int fast = b == 8 || b == 6 || b == 4;
-    const int64_t nv4 = fast ? nv / 4 * 4 : 0;
-    int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) {
-        float a[4][4] = {{0}};
-        for (int64_t v = 0; v < nv4; v += 4) {
-            const float *L = J->lut + v * k;
-            for (int r = 0; r < 4; r++) {
-                unsigned c[4];
-                codes4(codes + (o + r) * rb, v, b, c);
-                a[r][0] += L[c[0]], a[r][1] += L[k + c[1]], a[r][2] += L[2 * k + c[2]], a[r][3] += L[3 * k + c[3]];
-            }
-        }
-        for (int r = 0; r < 4; r++) {
-            const uint8_t *row = codes + (o + r) * rb;
-            for (int64_t v = nv4; v < nv; v++) a[r][v & 3] += J->lut[v * k + code_at(row, rb, v, b)];
-            J->y[o + r] = salomi_h2f(w->scale[o + r]) * ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3]));
-        }
-    }
-    for (; o < o1; o++) {
-        const uint8_t *row = codes + o * rb;
-        float a[4] = {0};
-        for (int64_t v = 0; v < nv4; v += 4) {
-            const float *L = J->lut + v * k;
+    const int64_t nv4 = b == 8 || b == 6 || b == 4 ? nv / 4 * 4 : 0;
+    float a[4][4] = {{0}};
+    for (int64_t v = 0; v < nv4; v += 4) {
+        const float *L = J->lut + v * k;
+        for (int r = 0; r < R; r++) {
             unsigned c[4];
-            codes4(row, v, b, c);
-            a[0] += L[c[0]], a[1] += L[k + c[1]], a[2] += L[2 * k + c[2]], a[3] += L[3 * k + c[3]];
+            codes4(w->data + (o + r) * rb, v, b, c);
+            a[r][0] += L[c[0]], a[r][1] += L[k + c[1]], a[r][2] += L[2 * k + c[2]], a[r][3] += L[3 * k + c[3]];
         }
-        for (int64_t v = nv4; v < nv; v++) a[v & 3] += J->lut[v * k + code_at(row, rb, v, b)];
-        J->y[o] = salomi_h2f(w->scale[o]) * ((a[0] + a[1]) + (a[2] + a[3]));
     }
+    for (int r = 0; r < R; r++) {
+        const uint8_t *row = w->data + (o + r) * rb;
+        for (int64_t v = nv4; v < nv; v++) a[r][v & 3] += J->lut[v * k + code_at(row, rb, v, b)];
+        J->y[o + r] = salomi_h2f(w->scale[o + r]) * ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3]));
+    }
+}
+
+static void vq_sum_task(void *ctx, int tid, int nt) {
+    const vqjob_t *J = ctx;
+    int64_t o0, o1;
+    split_rows(J->W->w.out, tid, nt, &o0, &o1);
+    int64_t o = o0;
+    for (; o + 4 <= o1; o += 4) vq_rows(J, o, 4);
+    for (; o < o1; o++) vq_rows(J, o, 1);
 }
 
 /* ------------------------------------------------------------------ dispatch */
