@@ -359,18 +359,15 @@ def validate_proxy(
     """Check the damage proxy against the true KL(reference || model) increase when one layer
     alone is quantized. Returns {"rows": [{"layer", "method", "damage", "error", "kl"}],
     "spearman_damage", "spearman_error"} (rank correlations of each proxy with KL)."""
-    import torch.nn.functional as F
-
     from salomi.api import _text_ids
-    from salomi.calibration.sequential import _set_weight
     from salomi.evaluation.evaluate import make_windows
     from salomi.loading.models import linear_weight
     from salomi.quantizers.spec import parse_method
 
     model = reference.model
     segs = calibration_tokens(reference.tokenizer, calib, segments, seg_len, seed)
-    windows = make_windows(_text_ids(reference.tokenizer, eval_text), eval_seq_len, eval_windows, eval_text)
-    ref_logp = [F.log_softmax(model(w[None], use_cache=False).logits[0].float(), -1) for w in windows]
+    probe = KLProbe(model, make_windows(_text_ids(reference.tokenizer, eval_text), eval_seq_len, eval_windows,
+                                        eval_text))
     want = set(layers)
     hs: dict[str, tuple[nn.Module, torch.Tensor]] = {}
     for _, layer in block_hessians(model, segs):
@@ -385,17 +382,8 @@ def validate_proxy(
         for spec in methods:
             q = parse_method(spec)
             p, e = measure(q, w, h)
-            _set_weight(m, p.dequantize())
-            try:
-                kl = tok = 0.0
-                for win, rl in zip(windows, ref_logp):
-                    lp = F.log_softmax(model(win[None], use_cache=False).logits[0].float(), -1)
-                    kl += float((rl.exp() * (rl - lp)).sum())
-                    tok += win.numel()
-            finally:
-                _set_weight(m, w)
             rows.append({"layer": n, "method": q.spec, "damage": e["error"] / norm if norm > 0 else e["error"],
-                         "error": e["error"], "kl": kl / tok})
+                         "error": e["error"], "kl": probe.kl_with(m, p.dequantize())})
     return {"rows": rows, "spearman_damage": spearman([r["damage"] for r in rows], [r["kl"] for r in rows]),
             "spearman_error": spearman([r["error"] for r in rows], [r["kl"] for r in rows])}
 
