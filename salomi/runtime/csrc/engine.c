@@ -70,8 +70,8 @@ struct salomi_engine {
     float *cosb, *sinb;   /* [CHUNK][head_dim/2] */
     float *rx;            /* rotated input of a +rot layer [CHUNK][max in] */
     float *rtmp;          /* one row of scratch for the rotation */
-    float *lut;           /* vq table: max over vq layers of (in/d)*k floats */
-    int64_t lut_len;
+    float *lut;           /* vq tables, one per thread: [threads][lut_stride] */
+    int64_t lut_stride;   /* max over vq layers of one tile's floats, rounded to a cache line */
     int profile;
     double prof[NPROF];
     char err[256];
@@ -360,13 +360,31 @@ static void float_task(void *ctx, int tid, int nt) {
 
 /* ------------------------------------------------------------------ vq table lookup */
 
+/* A vq layer runs as a table lookup: L[v][c] = <x_v, codeword c> for each vector column v,
+ * then y[o] = scale[o] * sum_v L[v][code(o, v)]. Each thread builds the table itself, one
+ * column tile at a time (VQ_TILE floats, L1-sized), and sums that tile for its own rows:
+ * no barrier between building and summing, no table line shared between cores, and the
+ * lookups hit L1. Layers that share their input (q/k/v, gate/up) run in one dispatch. */
+#ifndef VQ_TILE
+#define VQ_TILE 4096
+#endif
+
 typedef struct {
-    const weight_t *W;
-    const float *x;   /* one activation row [in] */
-    float *lut;       /* [nv][k] */
-    float *y;         /* [out] */
+    const weight_t *W;  /* n layers with the same in, all reading x */
+    int n;
+    const float *x;     /* [M][in] */
+    int64_t M;
+    float *const *y;    /* n outputs, [M][out_i] each */
+    float *lut;         /* [threads][lut_stride] */
+    int64_t lut_stride;
     int avx2;
 } vqjob_t;
+
+/* Vector columns per tile: a multiple of 4 (codes are decoded 4 at a time). */
+static int64_t vq_tile_vectors(const salomi_weight *w) {
+    const int64_t t = VQ_TILE / w->vq_k / 4 * 4, nv = w->in / w->vq_d;
+    return min64(nv, t < 4 ? 4 : t);
+}
 
 /* LUT row of one 4-vector x for codewords [c0, k): L[c] = sum_t cbt[t][c] x[t], accumulated
  * over t in order with one FMA each (the same association on both paths). */
@@ -393,22 +411,19 @@ A2 static void lut_row4_avx2(const float *cbt, int64_t k, const float *x, float 
 }
 #endif
 
-static void vq_lut_task(void *ctx, int tid, int nt) {
-    vqjob_t *J = ctx;
-    const salomi_weight *w = &J->W->w;
-    const int64_t d = w->vq_d, k = w->vq_k, nv = w->in / d;
-    int64_t per = (nv + nt - 1) / nt, v0 = min64(nv, tid * per), v1 = min64(nv, v0 + per);
-    for (int64_t v = v0; v < v1; v++) {
-        const float *xs = J->x + v * d;
-        float *L = J->lut + v * k;
-        const float *cb = J->W->cb;
+/* The table of vector columns [v0, v1) into L[(v - v0) * k + c]. */
+static void vq_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *L, int avx2) {
+    const int64_t d = W->w.vq_d, k = W->w.vq_k;
+    for (int64_t v = v0; v < v1; v++, L += k) {
+        const float *xs = x + v * d;
         if (d == 4) { /* the common case: codebook transposed, 8 codewords per AVX2 step */
 #if ENG_X86
-            if (J->avx2) { lut_row4_avx2(J->W->cbt, k, xs, L); continue; }
+            if (avx2) { lut_row4_avx2(W->cbt, k, xs, L); continue; }
 #endif
-            lut_row4(J->W->cbt, k, 0, xs, L);
+            lut_row4(W->cbt, k, 0, xs, L);
         } else {
-            for (int64_t c = 0; c < k; c++, cb += d) L[c] = dot(cb, xs, d, J->avx2);
+            const float *cb = W->cb;
+            for (int64_t c = 0; c < k; c++, cb += d) L[c] = dot(cb, xs, d, avx2);
         }
     }
 }
@@ -427,36 +442,57 @@ static inline void codes4(const uint8_t *row, int64_t v, int b, unsigned c[4]) {
     }
 }
 
-/* R consecutive rows from o (R = 4 or 1): the sum is latency bound (a dependent add per
- * lookup), so the rows run side by side with 4 chains each; codes are decoded 4 at a time. */
-static inline __attribute__((always_inline)) void vq_rows(const vqjob_t *J, int64_t o, const int R) {
-    const salomi_weight *w = &J->W->w;
-    const int64_t k = w->vq_k, nv = w->in / w->vq_d, rb = packed_row_bytes(w);
+/* Adds tile [v0, v1) of R consecutive rows from o (R = 4 or 1) into y: the sum is latency
+ * bound (a dependent add per lookup), so the rows run side by side with 4 chains each. */
+static inline __attribute__((always_inline)) void vq_rows(const salomi_weight *w, const float *L, int64_t v0, int64_t v1,
+                                                          int64_t o, const int R, float *y) {
+    const int64_t k = w->vq_k, rb = packed_row_bytes(w);
     const int b = w->bits;
-    const int64_t nv4 = b == 8 || b == 6 || b == 4 ? nv / 4 * 4 : 0;
+    const int64_t v4 = b == 8 || b == 6 || b == 4 ? v0 + (v1 - v0) / 4 * 4 : v0;
     float a[4][4] = {{0}};
-    for (int64_t v = 0; v < nv4; v += 4) {
-        const float *L = J->lut + v * k;
+    for (int64_t v = v0; v < v4; v += 4) {
+        const float *Lv = L + (v - v0) * k;
         for (int r = 0; r < R; r++) {
             unsigned c[4];
             codes4(w->data + (o + r) * rb, v, b, c);
-            a[r][0] += L[c[0]], a[r][1] += L[k + c[1]], a[r][2] += L[2 * k + c[2]], a[r][3] += L[3 * k + c[3]];
+            a[r][0] += Lv[c[0]], a[r][1] += Lv[k + c[1]], a[r][2] += Lv[2 * k + c[2]], a[r][3] += Lv[3 * k + c[3]];
         }
     }
     for (int r = 0; r < R; r++) {
         const uint8_t *row = w->data + (o + r) * rb;
-        for (int64_t v = nv4; v < nv; v++) a[r][v & 3] += J->lut[v * k + code_at(row, rb, v, b)];
-        J->y[o + r] = salomi_h2f(w->scale[o + r]) * ((a[r][0] + a[r][1]) + (a[r][2] + a[r][3]));
+        for (int64_t v = v4; v < v1; v++) a[r][v & 3] += L[(v - v0) * k + code_at(row, rb, v, b)];
+        y[o + r] += (a[r][0] + a[r][1]) + (a[r][2] + a[r][3]);
     }
 }
 
-static void vq_sum_task(void *ctx, int tid, int nt) {
+static void vq_task(void *ctx, int tid, int nt) {
     const vqjob_t *J = ctx;
-    int64_t o0, o1;
-    split_rows(J->W->w.out, tid, nt, &o0, &o1);
-    int64_t o = o0;
-    for (; o + 4 <= o1; o += 4) vq_rows(J, o, 4);
-    for (; o < o1; o++) vq_rows(J, o, 1);
+    float *L = J->lut + tid * J->lut_stride;
+    for (int64_t m = 0; m < J->M; m++) {
+        for (int i = 0; i < J->n; i++) {
+            const weight_t *W = &J->W[i];
+            const salomi_weight *w = &W->w;
+            const int64_t nv = w->in / w->vq_d, tv = vq_tile_vectors(w);
+            float *y = J->y[i] + m * w->out;
+            int64_t o0, o1;
+            split_rows(w->out, tid, nt, &o0, &o1);
+            if (o0 >= o1) continue;
+            memset(y + o0, 0, sizeof(float) * (size_t)(o1 - o0));
+            for (int64_t v0 = 0; v0 < nv; v0 += tv) {
+                const int64_t v1 = min64(nv, v0 + tv);
+                vq_build(W, J->x + m * w->in, v0, v1, L, J->avx2);
+                int64_t o = o0;
+                for (; o + 4 <= o1; o += 4) vq_rows(w, L, v0, v1, o, 4, y);
+                for (; o < o1; o++) vq_rows(w, L, v0, v1, o, 1, y);
+            }
+            for (int64_t o = o0; o < o1; o++) y[o] *= salomi_h2f(w->scale[o]);
+        }
+    }
+}
+
+static void run_vq(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
+    vqjob_t J = {.W = W, .n = n, .x = x, .M = M, .y = y, .lut = e->lut, .lut_stride = e->lut_stride, .avx2 = use_avx2()};
+    salomi_run_parallel(vq_task, &J, e->c.threads);
 }
 
 /* ------------------------------------------------------------------ dispatch */
@@ -647,16 +683,7 @@ static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int6
         rc = (w->act_i8 ? salomi_grid_matmul_i8 : salomi_grid_matmul)(x, M, w->in, w->out, w->data, w->bits, w->scale, w->zero,
                                                                    w->group, w->perm, y, nt);
         break;
-    case SALOMI_W_VQ: {
-        vqjob_t J = {.W = W, .lut = e->lut, .avx2 = use_avx2()};
-        for (int64_t m = 0; m < M; m++) {
-            J.x = x + m * w->in;
-            J.y = y + m * w->out;
-            salomi_run_parallel(vq_lut_task, &J, nt);
-            salomi_run_parallel(vq_sum_task, &J, nt);
-        }
-        break;
-    }
+    case SALOMI_W_VQ: run_vq(e, W, 1, x, M, &y); break;
     default: {
         fjob_t J = {.w = w, .x = x, .M = M, .y = y, .avx2 = use_avx2(), .err = 0};
         salomi_run_parallel(float_task, &J, nt);
@@ -692,6 +719,16 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         if (f < 0) { ok = 0; break; }
         ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
                                     .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
+    }
+    int all_vq = n <= 4 && shared;
+    for (int i = 0; i < n; i++) all_vq &= W[i].w.kind == SALOMI_W_VQ;
+    if (all_vq) {  /* one dispatch for all of them */
+        run_vq(e, W, n, rot ? rot_in(e, &W[0].w, x, M) : x, M, y);
+        for (int i = 0; i < n; i++) {
+            if (rot) rot_out(e, &W[i].w, y[i], M);
+            add_bias(&W[i].w, M, y[i]);
+        }
+        return 0;
     }
     if (!ok && rot && shared) {  /* rotate x once, run each layer, unrotate each output */
         const float *rx = rot_in(e, &W[0].w, x, M);
@@ -863,14 +900,14 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
         if (i == 0 && w->rot) { seterr(err, errlen, "embed_tokens: +rot embeddings are not supported; re-quantize without +rot on the embedding"); salomi_engine_free(e); return NULL; }
         e->w[i].w = *w;
         if (w->kind == SALOMI_W_VQ) {
-            int64_t n = w->vq_k * w->vq_d, lut = (in / w->vq_d) * w->vq_k;
+            const int64_t n = w->vq_k * w->vq_d, lut = (vq_tile_vectors(w) * w->vq_k + 15) / 16 * 16;
             e->w[i].cb = malloc(sizeof(float) * (size_t)(2 * n));
             if (!e->w[i].cb) goto oom;
             e->w[i].cbt = e->w[i].cb + n;
             for (int64_t t = 0; t < n; t++) e->w[i].cb[t] = salomi_h2f(w->codebook[t]);
             for (int64_t c = 0; c < w->vq_k; c++)
                 for (int64_t t = 0; t < w->vq_d; t++) e->w[i].cbt[t * w->vq_k + c] = e->w[i].cb[c * w->vq_d + t];
-            if (lut > e->lut_len) e->lut_len = lut;
+            if (lut > e->lut_stride) e->lut_stride = lut;
         }
     }
     for (int64_t i = 0; i < 2 * L + 1; i++) {
@@ -898,9 +935,9 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     const int64_t widest = maxin > c.vocab ? maxin : c.vocab; /* any layer's in or out */
     e->rx = malloc(sizeof(float) * CHUNK * widest);
     e->rtmp = malloc(sizeof(float) * (size_t)widest);
-    e->lut = e->lut_len ? malloc(sizeof(float) * (size_t)e->lut_len) : NULL;
+    e->lut = e->lut_stride ? malloc(sizeof(float) * (size_t)e->c.threads * (size_t)e->lut_stride) : NULL;
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
-        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_len && !e->lut))
+        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_stride && !e->lut))
         goto oom;
     const char *p = getenv("SALOMI_ENGINE_PROFILE");
     e->profile = p && *p && strcmp(p, "0") != 0;
