@@ -270,28 +270,33 @@ def evaluate_files(
     runtime: str = "dequant",
     progress: bool = True,
     reference: Reference | None = None,
+    activations: str = "float",
 ) -> list[dict[str, Any]]:
-    """Evaluate packed files against their reference on the same windows (one reference pass)."""
+    """Evaluate packed files against their reference on the same windows (one reference pass).
+    activations="int8" (engine only) scores the int8-activation kernels, so their cost is measured."""
     qfs = [load_quantized(f) for f in files]
     ref = reference or reference_for(qfs[0], model)
     ids = _text_ids(ref.tokenizer, text)
     w = make_windows(ids, seq_len, windows, text)
     start = time.perf_counter()
-    models = [_eval_model(qf, runtime, seq_len) for qf in qfs]
+    models = [_eval_model(qf, runtime, seq_len, activations) for qf in qfs]
     ref_m, rows = evaluate(ref.model, models, w, progress=progress)
     seconds = time.perf_counter() - start
     out = []
     for qf, r in zip(qfs, rows):
-        out.append(_row(ref, qf.method, r, qf.linear_bpw, qf.model_bpw, qf.file_bytes, text, seq_len, windows,
+        label = qf.method if activations == "float" else f"{qf.method} [{activations}]"
+        out.append(_row(ref, label, r, qf.linear_bpw, qf.model_bpw, qf.file_bytes, text, seq_len, windows,
                         seconds / len(qfs), qf.metadata.get("calibration", {}), str(qf.path)))
     return out
 
 
-def _eval_model(qf: QuantizedFile, runtime: str, seq_len: int) -> torch.nn.Module:
+def _eval_model(qf: QuantizedFile, runtime: str, seq_len: int, activations: str = "float") -> torch.nn.Module:
     if resolve_runtime(qf, runtime) == "engine":
         from salomi.runtime.engine import Engine
 
-        return Engine.from_file(qf, max_seq=seq_len).as_module()
+        return Engine.from_file(qf, max_seq=seq_len, activations=activations).as_module()
+    if activations != "float":
+        raise SalomiError(f"--activations {activations} needs the native engine; use --runtime engine")
     return build_model(qf, runtime)
 
 

@@ -55,7 +55,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
     else:
         if not a.files:
             raise SalomiError("give a packed file to evaluate, or --reference --model M")
-        rows = api.evaluate_files(a.files, a.text, a.seq_len, a.windows, model=a.model, runtime=a.runtime)
+        rows = api.evaluate_files(a.files, a.text, a.seq_len, a.windows, model=a.model, runtime=a.runtime,
+                                  activations=a.activations)
     for r in rows:
         print(_fmt_row(r))
     _write_json(a.json, rows[0] if len(rows) == 1 else rows)
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--windows", type=int, default=64)
     e.add_argument("--runtime", default="dequant", choices=["auto", "kernels", "dequant", "engine"])
+    e.add_argument("--activations", default="float", choices=["float", "int8"], help="engine only: int8 runs sign/ternary/2-bit and 8-bit grid layers with int8-activation kernels and vq layers (k <= 256) with int8 lookup tables")
     e.add_argument("--json", default=None)
     e.set_defaults(fn=cmd_eval)
 
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--activations", default="float", choices=["float", "int8"],
-                   help="engine only: int8 runs sign/ternary/2-bit grid layers with int8-activation kernels")
+                   help="engine only: int8 runs sign/ternary/2-bit and 8-bit grid layers with int8-activation kernels and vq layers (k <= 256) with int8 lookup tables")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a plain float Hugging Face checkpoint of the quantized weights")

@@ -120,7 +120,7 @@ def test_rot_scalar_isa_and_auto(variants: dict[str, Path]) -> None:
         Engine.from_file(bad, max_seq=8)
 
 
-@pytest.mark.parametrize("fmt", ["sign", "grid", "sign+rot", "grid+rot"])
+@pytest.mark.parametrize("fmt", ["sign", "grid", "sign+rot", "grid+rot", "vq", "vq+rot"])
 def test_int8_activations_close_to_float(variants: dict[str, Path], fmt: str) -> None:
     """activations="int8": int8 kernels on the sign/ternary/2-bit grid layers (kernels.h bound,
     ~0.4-1% relative per GEMV); end to end the logits stay within 5% relative L2 of the

@@ -379,6 +379,9 @@ class Engine:
             scale = _expect(p, "scale", "float16", (out,), name).view(np.uint16)
             w.bits, w.vq_d, w.vq_k = b, d, k
             w.codebook = cb.ctypes.data
+            if self.activations == "int8" and name != "model.embed_tokens" and k <= 256:
+                w.act_i8 = 1  # int8 lookup tables, 32 rows per vpshufb (engine.c)
+                self.int8_layers += 1
             arrays += [codes, cb, scale]
         else:
             from salomi.runtime import kernels

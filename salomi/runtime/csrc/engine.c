@@ -51,6 +51,7 @@ typedef struct {
     salomi_weight w;
     float *cb;            /* vq: codebook widened to float32 [k, d] (small; owned) */
     float *cbt;           /* vq: the same transposed [d][k] (inside cb's allocation): 8 codewords per vector */
+    uint8_t *il;          /* vq with act_i8: codes as bytes, 32 rows interleaved [ceil(out/32)][in/d][32] (owned) */
 } weight_t;
 
 struct salomi_engine {
@@ -465,6 +466,8 @@ static inline __attribute__((always_inline)) void vq_rows(const salomi_weight *w
     }
 }
 
+static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt);
+
 static void vq_task(void *ctx, int tid, int nt) {
     const vqjob_t *J = ctx;
     float *L = J->lut + tid * J->lut_stride;
@@ -474,6 +477,7 @@ static void vq_task(void *ctx, int tid, int nt) {
             const salomi_weight *w = &W->w;
             const int64_t nv = w->in / w->vq_d, tv = vq_tile_vectors(w);
             float *y = J->y[i] + m * w->out;
+            if (W->il) { vq8_layer(J, W, J->x + m * w->in, y, tid, nt); continue; }
             int64_t o0, o1;
             split_rows(w->out, tid, nt, &o0, &o1);
             if (o0 >= o1) continue;
@@ -488,6 +492,164 @@ static void vq_task(void *ctx, int tid, int nt) {
             for (int64_t o = o0; o < o1; o++) y[o] *= salomi_h2f(w->scale[o]);
         }
     }
+}
+
+/* --- int8 tables (activations="int8"): 32 rows per vector instruction.
+ * The float table of VQ8_BLOCK(k) vector columns is quantized to int8 with one scale per
+ * block (round to nearest even; |error| <= scale/2 per lookup), split into 16-entry tables
+ * that vpshufb indexes with the low 4 code bits for 32 rows at once, the higher bits picking
+ * a table by a blend tree. Pairs of columns are summed to int16 (maddubs; a block of <= 32
+ * columns cannot overflow), then each block enters the row's float sum as
+ * fma(scale, (float)sum, acc): the scalar twin does the same operations, so both paths give
+ * identical bits. */
+static int64_t vq8_block(int64_t k) { return k >= 128 ? 8 : 32; }
+static int64_t vq8_tables(int64_t k) { int64_t t = 1; while (t * 16 < k) t *= 2; return t; }
+/* Scratch per thread: the block's float table [B][k] and its int8 tables [B][tables][32]. */
+static int64_t vq8_scratch_floats(const salomi_weight *w) {
+    const int64_t B = vq8_block(w->vq_k);
+    return B * w->vq_k + (B * vq8_tables(w->vq_k) * 32 + 3) / 4;
+}
+
+#if ENG_X86
+/* 16 floats of F times inv, rounded to nearest even, as int8 into t[0..15] and t[16..31]. */
+A2I void vq8_quant16(const float *F, __m256 inv, int8_t *t) {
+    const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(F), inv));
+    const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(F + 8), inv));
+    const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_setzero_si256());
+    /* 32-bit units of p8: a0-3 b0-3 0 0 | a4-7 b4-7 0 0 -> a0-3 a4-7 b0-3 b4-7, twice */
+    _mm256_store_si256((__m256i *)t, _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5)));
+}
+
+/* nv tables of k % 16 == 0 entries; a set of nt tables per vector (nt * 16 >= k, the rest zero). */
+A2 static void vq8_quant_avx2(const float *F, int64_t nv, int64_t k, int64_t nt, float inv, int8_t *T) {
+    for (int64_t v = 0; v < nv; v++, F += k, T += nt * 32) {
+        int64_t j = 0;
+        for (; j < k / 16; j++) vq8_quant16(F + 16 * j, _mm256_set1_ps(inv), T + 32 * j);
+        memset(T + 32 * j, 0, (size_t)((nt - j) * 32));
+    }
+}
+
+A2 static float absmax_avx2(const float *F, int64_t n) { /* n % 8 == 0; a max is exact in any order */
+    const __m256 mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(F + i), mask));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
+/* Quantizes the float table of vector columns [v0, v1) into 16-entry int8 tables (each
+ * stored twice: vpshufb looks up within each 128-bit half). Returns the block's scale. */
+static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int8_t *T, int avx2) {
+    const int64_t k = W->w.vq_k, nt = vq8_tables(k), n = (v1 - v0) * k;
+    vq_build(W, x, v0, v1, F, avx2);
+    float m = 0.f;
+#if ENG_X86
+    if (avx2 && k % 16 == 0) m = absmax_avx2(F, n);
+    else
+#endif
+        for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(F[i]));
+    const float inv = m > 0.f ? 127.f / m : 0.f;
+#if ENG_X86
+    if (avx2 && k % 16 == 0) { /* the same rounding as lrintf (nearest even, the default mode) */
+        vq8_quant_avx2(F, v1 - v0, k, nt, inv, T);
+        return m / 127.f;
+    }
+#endif
+    memset(T, 0, (size_t)((v1 - v0) * nt * 32));
+    for (int64_t v = 0; v < v1 - v0; v++)
+        for (int64_t c = 0; c < k; c++) {
+            const int8_t q = (int8_t)lrintf(F[v * k + c] * inv);
+            int8_t *t = T + (v * nt + c / 16) * 32 + c % 16;
+            t[0] = q, t[16] = q;
+        }
+    return m / 127.f;
+}
+
+static void vq8_group_scalar(const uint8_t *il, int64_t nv, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
+                             float scale, float acc[32]) {
+    for (int r = 0; r < 32; r++) {
+        int32_t s = 0;
+        for (int64_t v = v0; v < v1; v++) {
+            const unsigned c = il[v * 32 + r];
+            s += T[((v - v0) * nt + c / 16) * 32 + c % 16];
+        }
+        acc[r] = fmaf(scale, (float)s, acc[r]);
+    }
+    (void)nv;
+}
+
+#if ENG_X86
+/* 32 lookups: code bytes c in table set t (nt 16-entry tables, levels = log2 nt). */
+A2I __m256i vq8_lookup(__m256i c, const int8_t *t, int64_t nt) {
+    const __m256i lo = _mm256_and_si256(c, _mm256_set1_epi8(15));
+    __m256i r[16];
+    for (int64_t j = 0; j < nt; j++) r[j] = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(t + j * 32)), lo);
+    for (int bit = 4, n = (int)nt; n > 1; bit++, n /= 2) {
+        /* code bit `bit` to each byte's sign bit, which is all blendv reads (the 16-bit shift
+         * carries low-byte bits only into the high byte's low bits) */
+        const __m256i sel = _mm256_slli_epi16(c, 7 - bit);
+        for (int j = 0; j < n / 2; j++) r[j] = _mm256_blendv_epi8(r[2 * j], r[2 * j + 1], sel);
+    }
+    return r[0];
+}
+
+/* The same as vq8_group_scalar for one 32-row group (acc in row order). */
+A2 static void vq8_group_avx2(const uint8_t *il, int64_t nv, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
+                              float scale, float acc[32]) {
+    const __m256i ones = _mm256_set1_epi8(1);
+    __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
+    for (int64_t v = v0; v < v1; v += 2) {
+        const __m256i r0 = vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + v * 32)), T + (v - v0) * nt * 32, nt);
+        const __m256i r1 = v + 1 < v1 ? vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + (v + 1) * 32)),
+                                                   T + (v + 1 - v0) * nt * 32, nt)
+                                      : _mm256_setzero_si256();
+        /* rows 0-7,16-23 and 8-15,24-31, each as the pair (v, v+1) summed to int16 */
+        lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)));
+        hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r0, r1)));
+    }
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m128i q[4] = {_mm256_castsi256_si128(lo16), _mm256_castsi256_si128(hi16),
+                          _mm256_extracti128_si256(lo16, 1), _mm256_extracti128_si256(hi16, 1)};
+    for (int i = 0; i < 4; i++) { /* rows 8i .. 8i+7 */
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q[i]));
+        _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(s, f, _mm256_loadu_ps(acc + 8 * i)));
+    }
+    (void)nv;
+}
+#endif
+
+/* One int8-table vq layer for one activation row, this thread's 32-row groups. */
+static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt) {
+    const salomi_weight *w = &W->w;
+    const int64_t k = w->vq_k, nv = w->in / w->vq_d, B = vq8_block(k), ntab = vq8_tables(k);
+    const int64_t groups = (w->out + 31) / 32, per = (groups + nt - 1) / nt;
+    const int64_t g0 = min64(groups, tid * per), g1 = min64(groups, g0 + per);
+    if (g0 >= g1) return;
+    float *F = J->lut + tid * J->lut_stride;
+    int8_t *T = (int8_t *)(((uintptr_t)(F + B * k) + 31) & ~(uintptr_t)31);
+    float acc[32];
+    for (int64_t g = g0; g < g1; g++) { /* rows are summed block by block: zero this thread's rows first */
+        const int64_t o0 = g * 32, n = min64(32, w->out - o0);
+        memset(y + o0, 0, sizeof(float) * (size_t)n);
+    }
+    for (int64_t v0 = 0; v0 < nv; v0 += B) {
+        const int64_t v1 = min64(nv, v0 + B);
+        const float scale = vq8_tables_build(W, x, v0, v1, F, T, J->avx2);
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t o0 = g * 32, n = min64(32, w->out - o0);
+            const uint8_t *il = W->il + g * nv * 32;
+            memcpy(acc, y + o0, sizeof(float) * (size_t)n);
+#if ENG_X86
+            if (J->avx2) vq8_group_avx2(il, nv, v0, v1, T, ntab, scale, acc);
+            else
+#endif
+                vq8_group_scalar(il, nv, v0, v1, T, ntab, scale, acc);
+            memcpy(y + o0, acc, sizeof(float) * (size_t)n);
+        }
+    }
+    for (int64_t o = g0 * 32; o < min64(w->out, g1 * 32); o++) y[o] *= salomi_h2f(w->scale[o]);
 }
 
 static void run_vq(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
@@ -853,7 +1015,7 @@ static int check_weight(const salomi_weight *w, int64_t out, int64_t in, const c
 void salomi_engine_free(salomi_engine *e) {
     if (!e) return;
     if (e->w)
-        for (int64_t i = 0; i < 7LL * e->c.n_layers + 2; i++) free(e->w[i].cb);
+        for (int64_t i = 0; i < 7LL * e->c.n_layers + 2; i++) free(e->w[i].cb), free(e->w[i].il);
     free(e->w);
     free(e->norms);
     free(e->kcache); free(e->vcache);
@@ -908,6 +1070,17 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             for (int64_t c = 0; c < w->vq_k; c++)
                 for (int64_t t = 0; t < w->vq_d; t++) e->w[i].cbt[t * w->vq_k + c] = e->w[i].cb[c * w->vq_d + t];
             if (lut > e->lut_stride) e->lut_stride = lut;
+            if (w->act_i8) { /* int8 tables: codes re-laid as bytes, 32 rows side by side */
+                if (w->vq_k > 256) { seterr(err, errlen, "%s: int8 vq tables need k <= 256 (got %lld); use activations=float", what, (long long)w->vq_k); salomi_engine_free(e); return NULL; }
+                const int64_t nv = in / w->vq_d, groups = (out + 31) / 32, rb = packed_row_bytes(w);
+                const int64_t s8 = (vq8_scratch_floats(w) + 8 + 15) / 16 * 16;  /* + 32-byte alignment */
+                e->w[i].il = calloc((size_t)(groups * nv * 32), 1);
+                if (!e->w[i].il) goto oom;
+                for (int64_t o = 0; o < out; o++)
+                    for (int64_t v = 0; v < nv; v++)
+                        e->w[i].il[((o / 32) * nv + v) * 32 + o % 32] = (uint8_t)code_at(w->data + o * rb, rb, v, w->bits);
+                if (s8 > e->lut_stride) e->lut_stride = s8;
+            }
         }
     }
     for (int64_t i = 0; i < 2 * L + 1; i++) {

@@ -153,6 +153,7 @@ static void maybe_rot_i8(salomi_weight *w, owned_t *o, const salomi_weight *prev
     if (w->kind == SALOMI_W_SIGN || w->kind == SALOMI_W_TERNARY ||
         (w->kind == SALOMI_W_GRID && w->bits == 2 && w->group == 16))
         w->act_i8 = rint_(2);
+    if (w->kind == SALOMI_W_VQ && w->vq_k <= 256) w->act_i8 = rint_(2); /* int8 tables */
     if (rint_(3)) return;
     if (!make_rot_side(o, w->in, &w->rot_nb_in, w->rot_f_in, &w->rot_s_in, &w->rot_m_in) ||
         !make_rot_side(o, w->out, &w->rot_nb_out, w->rot_f_out, &w->rot_s_out, &w->rot_m_out))
@@ -209,6 +210,8 @@ static void run_case(int cs) {
     for (int64_t i = 0; i < H * (2 * L + 1); i++) nv[i] = 1.0f + 0.2f * frand();
     for (int64_t i = 0; i < 2 * L + 1; i++) norms[i] = nv + i * H;
 
+    int any_i8 = 0;
+    for (int64_t i = 0; i < nw; i++) any_i8 |= W[i].act_i8;
     char err[256];
     const int n = 70; /* more than one internal prefill chunk */
     int32_t tok[70];
@@ -225,7 +228,11 @@ static void run_case(int cs) {
         salomi_engine_reset(e);
         for (int i = 0; i < n; i++)
             CHECK(salomi_engine_forward(e, tok + i, 1, i, dec + (int64_t)i * c.vocab, 0) == 0, "case %d: decode", cs);
-        const float tol = 1e-3f * (1.0f + max_abs(pre, n * c.vocab));
+        /* int8 layers round their activations (or vq tables) to 1/127 of a group's max: an
+         * upstream difference of one ulp (prefill vs decode, scalar vs SIMD association) can
+         * flip one rounding, a step of ~1% of a tiny layer's output, so those cases get a
+         * looser bound (an indexing bug would still be O(1) off) */
+        const float tol = (any_i8 ? 3e-2f : 1e-3f) * (1.0f + max_abs(pre, n * c.vocab));
         float d = max_diff(pre, dec, n * c.vocab);
         CHECK(d <= tol, "case %d isa %d: prefill vs decode differ by %g (tol %g)", cs, isa, d, tol);
         if (isa == salomi_cpu_isa() || isa == SALOMI_ISA_AVX2) memcpy(ref, pre, sizeof(float) * (size_t)(n * c.vocab));
