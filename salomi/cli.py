@@ -129,13 +129,15 @@ def cmd_bench(a: argparse.Namespace) -> None:
     runtimes = tuple(r.strip() for r in a.runtimes.split(",") if r.strip())
     if not runtimes or any(r not in RUNTIMES for r in runtimes):
         raise SalomiError(f"--runtimes takes a comma-separated list of {', '.join(RUNTIMES)} (got {a.runtimes!r})")
-    rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp, runtimes)
-    print(f"{'model':<24} {'runtime':<10} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
-          f"{'peak RSS MB':>11} {'model RSS MB':>12}")
+    rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp, runtimes, a.rounds,
+                     a.llamacpp_cmd)
+    nan = float("nan")
+    print(f"{'model':<24} {'runtime':<12} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
+          f"{'x TQ1_0':>8} {'peak RSS MB':>11} {'model RSS MB':>12}   (medians of {a.rounds} round(s))")
     for r in rows:
-        print(f"{str(r.get('model')):<24} {r.get('runtime', ''):<10} {r.get('prefill_tok_s', float('nan')):>13.1f} "
-              f"{r.get('decode_tok_s', float('nan')):>12.1f} {r.get('decode_vs_fp32', float('nan')):>13.2f} "
-              f"{r.get('peak_rss_mb', float('nan')):>11.0f} {r.get('model_rss_mb', float('nan')):>12.0f}")
+        print(f"{str(r.get('model')):<24} {r.get('runtime', ''):<12} {r.get('prefill_tok_s', nan):>13.1f} "
+              f"{r.get('decode_tok_s', nan):>12.1f} {r.get('decode_vs_fp32', nan):>13.2f} {r.get('decode_vs_tq1_0', nan):>8.2f} "
+              f"{r.get('peak_rss_mb', nan):>11.0f} {r.get('model_rss_mb', nan):>12.0f}")
     _write_json(a.json, rows)
 
 
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--llamacpp", default="runs/llamacpp/bench.json", help="llama-bench rows from bench/llamacpp.py")
     b.add_argument("--runtimes", default="kernels,engine", help="runtimes to measure each file with: kernels, engine, engine-int8, dequant")
+    b.add_argument("--rounds", type=int, default=1, help="measure every row once per round, rounds interleaved; report medians")
+    b.add_argument("--llamacpp-cmd", default=None,
+                   help="shell command run at the start of every round that rewrites --llamacpp with fresh llama-bench rows")
     b.add_argument("--json", default=None)
     b.set_defaults(fn=cmd_bench)
 

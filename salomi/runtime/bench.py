@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from salomi.errors import SalomiError
+
 RUNTIMES = ("kernels", "engine", "engine-int8", "dequant")  # engine-int8: Engine(activations="int8")
 ENGINE_ACTIVATIONS = {"engine": "float", "engine-int8": "int8"}
 
@@ -133,45 +135,97 @@ def main() -> None:
     print(json.dumps(r))
 
 
-if __name__ == "__main__":
-    main()
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _merge_rounds(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a row's per-round samples: tokens/s are medians (all samples kept), RSS the max."""
+    row = dict(samples[0])
+    for key in ("prefill_tok_s", "decode_tok_s"):
+        vals = [r[key] for r in samples if key in r]
+        if vals:
+            row[key] = _median(vals)
+            row[key + "_samples"] = [round(v, 2) for v in vals]
+    for key in ("peak_rss_mb", "model_rss_mb"):
+        if key in row:
+            row[key] = max(r[key] for r in samples)
+    row["rounds"] = len(samples)
+    return row
+
+
+def _llamacpp_rows(path: str) -> dict[str, dict[str, Any]]:
+    """llama-bench rows of bench/llamacpp.py's JSON, one per label (pp -> prefill, tg -> decode)."""
+    with open(path) as f:
+        data = json.load(f)
+    merged: dict[str, dict[str, Any]] = {}
+    for r in data.get("rows", []) if isinstance(data, dict) else data:
+        if not r.get("ok", True):
+            continue
+        m = merged.setdefault(r["label"], {"model": f"llama.cpp {r['label']}", "runtime": "llama.cpp",
+                                           "threads": r.get("threads")})
+        key = "prefill_tok_s" if str(r.get("test", "")).startswith("pp") else "decode_tok_s"
+        m[key] = r["tokens_per_s"]
+    return merged
 
 
 def run_bench(files: list[str], model: str = "smollm2", prompt_tokens: int = 128, new_tokens: int = 64,
               threads: int = 2, llamacpp_json: str | None = "runs/llamacpp/bench.json",
-              runtimes: tuple[str, ...] = ("kernels", "engine")) -> list[dict[str, Any]]:
+              runtimes: tuple[str, ...] = ("kernels", "engine"), rounds: int = 1,
+              llamacpp_cmd: str | None = None) -> list[dict[str, Any]]:
     """float32 torch, then each packed file through each runtime (kernels: HF modules calling
-    the C kernels; engine: the native forward pass), and llama.cpp's rows if measured."""
+    the C kernels; engine: the native forward pass), and llama.cpp's rows if measured.
+
+    rounds > 1 measures every row once per round, round after round (so a slow spell of a
+    shared machine hits all rows alike), and reports medians. llamacpp_cmd, if given, is run
+    (shell) at the start of every round and must rewrite llamacpp_json with one llama-bench
+    repetition, so llama.cpp's rows are interleaved the same way."""
     from salomi.runtime import kernels
 
-    rows = [measure(model, "torch", prompt_tokens, new_tokens, threads)]
-    if threads > 1:  # the float baseline at its best thread count, so the ratio is not flattered
-        one = measure(model, "torch", prompt_tokens, new_tokens, 1)
-        one["runtime"] = "torch-1thread"
-        rows.append(one)
-    for f in files:
-        for rt in runtimes:
-            rows.append(measure(f, rt, prompt_tokens, new_tokens, threads))
+    if rounds < 1:
+        raise SalomiError(f"--rounds must be >= 1 (got {rounds})")
+    plan = [(model, "torch", threads)] + ([(model, "torch-1thread", 1)] if threads > 1 else [])
+    plan += [(f, rt, threads) for f in files for rt in runtimes]
+    samples: list[list[dict[str, Any]]] = [[] for _ in plan]
+    llama: dict[str, list[dict[str, Any]]] = {}
+    for rnd in range(rounds):
+        if llamacpp_cmd:
+            p = subprocess.run(llamacpp_cmd, shell=True, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise SalomiError(f"--llamacpp-cmd failed (exit {p.returncode}): {p.stderr.strip()[-500:]}")
+            for label, row in _llamacpp_rows(str(llamacpp_json)).items():
+                llama.setdefault(label, []).append(row)
+        for i, (target, rt, th) in enumerate(plan):
+            r = measure(target, "torch" if rt == "torch-1thread" else rt, prompt_tokens, new_tokens, th)
+            if rt == "torch-1thread":
+                r["runtime"] = rt
+            samples[i].append(r)
+            if rounds > 1:
+                print(f"[salomi] round {rnd + 1}/{rounds}: {r['model']} {r['runtime']} decode {r['decode_tok_s']:.1f} tok/s",
+                      file=sys.stderr, flush=True)
+    rows = [_merge_rounds(s) for s in samples]
     base = max(rows[: 2 if threads > 1 else 1], key=lambda r: r["decode_tok_s"])
     for r in rows:
         r["decode_vs_fp32"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["prefill_vs_fp32"] = r["prefill_tok_s"] / base["prefill_tok_s"]
         r["isa"] = kernels.isa() if kernels.available() else "none"
-    if llamacpp_json and os.path.exists(llamacpp_json):
-        with open(llamacpp_json) as f:
-            data = json.load(f)
-        merged: dict[str, dict[str, Any]] = {}
-        for r in data.get("rows", []) if isinstance(data, dict) else data:
-            if not r.get("ok", True):
-                continue
-            m = merged.setdefault(r["label"], {"model": f"llama.cpp {r['label']}", "runtime": "llama.cpp",
-                                               "threads": r.get("threads")})
-            key = "prefill_tok_s" if str(r.get("test", "")).startswith("pp") else "decode_tok_s"
-            m[key] = r["tokens_per_s"]
-        for m in merged.values():
-            if "decode_tok_s" in m:
-                m["decode_vs_fp32"] = m["decode_tok_s"] / base["decode_tok_s"]
-            if "prefill_tok_s" in m:
-                m["prefill_vs_fp32"] = m["prefill_tok_s"] / base["prefill_tok_s"]
-            rows.append(m)
+    if not llama and llamacpp_json and os.path.exists(llamacpp_json):
+        llama = {label: [row] for label, row in _llamacpp_rows(llamacpp_json).items()}
+    merged = {label: _merge_rounds(runs) for label, runs in llama.items()}
+    for m in merged.values():
+        for key in ("decode", "prefill"):
+            if f"{key}_tok_s" in m:
+                m[f"{key}_vs_fp32"] = m[f"{key}_tok_s"] / base[f"{key}_tok_s"]
+        rows.append(m)
+    tq = merged.get("TQ1_0")
+    if tq and "decode_tok_s" in tq:
+        for r in rows:
+            r["decode_vs_tq1_0"] = r["decode_tok_s"] / tq["decode_tok_s"]
     return rows
+
+
+if __name__ == "__main__":
+    main()
