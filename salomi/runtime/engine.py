@@ -15,7 +15,9 @@ kernel, and apply U^T to the output; signs and blocks are rebuilt here from rot_
 
 activations="int8" runs sign / ternary / 2-bit grid layers (and their +rot forms) and 8-bit grid
 layers (e.g. an `--embed rtn:8` head, tied or not) with the
-int8-activation kernels of lut.c (error bound in kernels.h). Not the default: on SmolLM2-135M
+int8-activation kernels of lut.c (error bound in kernels.h), and vq layers with k <= 256 with int8
+lookup tables (engine.c: one scale per block of 32 vector columns, 8 for k >= 128; |error| <= scale/2
+per lookup; codes re-laid as bytes, 32 rows side by side, +1 byte per vector in memory). Not the default: on SmolLM2-135M
 binary (no calibration), 256 tokens of Austen, logits vs dequant: float max|diff| 5.8e-5,
 int8 max|diff| 5.6 (max|logit| 33.8), relative L2 5.7%, argmax agreement 70%; decode tok/s
 barely changes (141 -> 144, 2 threads), since decode is not GEMV-bound there.
