@@ -88,3 +88,12 @@ def test_not_a_salomi_file(tmp_path: Path) -> None:
     f = tmp_path / "x.salomi"
     f.write_bytes(b"GGUF" + b"\0" * 100)
     assert_one_line_error(run("eval", str(f)), "magic")
+
+
+def test_int8_activations_need_the_engine(packed: Path) -> None:
+    p = run("eval", str(packed), "--runtime", "dequant", "--activations", "int8", "--windows", "1", "--seq-len", "32")
+    assert_one_line_error(p, "needs the native engine")
+
+
+def test_bench_rounds_below_one() -> None:
+    assert_one_line_error(run("bench", "--rounds", "0"), "--rounds must be >= 1")
