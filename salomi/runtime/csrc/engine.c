@@ -366,9 +366,7 @@ static void float_task(void *ctx, int tid, int nt) {
  * column tile at a time (VQ_TILE floats, L1-sized), and sums that tile for its own rows:
  * no barrier between building and summing, no table line shared between cores, and the
  * lookups hit L1. Layers that share their input (q/k/v, gate/up) run in one dispatch. */
-#ifndef VQ_TILE
 #define VQ_TILE 4096
-#endif
 
 typedef struct {
     const weight_t *W;  /* n layers with the same in, all reading x */
@@ -567,7 +565,7 @@ static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int
     return m / 127.f;
 }
 
-static void vq8_group_scalar(const uint8_t *il, int64_t nv, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
+static void vq8_group_scalar(const uint8_t *il, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
                              float scale, float acc[32]) {
     for (int r = 0; r < 32; r++) {
         int32_t s = 0;
@@ -577,7 +575,6 @@ static void vq8_group_scalar(const uint8_t *il, int64_t nv, int64_t v0, int64_t 
         }
         acc[r] = fmaf(scale, (float)s, acc[r]);
     }
-    (void)nv;
 }
 
 #if ENG_X86
@@ -596,7 +593,7 @@ A2I __m256i vq8_lookup(__m256i c, const int8_t *t, int64_t nt) {
 }
 
 /* The same as vq8_group_scalar for one 32-row group (acc in row order). */
-A2 static void vq8_group_avx2(const uint8_t *il, int64_t nv, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
+A2 static void vq8_group_avx2(const uint8_t *il, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
                               float scale, float acc[32]) {
     const __m256i ones = _mm256_set1_epi8(1);
     __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
@@ -616,7 +613,6 @@ A2 static void vq8_group_avx2(const uint8_t *il, int64_t nv, int64_t v0, int64_t
         const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q[i]));
         _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(s, f, _mm256_loadu_ps(acc + 8 * i)));
     }
-    (void)nv;
 }
 #endif
 
@@ -642,10 +638,10 @@ static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float
             const uint8_t *il = W->il + g * nv * 32;
             memcpy(acc, y + o0, sizeof(float) * (size_t)n);
 #if ENG_X86
-            if (J->avx2) vq8_group_avx2(il, nv, v0, v1, T, ntab, scale, acc);
+            if (J->avx2) vq8_group_avx2(il, v0, v1, T, ntab, scale, acc);
             else
 #endif
-                vq8_group_scalar(il, nv, v0, v1, T, ntab, scale, acc);
+                vq8_group_scalar(il, v0, v1, T, ntab, scale, acc);
             memcpy(y + o0, acc, sizeof(float) * (size_t)n);
         }
     }
