@@ -135,7 +135,6 @@ def main() -> None:
     print(json.dumps(r))
 
 
-
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     n = len(xs)

@@ -473,9 +473,9 @@ static void vq_task(void *ctx, int tid, int nt) {
         for (int i = 0; i < J->n; i++) {
             const weight_t *W = &J->W[i];
             const salomi_weight *w = &W->w;
-            const int64_t nv = w->in / w->vq_d, tv = vq_tile_vectors(w);
             float *y = J->y[i] + m * w->out;
             if (W->il) { vq8_layer(J, W, J->x + m * w->in, y, tid, nt); continue; }
+            const int64_t nv = w->in / w->vq_d, tv = vq_tile_vectors(w);
             int64_t o0, o1;
             split_rows(w->out, tid, nt, &o0, &o1);
             if (o0 >= o1) continue;
@@ -493,7 +493,7 @@ static void vq_task(void *ctx, int tid, int nt) {
 }
 
 /* --- int8 tables (activations="int8"): 32 rows per vector instruction.
- * The float table of VQ8_BLOCK(k) vector columns is quantized to int8 with one scale per
+ * The float table of vq8_block(k) vector columns is quantized to int8 with one scale per
  * block (round to nearest even; |error| <= scale/2 per lookup), split into 16-entry tables
  * that vpshufb indexes with the low 4 code bits for 32 rows at once, the higher bits picking
  * a table by a blend tree. Pairs of columns are summed to int16 (maddubs; a block of <= 32
@@ -544,13 +544,14 @@ static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int
     vq_build(W, x, v0, v1, F, avx2);
     float m = 0.f;
 #if ENG_X86
-    if (avx2 && k % 16 == 0) m = absmax_avx2(F, n);
+    const int simd = avx2 && k % 16 == 0;
+    if (simd) m = absmax_avx2(F, n);
     else
 #endif
         for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(F[i]));
     const float inv = m > 0.f ? 127.f / m : 0.f;
 #if ENG_X86
-    if (avx2 && k % 16 == 0) { /* the same rounding as lrintf (nearest even, the default mode) */
+    if (simd) { /* the same rounding as lrintf (nearest even, the default mode) */
         vq8_quant_avx2(F, v1 - v0, k, nt, inv, T);
         return m / 127.f;
     }
@@ -625,7 +626,7 @@ static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float
     if (g0 >= g1) return;
     float *F = J->lut + tid * J->lut_stride;
     int8_t *T = (int8_t *)(((uintptr_t)(F + B * k) + 31) & ~(uintptr_t)31);
-    float acc[32];
+    float acc[32] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
     for (int64_t g = g0; g < g1; g++) { /* rows are summed block by block: zero this thread's rows first */
         const int64_t o0 = g * 32, n = min64(32, w->out - o0);
         memset(y + o0, 0, sizeof(float) * (size_t)n);
@@ -878,7 +879,7 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
                                     .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
     }
-    int all_vq = n <= 4 && shared;
+    int all_vq = shared;
     for (int i = 0; i < n; i++) all_vq &= W[i].w.kind == SALOMI_W_VQ;
     if (all_vq) {  /* one dispatch for all of them */
         run_vq(e, W, n, rot ? rot_in(e, &W[0].w, x, M) : x, M, y);
