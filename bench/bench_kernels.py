@@ -9,7 +9,7 @@ STREAM's Copy). Matrices larger than the caches are rotated through enough copie
 every GEMV call reads its weights from DRAM.
 
 A second table compares the float kernels with the int8-activation kernels (csrc/lut.c,
-packed_matmul(..., activations="int8")) on GEMV for sign, ternary and 2-bit grid (g64) at
+packed_matmul(..., activations="int8")) on GEMV for sign, ternary and 2-, 4- and 8-bit grid (g64) at
 the INT8_SHAPES:
 time, GB/s of packed bytes, % of the copy bandwidth and speed-up vs torch float32 GEMV.
 Float, int8 and torch batches are interleaved and the best batch of each is kept, so the
@@ -39,7 +39,7 @@ from salomi.runtime import kernels
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (8192, 8192)]  # (out, in)
 FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64)]  # (format, bits, group)
 INT8_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (8192, 8192), (49152, 576)]  # (out, in); last: the head
-INT8_FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 8, 64)]  # (format, bits, group)
+INT8_FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64), ("grid", 8, 64)]  # (format, bits, group)
 COLD_BYTES = 512 << 20  # rotate copies of a layer until they span this much memory
 
 

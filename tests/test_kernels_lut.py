@@ -111,8 +111,8 @@ def random_layer(fmt: str, o: int, i: int, g: int, rng: np.random.Generator, per
         t = {"bits": pack_rows(rng.integers(0, 2, (o, i)), 1), "scale": scale}
     elif fmt == "ternary":
         t = {"trits": pack_trits(rng.integers(0, 3, (o, i))), "scale": scale}
-    else:  # 2- or 8-bit grid with random zero points (and optionally a column permutation)
-        bits = 8 if fmt == "grid8" else 2
+    else:  # 2-, 4- or 8-bit grid with random zero points (and optionally a column permutation)
+        bits = int(fmt[4:])
         top = (1 << bits) - 1
         t = {
             "codes": pack_rows(rng.integers(0, top + 1, (o, i)), bits),
@@ -200,9 +200,15 @@ GRID2_SHAPES = [
 
 # 8-bit grid (the head / embedding format): any group that is a multiple of 32.
 GRID8_SHAPES = [(1, 32, 32), (3, 64, 32), (5, 576, 64), (4, 576, 576), (7, 1536, 96), (2, 1536, 1536), (9, 640, 128)]
+# 4-bit grid (head format): group a multiple of 32, rows a multiple of 64 columns; groups of 32 / 96 / 288
+# put two groups in one 64-column chunk.
+GRID4_SHAPES = [(1, 64, 32), (3, 64, 64), (5, 576, 64), (6, 576, 32), (4, 576, 576), (7, 1536, 96), (2, 576, 288),
+                (9, 640, 128), (5, 1536, 1536)]
 
 
-@pytest.mark.parametrize("fmt,shapes,seed", [("grid2", GRID2_SHAPES, 11), ("grid8", GRID8_SHAPES, 21)])
+@pytest.mark.parametrize(
+    "fmt,shapes,seed", [("grid2", GRID2_SHAPES, 11), ("grid4", GRID4_SHAPES, 31), ("grid8", GRID8_SHAPES, 21)]
+)
 @pytest.mark.parametrize("perm", [False, True])
 def test_grid_random_shapes(fmt, shapes, seed, perm):
     rng = np.random.default_rng(seed + perm)
@@ -212,6 +218,22 @@ def test_grid_random_shapes(fmt, shapes, seed, perm):
         for m in (1, 3, 8):
             x = torch.from_numpy(rng.standard_normal((m, i)).astype(np.float32))
             check(run_isas(x, p), x, p)
+
+
+def test_grid4_extreme_codes_do_not_saturate():
+    """Codes 15 against activations at +-127 everywhere: the int16 sum of both maddubs halves
+    reaches 4 * 15 * 127 = 7620 per lane, and one row mixes codes 0 and 15."""
+    i, g = 576, 64
+    codes = np.full((3, i), 15, dtype=np.int64)
+    codes[1] = np.where(np.arange(i) % 3 == 0, 0, 15)
+    codes[2] = np.arange(i) % 16
+    p = PackedLinear("t", "grid", (3, i), {"codes": pack_rows(codes, 4), "scale": np.ones((3, i // g), np.float16),
+                                           "zero": np.full((3, i // g), 7.5, np.float16)}, {"bits": 4, "group": g})
+    x = torch.from_numpy(np.stack([np.full(i, -1.0), np.full(i, 1.0), np.where(np.arange(i) % 2, 1.0, -1.0)])
+                         .astype(np.float32))
+    y = run_isas(x, p)
+    check(y, x, p)
+    torch.testing.assert_close(y.double(), x.double() @ p.dequantize().double().T, rtol=1e-6, atol=1e-3)
 
 
 def test_grid8_extreme_codes_do_not_saturate():
@@ -230,7 +252,7 @@ def test_grid8_extreme_codes_do_not_saturate():
     torch.testing.assert_close(y.double(), x.double() @ p.dequantize().double().T, rtol=1e-6, atol=1e-3)
 
 
-@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid2", "grid8"])
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid2", "grid4", "grid8"])
 def test_adversarial_activations(fmt):
     """Zeros, zero groups, huge and tiny values, exact rounding ties, one outlier."""
     rng = np.random.default_rng(3)
@@ -362,12 +384,14 @@ def test_errors():
             {"bits": bits, "group": g},
         )
 
-    for bad in (grid(3, 64), grid(2, 48), grid(2, 192), grid(2, 8), grid(8, 48), grid(8, 16)):
+    rows96 = random_layer("grid4", 4, 96, 32, np.random.default_rng(0))  # 4 bits need rows of whole 64 columns
+    for bad in (grid(3, 64), grid(2, 48), grid(2, 192), grid(2, 8), grid(8, 48), grid(8, 16), grid(4, 16), rows96):
         assert not kernels.int8_supported(bad)
         with pytest.raises(ValueError):
-            kernels.packed_matmul(torch.randn(1, 192), bad, activations="int8")
-        assert kernels.packed_matmul(torch.randn(1, 192), bad).shape == (1, 4)  # float path unaffected
+            kernels.packed_matmul(torch.randn(1, bad.shape[1]), bad, activations="int8")
+        assert kernels.packed_matmul(torch.randn(1, bad.shape[1]), bad).shape == (1, 4)  # float path unaffected
     assert kernels.int8_supported(grid(2, 64)) and kernels.int8_supported(grid(8, 64))
+    assert kernels.int8_supported(grid(4, 32)) and kernels.int8_supported(grid(4, 192))
     assert kernels.int8_supported(grid(8, 192))
     with pytest.raises(SalomiError):
         kernels.packed_matmul(

@@ -13,8 +13,8 @@ the architecture before a pointer is handed over, and again in C.
 randomized Hadamard V (once per group of layers sharing it: q/k/v, gate/up), run the base
 kernel, and apply U^T to the output; signs and blocks are rebuilt here from rot_seed.
 
-activations="int8" runs sign / ternary / 2-bit grid layers (and their +rot forms) and 8-bit grid
-layers (e.g. an `--embed rtn:8` head, tied or not) with the
+activations="int8" runs sign / ternary / 2-bit grid layers (and their +rot forms) and 4- / 8-bit grid
+layers (e.g. an `--embed rtn:4:g64` or `rtn:8` head, tied or not) with the
 int8-activation kernels of lut.c (error bound in kernels.h), and vq layers with k <= 256 with int8
 lookup tables (engine.c: one scale per block of 32 vector columns, 8 for k >= 128; |error| <= scale/2
 per lookup; codes re-laid as bytes, 32 rows side by side, +1 byte per vector in memory). Not the default: on SmolLM2-135M

@@ -16,15 +16,16 @@ Public API:
                                         x [..., in] float32 CPU -> [..., out] float32
     int8_supported(p) -> bool           an int8-activation kernel exists for this layer
 
-activations="int8" (sign, ternary, and grid with 2 bits and group 16/32/64/128 or a
-multiple of 128) quantizes each activation row to int8 per weight scale group (absmax
-/ 127, round half to even) and runs integer kernels (csrc/lut.c): 1.6-2.8x faster GEMV,
+activations="int8" (sign, ternary, grid with 2 bits and group 16/32/64/128 or a
+multiple of 128, grid with 4 bits (rows a multiple of 64) or 8 bits and a group multiple
+of 32) quantizes each activation row to int8 per weight scale group (absmax / 127, round
+half to even) and runs integer kernels (csrc/lut.c): 1.6-2.8x faster GEMV,
 but not bit-exact with the float kernels; per output
 |y - y_float| <= sum_g |s_g| * (max_{j in g} |x_j| / 254) * sum_{j in g} |q_j - z_g|
 plus float rounding (measured: 0.4-1% relative error for Gaussian activations, see
 tests/test_kernels_lut.py). The default stays "float": it is the exact reference the
-rest of the project (perplexity, generation tests) is checked against, and the int8
-error has not been evaluated end to end on a model yet.
+rest of the project (perplexity, generation tests) is checked against; the end-to-end
+cost of int8 is measured per file in docs/RESULTS.md (salomi eval --activations int8).
 The environment variable SALOMI_ISA=avx512|avx2|scalar selects the default ISA (a
 request above what the CPU supports falls back to the best available one).
 """
@@ -190,7 +191,7 @@ def prepare(p: PackedLinear) -> PreparedLayer:
 _ERRORS = {-1: "invalid argument", -2: "out of memory"}
 
 
-INT8_FORMATS = ("sign", "ternary", "grid")  # grid: 2 or 8 bits and a supported group only (int8_supported)
+INT8_FORMATS = ("sign", "ternary", "grid")  # grid: 2, 4 or 8 bits and a supported group only (int8_supported)
 
 
 def int8_supported(p: PackedLinear | PreparedLayer) -> bool:
@@ -201,6 +202,8 @@ def int8_supported(p: PackedLinear | PreparedLayer) -> bool:
     g = prep.group
     if prep.format == "grid" and prep.bits == 8:
         return g % 32 == 0
+    if prep.format == "grid" and prep.bits == 4:
+        return g % 32 == 0 and prep.in_features % 64 == 0
     return prep.format == "grid" and prep.bits == 2 and g % 16 == 0 and (128 % g == 0 or g % 128 == 0)
 
 

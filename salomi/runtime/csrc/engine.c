@@ -51,7 +51,10 @@ typedef struct {
     salomi_weight w;
     float *cb;            /* vq: codebook widened to float32 [k, d] (small; owned) */
     float *cbt;           /* vq: the same transposed [d][k] (inside cb's allocation): 8 codewords per vector */
-    uint8_t *il;          /* vq with act_i8: codes as bytes, 32 rows interleaved [ceil(out/32)][in/d][32] (owned) */
+    uint8_t *il;          /* int8 tables (act_i8): codes, 32 rows interleaved (owned): vq: bytes
+                           * [ceil(out/32)][in/d][32]; sign: the row bytes [ceil(out/32)][in/8][32] */
+    int64_t td, tk;       /* table layers: vector length and table entries (vq: d, k; sign: 4, 16) */
+    int nib;              /* il holds two 4-bit codes per byte (sign: vector columns 2b, 2b+1) */
 } weight_t;
 
 struct salomi_engine {
@@ -412,7 +415,7 @@ A2 static void lut_row4_avx2(const float *cbt, int64_t k, const float *x, float 
 
 /* The table of vector columns [v0, v1) into L[(v - v0) * k + c]. */
 static void vq_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *L, int avx2) {
-    const int64_t d = W->w.vq_d, k = W->w.vq_k;
+    const int64_t d = W->td, k = W->tk;
     for (int64_t v = v0; v < v1; v++, L += k) {
         const float *xs = x + v * d;
         if (d == 4) { /* the common case: codebook transposed, 8 codewords per AVX2 step */
@@ -503,9 +506,9 @@ static void vq_task(void *ctx, int tid, int nt) {
 static int64_t vq8_block(int64_t k) { return k >= 128 ? 8 : 32; }
 static int64_t vq8_tables(int64_t k) { int64_t t = 1; while (t * 16 < k) t *= 2; return t; }
 /* Scratch per thread: the block's float table [B][k] and its int8 tables [B][tables][32]. */
-static int64_t vq8_scratch_floats(const salomi_weight *w) {
-    const int64_t B = vq8_block(w->vq_k);
-    return B * w->vq_k + (B * vq8_tables(w->vq_k) * 32 + 3) / 4;
+static int64_t vq8_scratch_floats(int64_t k) {
+    const int64_t B = vq8_block(k);
+    return B * k + (B * vq8_tables(k) * 32 + 3) / 4;
 }
 
 #if ENG_X86
@@ -540,7 +543,7 @@ A2 static float absmax_avx2(const float *F, int64_t n) { /* n % 8 == 0; a max is
 /* Quantizes the float table of vector columns [v0, v1) into 16-entry int8 tables (each
  * stored twice: vpshufb looks up within each 128-bit half). Returns the block's scale. */
 static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int8_t *T, int avx2) {
-    const int64_t k = W->w.vq_k, nt = vq8_tables(k), n = (v1 - v0) * k;
+    const int64_t k = W->tk, nt = vq8_tables(k), n = (v1 - v0) * k;
     vq_build(W, x, v0, v1, F, avx2);
     float m = 0.f;
 #if ENG_X86
@@ -566,12 +569,12 @@ static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int
     return m / 127.f;
 }
 
-static void vq8_group_scalar(const uint8_t *il, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
+static void vq8_group_scalar(const uint8_t *il, int nib, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
                              float scale, float acc[32]) {
     for (int r = 0; r < 32; r++) {
         int32_t s = 0;
         for (int64_t v = v0; v < v1; v++) {
-            const unsigned c = il[v * 32 + r];
+            const unsigned c = nib ? (il[v / 2 * 32 + r] >> (4 * (v & 1))) & 15 : il[v * 32 + r];
             s += T[((v - v0) * nt + c / 16) * 32 + c % 16];
         }
         acc[r] = fmaf(scale, (float)s, acc[r]);
@@ -593,6 +596,17 @@ A2I __m256i vq8_lookup(__m256i c, const int8_t *t, int64_t nt) {
     return r[0];
 }
 
+/* acc[r] = fma(scale, sum of row r, acc[r]); lo16 / hi16 hold rows 0-7,16-23 / 8-15,24-31. */
+A2I void vq8_flush(__m256i lo16, __m256i hi16, float scale, float acc[32]) {
+    const __m256 s = _mm256_set1_ps(scale);
+    const __m128i q[4] = {_mm256_castsi256_si128(lo16), _mm256_castsi256_si128(hi16),
+                          _mm256_extracti128_si256(lo16, 1), _mm256_extracti128_si256(hi16, 1)};
+    for (int i = 0; i < 4; i++) { /* rows 8i .. 8i+7 */
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q[i]));
+        _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(s, f, _mm256_loadu_ps(acc + 8 * i)));
+    }
+}
+
 /* The same as vq8_group_scalar for one 32-row group (acc in row order). */
 A2 static void vq8_group_avx2(const uint8_t *il, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
                               float scale, float acc[32]) {
@@ -607,20 +621,34 @@ A2 static void vq8_group_avx2(const uint8_t *il, int64_t v0, int64_t v1, const i
         lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)));
         hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r0, r1)));
     }
-    const __m256 s = _mm256_set1_ps(scale);
-    const __m128i q[4] = {_mm256_castsi256_si128(lo16), _mm256_castsi256_si128(hi16),
-                          _mm256_extracti128_si256(lo16, 1), _mm256_extracti128_si256(hi16, 1)};
-    for (int i = 0; i < 4; i++) { /* rows 8i .. 8i+7 */
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(q[i]));
-        _mm256_storeu_ps(acc + 8 * i, _mm256_fmadd_ps(s, f, _mm256_loadu_ps(acc + 8 * i)));
+    vq8_flush(lo16, hi16, scale, acc);
+}
+
+/* Sign tables (T-MAC): each byte of il holds the codes of vector columns 2b (low nibble) and
+ * 2b + 1 (high nibble) for one of 32 rows: one load, two shuffles per 8 weight columns of 32
+ * rows. v0 and v1 even (in % 8 == 0, blocks of 32 vectors). */
+A2 static void vq8_group_nib_avx2(const uint8_t *il, int64_t v0, int64_t v1, const int8_t *T, float scale,
+                                  float acc[32]) {
+    const __m256i ones = _mm256_set1_epi8(1), low = _mm256_set1_epi8(15);
+    __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
+    for (int64_t v = v0; v < v1; v += 2) {
+        const __m256i c = _mm256_loadu_si256((const __m256i *)(il + v / 2 * 32));
+        const int8_t *t = T + (v - v0) * 32;
+        const __m256i r0 = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)t), _mm256_and_si256(c, low));
+        const __m256i r1 = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(t + 32)),
+                                               _mm256_and_si256(_mm256_srli_epi16(c, 4), low));
+        lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)));
+        hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r0, r1)));
     }
+    vq8_flush(lo16, hi16, scale, acc);
 }
 #endif
 
 /* One int8-table vq layer for one activation row, this thread's 32-row groups. */
 static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt) {
     const salomi_weight *w = &W->w;
-    const int64_t k = w->vq_k, nv = w->in / w->vq_d, B = vq8_block(k), ntab = vq8_tables(k);
+    const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k);
+    const int64_t ilv = W->nib ? nv / 2 : nv; /* il bytes per row */
     const int64_t groups = (w->out + 31) / 32, per = (groups + nt - 1) / nt;
     const int64_t g0 = min64(groups, tid * per), g1 = min64(groups, g0 + per);
     if (g0 >= g1) return;
@@ -636,13 +664,14 @@ static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float
         const float scale = vq8_tables_build(W, x, v0, v1, F, T, J->avx2);
         for (int64_t g = g0; g < g1; g++) {
             const int64_t o0 = g * 32, n = min64(32, w->out - o0);
-            const uint8_t *il = W->il + g * nv * 32;
+            const uint8_t *il = W->il + g * ilv * 32;
             memcpy(acc, y + o0, sizeof(float) * (size_t)n);
 #if ENG_X86
-            if (J->avx2) vq8_group_avx2(il, v0, v1, T, ntab, scale, acc);
+            if (J->avx2 && W->nib) vq8_group_nib_avx2(il, v0, v1, T, scale, acc);
+            else if (J->avx2) vq8_group_avx2(il, v0, v1, T, ntab, scale, acc);
             else
 #endif
-                vq8_group_scalar(il, v0, v1, T, ntab, scale, acc);
+                vq8_group_scalar(il, W->nib, v0, v1, T, ntab, scale, acc);
             memcpy(y + o0, acc, sizeof(float) * (size_t)n);
         }
     }
@@ -833,6 +862,7 @@ static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int6
     int rc = 0;
     switch (w->kind) {
     case SALOMI_W_SIGN:
+        if (W->il) { run_vq(e, W, 1, x, M, &y); break; }
         rc = (w->act_i8 ? salomi_sign_matmul_i8 : salomi_sign_matmul)(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
         break;
     case SALOMI_W_TERNARY:
@@ -879,8 +909,8 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
                                     .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
     }
-    int all_vq = shared;
-    for (int i = 0; i < n; i++) all_vq &= W[i].w.kind == SALOMI_W_VQ;
+    int all_vq = shared; /* table layers: vq (float or int8 tables) and sign with int8 tables */
+    for (int i = 0; i < n; i++) all_vq &= W[i].w.kind == SALOMI_W_VQ || W[i].il != NULL;
     if (all_vq) {  /* one dispatch for all of them */
         run_vq(e, W, n, rot ? rot_in(e, &W[0].w, x, M) : x, M, y);
         for (int i = 0; i < n; i++) {
@@ -1058,6 +1088,27 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
         if (check_weight(w, out, in, what, i, err, errlen) || check_rot(w, what, err, errlen)) { salomi_engine_free(e); return NULL; }
         if (i == 0 && w->rot) { seterr(err, errlen, "embed_tokens: +rot embeddings are not supported; re-quantize without +rot on the embedding"); salomi_engine_free(e); return NULL; }
         e->w[i].w = *w;
+        e->w[i].td = w->vq_d, e->w[i].tk = w->vq_k;
+        if (w->kind == SALOMI_W_SIGN && w->act_i8 && w->group == in && in % 8 == 0 && i != 0) {
+            /* int8 sign tables (T-MAC): a 4-column sign pattern is a code of the codebook
+             * {-1, +1}^4 (bit t of the nibble = sign of column 4v + t), so the vq int8 table
+             * path runs it with the row bytes re-laid 32 rows side by side (1 bit per weight,
+             * beside the file's). Per-row scales only (group == in); other groups use lut.c. */
+            const int64_t nb = in / 8, groups = (out + 31) / 32;
+            e->w[i].td = 4, e->w[i].tk = 16, e->w[i].nib = 1;
+            e->w[i].cb = malloc(sizeof(float) * 2 * 64);
+            e->w[i].il = calloc((size_t)(groups * nb * 32), 1);
+            if (!e->w[i].cb || !e->w[i].il) goto oom;
+            e->w[i].cbt = e->w[i].cb + 64;
+            for (int c = 0; c < 16; c++)
+                for (int t = 0; t < 4; t++)
+                    e->w[i].cb[c * 4 + t] = e->w[i].cbt[t * 16 + c] = (c >> t) & 1 ? 1.0f : -1.0f;
+            for (int64_t o = 0; o < out; o++)
+                for (int64_t b = 0; b < nb; b++)
+                    e->w[i].il[((o / 32) * nb + b) * 32 + o % 32] = ((const uint8_t *)w->data)[o * nb + b];
+            const int64_t s8 = (vq8_scratch_floats(16) + 8 + 15) / 16 * 16;
+            if (s8 > e->lut_stride) e->lut_stride = s8;
+        }
         if (w->kind == SALOMI_W_VQ) {
             const int64_t n = w->vq_k * w->vq_d, lut = (vq_tile_vectors(w) * w->vq_k + 15) / 16 * 16;
             e->w[i].cb = malloc(sizeof(float) * (size_t)(2 * n));
@@ -1070,7 +1121,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             if (w->act_i8) { /* int8 tables: codes re-laid as bytes, 32 rows side by side */
                 if (w->vq_k > 256) { seterr(err, errlen, "%s: int8 vq tables need k <= 256 (got %lld); use activations=float", what, (long long)w->vq_k); salomi_engine_free(e); return NULL; }
                 const int64_t nv = in / w->vq_d, groups = (out + 31) / 32, rb = packed_row_bytes(w);
-                const int64_t s8 = (vq8_scratch_floats(w) + 8 + 15) / 16 * 16;  /* + 32-byte alignment */
+                const int64_t s8 = (vq8_scratch_floats(w->vq_k) + 8 + 15) / 16 * 16;  /* + 32-byte alignment */
                 e->w[i].il = calloc((size_t)(groups * nv * 32), 1);
                 if (!e->w[i].il) goto oom;
                 for (int64_t o = 0; o < out; o++)

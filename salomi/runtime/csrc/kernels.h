@@ -71,8 +71,9 @@ int salomi_sign_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, co
                           const uint16_t *scale, int64_t group, float *y, int threads);
 int salomi_ternary_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *trits,
                              const uint16_t *scale, int64_t group, float *y, int threads);
-/* Grid with bits == 2 and group in {16, 32, 64, 128} or a multiple of 128, or bits == 8
- * and group a multiple of 32 (returns -1 otherwise); w = s (q - z), error bound as above
+/* Grid with bits == 2 and group in {16, 32, 64, 128} or a multiple of 128, bits == 4 and
+ * group a multiple of 32 with in a multiple of 64, or bits == 8 and group a multiple of 32
+ * (returns -1 otherwise); w = s (q - z), error bound as above
  * with |q_j - z_g| for |q_j|. */
 int salomi_grid_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *codes, int bits,
                           const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm,

@@ -1,4 +1,4 @@
-/* int8-activation GEMV / small-M kernels for the sign, ternary and 2-bit grid formats
+/* int8-activation GEMV / small-M kernels for the sign, ternary and 2-, 4- and 8-bit grid formats
  * (salomi_sign_matmul_i8, salomi_ternary_matmul_i8, salomi_grid_matmul_i8; API in kernels.h).
  *
  * Why: the float kernels of kernels.c decode every 1-2-bit weight to a float and FMA
@@ -20,6 +20,7 @@
  *   sign:    w = s (2b - 1), b in {0,1}:  sum_j x_j w_j = s sx (2 sum_j b_j xq_j - X_g)
  *   ternary: w = s (t - 1), t in {0,1,2}: sum_j x_j w_j = s sx (sum_j t_j xq_j - X_g)
  *   grid2:   w = s (q - z), q in {0..3}:  sum_j x_j w_j = s sx sum_j q_j xq_j - s z (sx X_g)
+ *   grid4:   w = s (q - z), q in {0..15}:  as grid2 (codes are unsigned, maddubs takes them as they are)
  *   grid8:   w = s (q - z), q in {0..255}: with q' = q - 128 (int8),
  *            sum_j x_j w_j = s sx sum_j q'_j xq_j - s (z - 128) (sx X_g)
  * with X_g = sum_{j in g} xq_j (row independent: one per-row correction, or for the
@@ -44,6 +45,13 @@
  *    llama.cpp q8 trick: |q'| <= 128 and |xq| <= 127, so a pair sum <= 32512 never
  *    saturates), madd with ones; int32 lane l holds columns [4l, 4l+4) of each 32-column
  *    chunk, all in one group, and the group scale is applied per group with one FMA.
+ *  - grid4 (G % 32 == 0 and in % 64 == 0, required): a 64-column chunk is 32 weight bytes;
+ *    the activations are re-laid per chunk as its 32 even columns (low nibbles) then its 32
+ *    odd columns (high nibbles), so per row and chunk: one load, and / shift+and, two
+ *    maddubs (|pair| <= 2 * 15 * 127), one add, one madd: int32 lane l holds columns
+ *    [8l, 8l + 8). A group of G >= 64 sums its chunks in int32 and takes one FMA with the
+ *    broadcast group scale; otherwise (G = 32, 96, ...) a chunk's lanes 0-3 and 4-7 may lie in
+ *    two groups: one FMA per chunk with both scales. Zero point: one correction per group, as grid8.
  *  - otherwise ("slots"): for each group the activations are copied into slots that line
  *    up with whole weight bytes: the group's bytes [b0, b1) (a byte that straddles a
  *    group edge belongs to both groups, with the other group's columns zeroed) padded
@@ -86,7 +94,7 @@
 #define TERN_PLANES 5
 #define SIGN_FLUSH 64 /* sign chunks per int16 accumulator flush: 64 * 2 * 127 < 32767 */
 
-enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2, LFMT_GRID8 };
+enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2, LFMT_GRID4, LFMT_GRID8 };
 
 /* Where a group's weight bytes and activation slots are. */
 typedef struct {
@@ -371,6 +379,12 @@ static void quantize_row(const ljob_t *J, const gmeta_t *gm, const float *x, voi
         memcpy(slots, xq, (size_t)J->in);
         return;
     }
+    if (J->fmt == LFMT_GRID4) { /* in % 64 == 0: per 64-column chunk, even columns then odd ones */
+        int8_t *sl = slots;
+        for (int64_t c = 0; c < J->in; c += 64)
+            for (int i = 0; i < 32; i++) sl[c + i] = xq[c + 2 * i], sl[c + 32 + i] = xq[c + 2 * i + 1];
+        return;
+    }
     if (J->fmt == LFMT_GRID2) {
         grid2_planes_row(J, xq, gs, slots, gsv, xsv);
         return;
@@ -477,12 +491,41 @@ static void grid2_row_scalar(const ljob_t *J, const int8_t *xs, const float *gsv
     y[o] = hsum8_ref(yv);
 }
 
-/* grid8 correction sum_g s_g (z_g - 128) xc_g, lanes as correction_ref; shared by both paths. */
-static float correction8(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng) {
+/* grid8 / grid4 correction sum_g s_g (z_g - zoff) xc_g (zoff 128 / 0), lanes as correction_ref;
+ * shared by both paths. */
+static float correction8(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng, float zoff) {
     float cv[8] = {0};
     for (int64_t g = 0; g < ng; g++)
-        cv[g % 8] = fmaf(salomi_h2f(sc[g]) * (salomi_h2f(zr[g]) - 128.0f), xc[g], cv[g % 8]);
+        cv[g % 8] = fmaf(salomi_h2f(sc[g]) * (salomi_h2f(zr[g]) - zoff), xc[g], cv[g % 8]);
     return hsum8_ref(cv);
+}
+
+/* grid4, portable: int32 lane l of a 64-column chunk = its columns [8l, 8l+8); slot i of a
+ * chunk is column 2i (i < 32) or 2(i - 32) + 1. */
+static void grid4_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                             float *y) {
+    const uint8_t *row = J->data + o * J->rb;
+    const uint16_t *sc = J->scale + o * J->ng, *zr = J->zero + o * J->ng;
+    const int64_t G = J->G, nch = J->in / 64;
+    float yv[8] = {0};
+    int32_t a[8] = {0};
+    for (int64_t c = 0; c < nch; c++) {
+        const int8_t *xe = xs + 64 * c, *xo = xe + 32;
+        for (int i = 0; i < 32; i++) {
+            const int b = row[32 * c + i];
+            a[i / 4] += (b & 15) * xe[i] + (b >> 4) * xo[i];
+        }
+        if (G % 64) { /* lanes 0-3 and 4-7 lie in the groups of columns 64c and 64c + 32 */
+            const int64_t g0 = 64 * c / G, g1 = (64 * c + 32) / G;
+            const float s0 = salomi_h2f(sc[g0]) * gs[g0], s1 = salomi_h2f(sc[g1]) * gs[g1];
+            for (int l = 0; l < 8; l++) yv[l] = fmaf(l < 4 ? s0 : s1, (float)a[l], yv[l]), a[l] = 0;
+        } else if ((64 * (c + 1)) % G == 0) {
+            const int64_t g = 64 * c / G;
+            const float s = salomi_h2f(sc[g]) * gs[g];
+            for (int l = 0; l < 8; l++) yv[l] = fmaf(s, (float)a[l], yv[l]), a[l] = 0;
+        }
+    }
+    y[o] = hsum8_ref(yv) - correction8(sc, zr, xc, J->ng, 0.0f);
 }
 
 /* grid8, portable: int32 lane l of a 32-column chunk = its columns [4l, 4l+4). */
@@ -497,7 +540,7 @@ static void grid8_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs,
         const float s = salomi_h2f(sc[g]) * gs[g];
         for (int l = 0; l < 8; l++) yv[l] = fmaf(s, (float)a[l], yv[l]);
     }
-    y[o] = hsum8_ref(yv) - correction8(sc, zr, xc, J->ng);
+    y[o] = hsum8_ref(yv) - correction8(sc, zr, xc, J->ng, 128.0f);
 }
 
 static void ternary_row_scalar(const ljob_t *J, const int16_t *xs, const float *gs, const float *xc, int64_t o,
@@ -791,8 +834,8 @@ A2I void grid2_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, co
 
 /* correction8 with F16C, 8 groups per step: lane l takes the groups g = l (mod 8) in
  * order, as in correction8, so both give the same float. */
-A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng) {
-    const __m256 c128 = _mm256_set1_ps(128.0f);
+A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng, float zoff) {
+    const __m256 c128 = _mm256_set1_ps(zoff);
     __m256 cv = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8) {
@@ -802,7 +845,7 @@ A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *
     }
     if (g < ng) { /* padding lanes: 0 * xc(0) added, as fma(0, 0, c) == c */
         float t[8];
-        for (int l = 0; l < 8; l++) t[l] = g + l < ng ? _cvtsh_ss(sc[g + l]) * (_cvtsh_ss(zr[g + l]) - 128.0f) : 0.0f;
+        for (int l = 0; l < 8; l++) t[l] = g + l < ng ? _cvtsh_ss(sc[g + l]) * (_cvtsh_ss(zr[g + l]) - zoff) : 0.0f;
         cv = _mm256_fmadd_ps(_mm256_loadu_ps(t), _mm256_loadu_ps(xc + g), cv);
     }
     return hsum8_avx2(cv);
@@ -837,7 +880,48 @@ A2I void grid8_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, con
         }
     }
     for (int r = 0; r < R; r++)
-        y[o + r] = hsum8_avx2(yv[r]) - correction8_avx2(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng);
+        y[o + r] = hsum8_avx2(yv[r]) - correction8_avx2(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng, 128.0f);
+}
+
+/* grid4: see the header comment; in % 64 == 0, so every 32-byte load stays inside the row. */
+A2I void grid4_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                         const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng, G = J->G, nch = J->in / 64;
+    const __m256i low = _mm256_set1_epi8(15), one16 = _mm256_set1_epi16(1);
+    const uint8_t *row[4];
+    __m256 yv[4];
+    __m256i acc[4];
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps(), acc[r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < nch; c++) {
+        const __m256i xe = _mm256_load_si256((const __m256i *)(xs + 64 * c));
+        const __m256i xo = _mm256_load_si256((const __m256i *)(xs + 64 * c + 32));
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(row[r] + 32 * c) + 2048, _MM_HINT_T0);
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(row[r] + 32 * c));
+            const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
+            const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, one16));
+        }
+        if (G % 64) { /* see grid4_row_scalar */
+            const int64_t g0 = 64 * c / G, g1 = (64 * c + 32) / G;
+            for (int r = 0; r < R; r++) {
+                const uint16_t *sc = J->scale + (o + r) * ng;
+                const __m256 s = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(sc[g1]) * gs[g1]),
+                                                 _mm_set1_ps(_cvtsh_ss(sc[g0]) * gs[g0]));
+                yv[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[r]), yv[r]);
+                acc[r] = _mm256_setzero_si256();
+            }
+        } else if ((64 * (c + 1)) % G == 0) {
+            const int64_t g = 64 * c / G;
+            for (int r = 0; r < R; r++) {
+                const float s = _cvtsh_ss(J->scale[(o + r) * ng + g]) * gs[g];
+                yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc[r]), yv[r]);
+                acc[r] = _mm256_setzero_si256();
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction8_avx2(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng, 0.0f);
 }
 
 A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const float *xc, int64_t o0, int64_t o1,
@@ -846,6 +930,9 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
     if (J->fmt == LFMT_GRID8) {
         for (; o + 4 <= o1; o += 4) grid8_rows_avx2(J, xs, gs, xc, o, 4, y);
         for (; o < o1; o++) grid8_rows_avx2(J, xs, gs, xc, o, 1, y);
+    } else if (J->fmt == LFMT_GRID4) {
+        for (; o + 4 <= o1; o += 4) grid4_rows_avx2(J, xs, gs, xc, o, 4, y);
+        for (; o < o1; o++) grid4_rows_avx2(J, xs, gs, xc, o, 1, y);
     } else if (J->fmt == LFMT_GRID2) {
         const float *gsv = gs, *xsv = xc; /* the caller passes the per-lane arrays */
         for (; o + 4 <= o1; o += 4) grid2_rows_avx2(J, xs, gsv, xsv, o, 4, y);
@@ -882,6 +969,7 @@ static void lut_task(void *ctx, int tid, int nt) {
 #endif
         for (int64_t o = o0; o < o1; o++) {
             if (J->fmt == LFMT_GRID8) grid8_row_scalar(J, xs, gs, xc, o, y);
+            else if (J->fmt == LFMT_GRID4) grid4_row_scalar(J, xs, gs, xc, o, y);
             else if (J->fmt == LFMT_GRID2) grid2_row_scalar(J, xs, gs, xc, o, y);
             else if (J->planes) sign_planes_row_scalar(J, xs, gs, o, y);
             else if (J->fmt == LFMT_SIGN) sign_row_scalar(J, xs, gs, xc, o, y);
@@ -896,6 +984,7 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     if (!x || !y || !data || !scale || M < 0 || in < 1 || out < 1 || G < 1 || in % G) return -1;
     if (fmt == LFMT_GRID2 && (!zero || !grid2_planes_ok(G))) return -1;
     if (fmt == LFMT_GRID8 && (!zero || G % 32)) return -1;
+    if (fmt == LFMT_GRID4 && (!zero || G % 32 || in % 64)) return -1;
     if (in > (INT64_C(1) << 24)) return -1; /* keeps every int32 lane sum exact (|sum| < 2^31) */
     if (perm)
         for (int64_t j = 0; j < in; j++)
@@ -904,7 +993,7 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     ljob_t J = {.fmt = fmt, .in = in, .out = out, .G = G, .ng = in / G, .data = data, .scale = scale, .zero = zero,
                 .M = M, .y = y};
     J.ngp = roundup(J.ng, 8);
-    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : fmt == LFMT_TERNARY ? (in + 4) / 5 : fmt == LFMT_GRID8 ? in : (in + 3) / 4;
+    J.rb = fmt == LFMT_SIGN ? (in + 7) / 8 : fmt == LFMT_TERNARY ? (in + 4) / 5 : fmt == LFMT_GRID8 ? in : fmt == LFMT_GRID4 ? in / 2 : (in + 3) / 4;
     gmeta_t *gm = malloc(sizeof(gmeta_t) * (size_t)J.ng);
     if (!gm) return -2;
     J.gm = gm;
@@ -913,7 +1002,7 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     J.nchunk = (in + J.ccols - 1) / J.ccols;
     J.nhalf = G >= J.ccols ? 1 : (int)(J.ccols / G);
     for (int l = 0; l < 8; l++) J.lane_g[l] = G >= J.ccols ? 0 : (int)(J.ccols / 8 * l / G);
-    J.xstride = fmt == LFMT_GRID8 ? roundup(in, 64)
+    J.xstride = fmt == LFMT_GRID8 || fmt == LFMT_GRID4 ? roundup(in, 64)
                 : fmt == LFMT_GRID2 ? J.nchunk * GRID_CHUNK
                 : J.planes        ? J.nchunk * PLANE_CHUNK
                                   : roundup(plan_groups(&J, gm), 64); /* 64-byte aligned rows */
@@ -963,6 +1052,6 @@ int salomi_ternary_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out,
 int salomi_grid_matmul_i8(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *codes, int bits,
                           const uint16_t *scale, const uint16_t *zero, int64_t group, const int32_t *perm, float *y,
                           int threads) {
-    if (bits != 2 && bits != 8) return -1;
-    return run_i8(bits == 8 ? LFMT_GRID8 : LFMT_GRID2, x, M, in, out, codes, scale, zero, group, perm, y, threads);
+    if (bits != 2 && bits != 4 && bits != 8) return -1;
+    return run_i8(bits == 8 ? LFMT_GRID8 : bits == 4 ? LFMT_GRID4 : LFMT_GRID2, x, M, in, out, codes, scale, zero, group, perm, y, threads);
 }

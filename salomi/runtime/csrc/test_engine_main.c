@@ -53,6 +53,7 @@ static uint16_t *halves(owned_t *o, int64_t n, float amp) {
 
 static int64_t pick_group(int64_t in) {
     static const int gs[] = {8, 16, 4, 12};
+    if (rint_(3) == 0) return in; /* one scale per row: the int8 sign-table path (engine.c) */
     for (int t = 0; t < 4; t++) {
         int g = gs[rint_(4)];
         if (in % g == 0) return g;

@@ -1,4 +1,4 @@
-/* int8 kernels (lut.c): for sign, ternary and 2- or 8-bit grid cases (grid only with a group
+/* int8 kernels (lut.c): for sign, ternary and 2-, 4- or 8-bit grid cases (grid only with a group
  * the int8 kernel takes) the test also runs salomi_*_matmul_i8 and checks it against a double-precision reference that applies the
  * documented activation quantization (tolerance 3e-5 * sum_g |s_g| sx_g sum |xq_j|), and
  * that the scalar ISA gives bit-identical results.
@@ -115,8 +115,9 @@ static int check_i8(int fmt, int K, const float *x, int64_t M, int64_t in, int64
     return bad;
 }
 
-static int grid_i8_ok(int K, int64_t G) {
-    return (K == 2 && G % 16 == 0 && (128 % G == 0 || G % 128 == 0)) || (K == 8 && G % 32 == 0);
+static int grid_i8_ok(int K, int64_t G, int64_t in) {
+    return (K == 2 && G % 16 == 0 && (128 % G == 0 || G % 128 == 0)) || (K == 8 && G % 32 == 0) ||
+           (K == 4 && G % 32 == 0 && in % 64 == 0);
 }
 
 static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_t M, int use_perm, int threads,
@@ -194,7 +195,7 @@ static int check_case(int fmt, int K, int64_t in, int64_t out, int64_t G, int64_
                 bad = 1;
             }
         }
-    if (!bad && (fmt != GRID || grid_i8_ok(K, G)))
+    if (!bad && (fmt != GRID || grid_i8_ok(K, G, in)))
         bad = check_i8(fmt, K, x, M, in, out, data, scale, zero, G, fmt == GRID && use_perm ? perm : NULL, w, threads,
                        isa);
     if (bad)
@@ -254,10 +255,11 @@ int main(int argc, char **argv) {
         int r9 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 2, s, z, 8, NULL, y, 1);        /* group 8 */
         int r10 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 2, s, z, 32, bad_perm32, y, 1); /* perm out of range */
         int r11 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 2, s, z, 32, NULL, y, 1);      /* fine */
+        int r12 = salomi_grid_matmul_i8(x32, 1, 32, 1, d8, 4, s, z, 32, NULL, y, 1);      /* 4 bits, in % 64 */
         if (r1 != -1 || r2 != -1 || r3 != -1 || r4 != 0 || r5 != -1 || r6 != 0 || r7 != -1 || r8 != -1 || r9 != -1 ||
-            r10 != -1 || r11 != 0) {
-            printf("FAIL argument checks: %d %d %d %d %d %d %d %d %d %d %d\n", r1, r2, r3, r4, r5, r6, r7, r8, r9, r10,
-                   r11);
+            r10 != -1 || r11 != 0 || r12 != -1) {
+            printf("FAIL argument checks: %d %d %d %d %d %d %d %d %d %d %d %d\n", r1, r2, r3, r4, r5, r6, r7, r8, r9,
+                   r10, r11, r12);
             failures++;
         }
     }
@@ -280,17 +282,20 @@ int main(int argc, char **argv) {
             failures += check_case(fmt, fmt == GRID ? K : 1, in, out, G, M, fmt == GRID && rndi(2), threads, isa);
             total++;
         }
-        /* the 8-bit grid int8 kernel (embedding / head format) needs G % 32 == 0: few random
-         * cases hit it, so add some: every multiple-of-32 group of a few widths, with a perm */
+        /* the 8- and 4-bit grid int8 kernels (embedding / head formats) need G % 32 == 0 (and
+         * in % 64 == 0 for 4 bits): few random cases hit them, so add some: every multiple-of-32
+         * group of a few widths, with a perm */
         static const int64_t ins8[] = {32, 64, 96, 192, 576, 1536};
         int extra = 0;
         for (size_t t = 0; t < sizeof ins8 / sizeof ins8[0]; t++)
             for (int64_t G = 32; G <= ins8[t]; G += 32)
-                if (ins8[t] % G == 0) {
-                    failures += check_case(GRID, 8, ins8[t], 1 + rndi(13), G, Ms[rndi(sizeof Ms / sizeof Ms[0])] % 9,
-                                           (int)rndi(2), 1 + (int)rndi(3), isa);
-                    total++, extra++;
-                }
+                if (ins8[t] % G == 0)
+                    for (int K = 4; K <= 8; K += 4) {
+                        failures += check_case(GRID, K, ins8[t], 1 + rndi(13), G,
+                                               Ms[rndi(sizeof Ms / sizeof Ms[0])] % 9, (int)rndi(2), 1 + (int)rndi(3),
+                                               isa);
+                        total++, extra++;
+                    }
         printf("isa %-6s: %d cases, %d failures\n", salomi_isa_name(isa), n_cases + extra, failures - f0);
     }
     salomi_set_isa(-1);
