@@ -164,13 +164,14 @@ def test_packed_embedding_and_head(variants: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_int8_head_of_8bit_grid(variants: dict[str, Path], tied: bool) -> None:
-    """An 8-bit grid head (tied to the packed embedding or its own lm_head) runs the int8 kernel
+@pytest.mark.parametrize("bits,group", [(8, 64), (4, 32), (4, 64)])
+def test_int8_head_of_grid(variants: dict[str, Path], tied: bool, bits: int, group: int) -> None:
+    """An 8- or 4-bit grid head (tied to the packed embedding or its own lm_head) runs the int8 kernel
     with activations="int8": logits within 1% relative L2 of the float engine on the same file,
     same argmax; the embedding lookup stays exact (the float engine is pinned to dequant above)."""
     qf = load_quantized(variants["sign"])
     emb = np.asarray(qf.floats["model.embed_tokens.weight"], dtype=np.float32)
-    head = _rtn_packed(emb, group=emb.shape[1], bits=8)
+    head = _rtn_packed(emb, group=group, bits=bits)
     qf2 = copy.copy(qf)
     qf2.embeddings = {"model.embed_tokens" if tied else "lm_head": head}
     ref = Engine.from_file(qf2, max_seq=32).logits(IDS)
