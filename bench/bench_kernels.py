@@ -39,7 +39,8 @@ from salomi.runtime import kernels
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (8192, 8192)]  # (out, in)
 FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64)]  # (format, bits, group)
 INT8_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (8192, 8192), (49152, 576)]  # (out, in); last: the head
-INT8_FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64), ("grid", 8, 64)]  # (format, bits, group)
+INT8_FORMATS = [("sign", 0, 64), ("sign-tab", 0, 0), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64),
+                ("grid", 8, 64)]  # sign-tab: per-row scales (group 0 = in) through the T-MAC tables of the engine  # (format, bits, group)
 COLD_BYTES = 512 << 20  # rotate copies of a layer until they span this much memory
 
 
@@ -184,8 +185,17 @@ def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, min_
 def bench_int8(
     fmt: str, bits: int, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int
 ) -> dict:
-    layers = cold_layers(fmt, bits, group, o, i, rng, l3_bytes)
+    tab = fmt == "sign-tab"
+    group = group or i
+    layers = cold_layers("sign" if tab else fmt, bits, group, o, i, rng, l3_bytes)
     preps = [kernels.prepare(p) for p in layers]
+    tables = [kernels.sign_tables(p) for p in layers] if tab else []
+
+    def int8(k: int) -> torch.Tensor:
+        if tab:
+            return kernels.sign_tables_matmul(x1, tables[k], threads)
+        return kernels.packed_matmul(x1, preps[k], threads, activations="int8")
+
     nbytes = layers[0].nbytes
     x1 = torch.randn(1, i)
     w = layers[0].dequantize().contiguous()
@@ -198,11 +208,11 @@ def bench_int8(
 
     fns = {
         "float": lambda: kernels.packed_matmul(x1, preps[nxt("f", len(preps))], threads),
-        "int8": lambda: kernels.packed_matmul(x1, preps[nxt("q", len(preps))], threads, activations="int8"),
+        "int8": lambda: int8(nxt("q", len(preps))),
         "torch": lambda: torch.matmul(x1, wcopies[nxt("t", len(wcopies))].T),
     }
     t = best_interleaved(fns)
-    y8 = kernels.packed_matmul(x1, preps[0], threads, activations="int8")
+    y8 = int8(0)
     yf = kernels.packed_matmul(x1, preps[0], threads)
     return {
         "format": fmt if fmt != "grid" else f"grid{bits}",

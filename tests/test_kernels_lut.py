@@ -397,3 +397,74 @@ def test_errors():
         kernels.packed_matmul(
             torch.randn(1, 64), PackedLinear("t", "sign", (4, 64), dict(p.tensors), {"group": 48}), activations="int8"
         )
+
+
+def sign_tables_ref(x: torch.Tensor, p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The table kernel's contract (engine.h), in float64 from float32 tables: (y_int, bound vs float).
+
+    Per block of 32 vector columns (128 weight columns) the 16 sums +-x0 +-x1 +-x2 +-x3 of each
+    4 columns are built in float32 in that order, quantized with one scale m / 127 (m = the block's
+    max |sum|, inv = 127 / m in float32, round half to even); a row sums the int8 entries of its
+    sign patterns. Bound vs x @ W^T: |s_row| * sum_blocks (vectors in block) * scale / 2."""
+    o, i = p.shape
+    bits = torch.from_numpy(unpack_rows(p.tensors["bits"], i, 1).astype(np.int64))  # [o, i]
+    s = torch.from_numpy(p.tensors["scale"].astype(np.float64))[:, 0]
+    nv = i // 4
+    codes = (bits.reshape(o, nv, 4) * torch.tensor([1, 2, 4, 8])).sum(-1)  # [o, nv]
+    pat = torch.tensor([[1.0 if (c >> t) & 1 else -1.0 for t in range(4)] for c in range(16)])  # [16, 4]
+    ys, bounds = [], []
+    for row in x.reshape(-1, i):
+        xv = row.reshape(nv, 4)
+        tab = pat[None, :, 0] * xv[:, None, 0]
+        for t in (1, 2, 3):
+            tab = tab + pat[None, :, t] * xv[:, None, t]  # float32, the kernel's order
+        y, b = torch.zeros(o, dtype=torch.float64), torch.zeros(o, dtype=torch.float64)
+        for v0 in range(0, nv, 32):
+            blk = tab[v0:v0 + 32]
+            m = blk.abs().max()
+            inv = torch.tensor(127.0) / m if m > 0 else torch.tensor(0.0)
+            q = torch.round(blk * inv).double()  # [nb, 16]
+            scale = float(m) / 127.0
+            sums = q.gather(1, codes[:, v0:v0 + 32].T).sum(0)  # [o]
+            y += scale * sums
+            b += blk.shape[0] * scale / 2
+        ys.append(y * s)
+        bounds.append(b * s.abs())
+    return torch.stack(ys).reshape(*x.shape[:-1], o), torch.stack(bounds).reshape(*x.shape[:-1], o)
+
+
+@pytest.mark.parametrize("o,i", [(1, 8), (33, 64), (45, 136), (64, 576), (7, 1536), (96, 1024)])
+def test_sign_tables_kernel(o, i):
+    """T-MAC sign tables (the engine's kernel for per-row-scale sign layers with int8): exact
+    integer sums (a), within the documented table-rounding bound of the float product (b),
+    identical bits on every ISA and thread count."""
+    rng = np.random.default_rng(o * 7 + i)
+    p = random_layer("sign", o, i, i, rng)
+    assert kernels.sign_tables_supported(p)
+    t = kernels.sign_tables(p)
+    for m in (1, 3):
+        x = torch.from_numpy((rng.standard_normal((m, i)) * np.where(rng.random(i) < 0.02, 20, 1)).astype(np.float32))
+        outs = []
+        try:
+            for name in ISAS:
+                kernels.set_isa(name)
+                for th in (1, 2, 3):
+                    outs.append(kernels.sign_tables_matmul(x, t, threads=th))
+        finally:
+            kernels.set_isa("auto")
+        assert all(torch.equal(outs[0], y) for y in outs[1:])
+        y = outs[0].double()
+        y_int, bound = sign_tables_ref(x, p)
+        mag = bound * 2 * 127  # = |s| sum_blocks (vectors) max|sum| >= sum of |table entries| used
+        assert ((y - y_int).abs() <= 1e-6 * mag + 1e-30).all(), float((y - y_int).abs().max())
+        y_f = x.double() @ p.dequantize().double().T
+        assert ((y - y_f).abs() <= bound * (1 + 1e-5) + 1e-5 * y_f.abs().max()).all()
+
+
+def test_sign_tables_refuse_other_layers():
+    rng = np.random.default_rng(0)
+    for p in (random_layer("sign", 4, 64, 32, rng), random_layer("sign", 4, 60, 60, rng),
+              random_layer("ternary", 4, 64, 64, rng)):
+        assert not kernels.sign_tables_supported(p)
+        with pytest.raises(ValueError):
+            kernels.sign_tables(p)

@@ -15,6 +15,8 @@ Public API:
     packed_matmul(x, p, threads=2, activations="float")
                                         x [..., in] float32 CPU -> [..., out] float32
     int8_supported(p) -> bool           an int8-activation kernel exists for this layer
+    sign_tables(p) -> SignTables        re-lay a per-row-scale sign layer for the T-MAC table kernel
+    sign_tables_matmul(x, t, threads)   its GEMV (the engine's path for such layers under int8)
 
 activations="int8" (sign, ternary, grid with 2 bits and group 16/32/64/128 or a
 multiple of 128, grid with 4 bits (rows a multiple of 64) or 8 bits and a group multiple
@@ -86,6 +88,14 @@ def _load() -> ctypes.CDLL:
         fn.restype = cint
     lib.salomi_grid_matmul_i8.argtypes = [c_f, i64, i64, i64, c_u8, cint, c_u16, c_u16, i64, c_i32, c_f, cint]
     lib.salomi_grid_matmul_i8.restype = cint
+    lib.salomi_sign_tables_ok.argtypes = [i64, i64]
+    lib.salomi_sign_tables_ok.restype = cint
+    lib.salomi_sign_tables_bytes.argtypes = [i64, i64]
+    lib.salomi_sign_tables_bytes.restype = i64
+    lib.salomi_sign_tables_layout.argtypes = [c_u8, i64, i64, c_u8]
+    lib.salomi_sign_tables_layout.restype = cint
+    lib.salomi_sign_tables_matmul.argtypes = [c_f, i64, i64, i64, c_u8, c_u16, c_f, cint]
+    lib.salomi_sign_tables_matmul.restype = cint
     _lib = lib
     return lib
 
@@ -224,8 +234,9 @@ def packed_matmul(
     if activations == "int8" and not int8_supported(prep):
         raise ValueError(
             f"no int8-activation kernel for this {prep.format!r} layer (bits {prep.bits}, group {prep.group}); "
-            "int8 covers sign, ternary, 2-bit grid with group 16/32/64/128 or a multiple of 128, and 8-bit grid "
-            "with a group that is a multiple of 32"
+            "int8 covers sign, ternary, 2-bit grid with group 16/32/64/128 or a multiple of 128, 4-bit grid with "
+            "a group that is a multiple of 32 on rows of whole 64 columns, and 8-bit grid with a group that is a "
+            "multiple of 32"
         )
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         raise TypeError("packed_matmul expects a float32 CPU torch.Tensor")
@@ -272,3 +283,51 @@ KERNEL_FORMATS = ("sign", "ternary", "grid")
 def supports(p: PackedLinear) -> bool:
     """True when a C kernel runs this layer's storage format straight from its bytes."""
     return p.format in KERNEL_FORMATS
+
+
+@dataclass
+class SignTables:
+    """A sign layer re-laid for the T-MAC table kernel (what the engine builds at load for
+    per-row-scale sign layers with activations="int8"; engine.h, salomi_sign_tables_*)."""
+
+    out_features: int
+    in_features: int
+    il: np.ndarray  # uint8, 32 rows side by side
+    scale: np.ndarray  # uint16 view of the fp16 row scales [out, 1]
+
+
+def sign_tables_supported(p: PackedLinear) -> bool:
+    return p.format == "sign" and bool(_load().salomi_sign_tables_ok(int(p.shape[1]), int(p.params.get("group", 0))))
+
+
+def sign_tables(p: PackedLinear) -> SignTables:
+    """Re-lay a sign layer with one scale per row (group == in, in % 8 == 0) for
+    sign_tables_matmul; 1 bit per weight, like the file."""
+    if not sign_tables_supported(p):
+        raise ValueError(
+            f"sign tables need a sign layer with one scale per row and in % 8 == 0 (got {p.format!r} "
+            f"{tuple(p.shape)}, group {p.params.get('group')})"
+        )
+    lib, prep = _load(), prepare(p)
+    il = np.empty(lib.salomi_sign_tables_bytes(prep.out_features, prep.in_features), dtype=np.uint8)
+    if lib.salomi_sign_tables_layout(prep.data.ctypes.data, prep.out_features, prep.in_features, il.ctypes.data):
+        raise SalomiError("sign table layout failed")
+    return SignTables(prep.out_features, prep.in_features, il, prep.scale)
+
+
+def sign_tables_matmul(x: torch.Tensor, t: SignTables, threads: int = 2) -> torch.Tensor:
+    """y = x @ W^T through int8 lookup tables (error bound in engine.h); x float32 CPU [..., in]."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError("sign_tables_matmul expects a float32 CPU torch.Tensor")
+    if x.dim() < 1 or x.shape[-1] != t.in_features:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {t.in_features}]")
+    if int(threads) < 1:
+        raise ValueError("threads must be >= 1")
+    x = x.contiguous()
+    m = x.numel() // t.in_features
+    y = torch.empty(*x.shape[:-1], t.out_features, dtype=torch.float32)
+    rc = _load().salomi_sign_tables_matmul(x.data_ptr(), m, t.in_features, t.out_features, t.il.ctypes.data,
+                                           t.scale.ctypes.data, y.data_ptr(), int(threads))
+    if rc != 0:
+        raise SalomiError(f"sign_tables_matmul kernel failed: {_ERRORS.get(rc, rc)}")
+    return y

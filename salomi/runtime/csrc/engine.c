@@ -50,7 +50,8 @@ enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, P_C
 typedef struct {
     salomi_weight w;
     float *cb;            /* vq: codebook widened to float32 [k, d] (small; owned) */
-    float *cbt;           /* vq: the same transposed [d][k] (inside cb's allocation): 8 codewords per vector */
+    const float *cbt;     /* vq: the same transposed [d][k] (inside cb's allocation): 8 codewords per vector;
+                           * sign tables: SIGN_CBT */
     uint8_t *il;          /* int8 tables (act_i8): codes, 32 rows interleaved (owned): vq: bytes
                            * [ceil(out/32)][in/d][32]; sign: the row bytes [ceil(out/32)][in/8][32] */
     int64_t td, tk;       /* table layers: vector length and table entries (vq: d, k; sign: 4, 16) */
@@ -683,6 +684,48 @@ static void run_vq(salomi_engine *e, const weight_t *W, int n, const float *x, i
     salomi_run_parallel(vq_task, &J, e->c.threads);
 }
 
+/* --- sign tables (T-MAC; activations="int8", engine.h): a 4-column sign pattern is a code
+ * of the codebook {-1, +1}^4 (bit t of the nibble = sign of column 4v + t), so the vq int8
+ * table path above runs a per-row-scale sign layer, with the row bytes re-laid 32 rows side
+ * by side (1 bit per weight) and two codes per byte. */
+static const float SIGN_CBT[64] = { /* transposed [t][c]: +1 where bit t of c is set */
+    -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1,
+    -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1,
+    -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1,
+    -1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1};
+#define SIGN_SCRATCH ((vq8_scratch_floats(16) + 8 + 15) / 16 * 16) /* + 32-byte alignment */
+
+static void sign_tables_weight(weight_t *W) { W->td = 4, W->tk = 16, W->nib = 1, W->cbt = SIGN_CBT; }
+
+int salomi_sign_tables_ok(int64_t in, int64_t group) { return in > 0 && group == in && in % 8 == 0; }
+
+int64_t salomi_sign_tables_bytes(int64_t out, int64_t in) { return (out + 31) / 32 * 32 * (in / 8); }
+
+int salomi_sign_tables_layout(const void *bits, int64_t out, int64_t in, uint8_t *il) {
+    if (!bits || !il || out < 1 || !salomi_sign_tables_ok(in, in)) return -1;
+    const int64_t nb = in / 8;
+    memset(il, 0, (size_t)salomi_sign_tables_bytes(out, in));
+    for (int64_t o = 0; o < out; o++)
+        for (int64_t b = 0; b < nb; b++) il[((o / 32) * nb + b) * 32 + o % 32] = ((const uint8_t *)bits)[o * nb + b];
+    return 0;
+}
+
+int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *il,
+                              const uint16_t *scale, float *y, int threads) {
+    if (!x || !il || !scale || !y || M < 0 || out < 1 || !salomi_sign_tables_ok(in, in)) return -1;
+    if (M == 0) return 0;
+    const int nt = threads < 1 ? 1 : threads > MAX_POOL ? MAX_POOL : threads;
+    weight_t W = {.w = {.kind = SALOMI_W_SIGN, .out = out, .in = in, .group = in, .scale = scale}, .il = (uint8_t *)il};
+    sign_tables_weight(&W);
+    float *lut = aligned_alloc(64, sizeof(float) * (size_t)(nt * SIGN_SCRATCH));
+    if (!lut) return -2;
+    float *ys[1] = {y};
+    vqjob_t J = {.W = &W, .n = 1, .x = x, .M = M, .y = ys, .lut = lut, .lut_stride = SIGN_SCRATCH, .avx2 = use_avx2()};
+    salomi_run_parallel(vq_task, &J, nt);
+    free(lut);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ dispatch */
 
 static void add_bias(const salomi_weight *w, int64_t M, float *y) {
@@ -1089,34 +1132,22 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
         if (i == 0 && w->rot) { seterr(err, errlen, "embed_tokens: +rot embeddings are not supported; re-quantize without +rot on the embedding"); salomi_engine_free(e); return NULL; }
         e->w[i].w = *w;
         e->w[i].td = w->vq_d, e->w[i].tk = w->vq_k;
-        if (w->kind == SALOMI_W_SIGN && w->act_i8 && w->group == in && in % 8 == 0 && i != 0) {
-            /* int8 sign tables (T-MAC): a 4-column sign pattern is a code of the codebook
-             * {-1, +1}^4 (bit t of the nibble = sign of column 4v + t), so the vq int8 table
-             * path runs it with the row bytes re-laid 32 rows side by side (1 bit per weight,
-             * beside the file's). Per-row scales only (group == in); other groups use lut.c. */
-            const int64_t nb = in / 8, groups = (out + 31) / 32;
-            e->w[i].td = 4, e->w[i].tk = 16, e->w[i].nib = 1;
-            e->w[i].cb = malloc(sizeof(float) * 2 * 64);
-            e->w[i].il = calloc((size_t)(groups * nb * 32), 1);
-            if (!e->w[i].cb || !e->w[i].il) goto oom;
-            e->w[i].cbt = e->w[i].cb + 64;
-            for (int c = 0; c < 16; c++)
-                for (int t = 0; t < 4; t++)
-                    e->w[i].cb[c * 4 + t] = e->w[i].cbt[t * 16 + c] = (c >> t) & 1 ? 1.0f : -1.0f;
-            for (int64_t o = 0; o < out; o++)
-                for (int64_t b = 0; b < nb; b++)
-                    e->w[i].il[((o / 32) * nb + b) * 32 + o % 32] = ((const uint8_t *)w->data)[o * nb + b];
-            const int64_t s8 = (vq8_scratch_floats(16) + 8 + 15) / 16 * 16;
-            if (s8 > e->lut_stride) e->lut_stride = s8;
+        if (w->kind == SALOMI_W_SIGN && w->act_i8 && salomi_sign_tables_ok(in, w->group) && i != 0) {
+            e->w[i].il = malloc((size_t)salomi_sign_tables_bytes(out, in));
+            if (!e->w[i].il) goto oom;
+            salomi_sign_tables_layout(w->data, out, in, e->w[i].il);
+            sign_tables_weight(&e->w[i]);
+            if (SIGN_SCRATCH > e->lut_stride) e->lut_stride = SIGN_SCRATCH;
         }
         if (w->kind == SALOMI_W_VQ) {
             const int64_t n = w->vq_k * w->vq_d, lut = (vq_tile_vectors(w) * w->vq_k + 15) / 16 * 16;
             e->w[i].cb = malloc(sizeof(float) * (size_t)(2 * n));
             if (!e->w[i].cb) goto oom;
-            e->w[i].cbt = e->w[i].cb + n;
+            float *cbt = e->w[i].cb + n;
+            e->w[i].cbt = cbt;
             for (int64_t t = 0; t < n; t++) e->w[i].cb[t] = salomi_h2f(w->codebook[t]);
             for (int64_t c = 0; c < w->vq_k; c++)
-                for (int64_t t = 0; t < w->vq_d; t++) e->w[i].cbt[t * w->vq_k + c] = e->w[i].cb[c * w->vq_d + t];
+                for (int64_t t = 0; t < w->vq_d; t++) cbt[t * w->vq_k + c] = e->w[i].cb[c * w->vq_d + t];
             if (lut > e->lut_stride) e->lut_stride = lut;
             if (w->act_i8) { /* int8 tables: codes re-laid as bytes, 32 rows side by side */
                 if (w->vq_k > 256) { seterr(err, errlen, "%s: int8 vq tables need k <= 256 (got %lld); use activations=float", what, (long long)w->vq_k); salomi_engine_free(e); return NULL; }

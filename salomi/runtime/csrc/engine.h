@@ -90,6 +90,21 @@ int salomi_engine_forward(salomi_engine *e, const int32_t *tokens, int64_t n, in
 int64_t salomi_engine_length(const salomi_engine *e); /* positions held in the KV cache */
 const char *salomi_engine_error(const salomi_engine *e);
 
+/* Sign tables (T-MAC), the kernel the engine runs for sign layers with one scale per row
+ * (group == in) and in % 8 == 0 when act_i8 is set. The row bytes are re-laid once
+ * (salomi_sign_tables_layout: il[ceil(out/32)][in/8][32], row o's byte b at
+ * [(o/32)][b][o%32], padding rows zero; salomi_sign_tables_bytes(out, in) bytes). Per call,
+ * for each block of 128 columns each thread builds the 16 sums +-x0 +-x1 +-x2 +-x3 of every
+ * 4 columns, quantizes the block's sums to int8 with one scale (max |sum| / 127, round to
+ * nearest even; |error| <= scale / 2 per lookup) and looks up 32 rows per vpshufb; integer
+ * block sums enter each row's float sum with one FMA, then the row scale multiplies.
+ * Scalar and AVX2 give identical bits. Returns 0, -1 (bad argument), -2 (out of memory). */
+int salomi_sign_tables_ok(int64_t in, int64_t group);
+int64_t salomi_sign_tables_bytes(int64_t out, int64_t in);
+int salomi_sign_tables_layout(const void *bits, int64_t out, int64_t in, uint8_t *il);
+int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *il,
+                              const uint16_t *scale, float *y, int threads);
+
 /* Profile (only collected when SALOMI_ENGINE_PROFILE=1 at create): cumulative seconds
  * per stage into out[0..n): embed, norms, qkv, rope+attention, o_proj, gate/up, act,
  * down, head, calls. Returns how many were written. */
