@@ -504,12 +504,18 @@ static void vq_task(void *ctx, int tid, int nt) {
  * columns cannot overflow), then each block enters the row's float sum as
  * fma(scale, (float)sum, acc): the scalar twin does the same operations, so both paths give
  * identical bits. */
+#ifndef VQ8_PREFETCH
+#define VQ8_PREFETCH 2048
+#endif
 static int64_t vq8_block(int64_t k) { return k >= 128 ? 8 : 32; }
 static int64_t vq8_tables(int64_t k) { int64_t t = 1; while (t * 16 < k) t *= 2; return t; }
-/* Scratch per thread: the block's float table [B][k] and its int8 tables [B][tables][32]. */
-static int64_t vq8_scratch_floats(int64_t k) {
-    const int64_t B = vq8_block(k);
-    return B * k + (B * vq8_tables(k) * 32 + 3) / 4;
+/* Scratch per thread, in floats, 64-byte multiple: one block's float table [B][k], the
+ * scale of every block, and the int8 tables of all nv vector columns [nv][tables][32]
+ * (32-byte aligned): every table is built before any row is read, so each 32-row group then
+ * streams its codes once, front to back. */
+static int64_t vq8_scratch_floats(int64_t k, int64_t nv) {
+    const int64_t B = vq8_block(k), nblk = (nv + B - 1) / B;
+    return (B * k + nblk + 8 + (nv * vq8_tables(k) * 32 + 3) / 4 + 15) / 16 * 16;
 }
 
 #if ENG_X86
@@ -614,6 +620,7 @@ A2 static void vq8_group_avx2(const uint8_t *il, int64_t v0, int64_t v1, const i
     const __m256i ones = _mm256_set1_epi8(1);
     __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
     for (int64_t v = v0; v < v1; v += 2) {
+        _mm_prefetch((const char *)(il + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
         const __m256i r0 = vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + v * 32)), T + (v - v0) * nt * 32, nt);
         const __m256i r1 = v + 1 < v1 ? vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + (v + 1) * 32)),
                                                    T + (v + 1 - v0) * nt * 32, nt)
@@ -633,6 +640,9 @@ A2 static void vq8_group_nib_avx2(const uint8_t *il, int64_t v0, int64_t v1, con
     const __m256i ones = _mm256_set1_epi8(1), low = _mm256_set1_epi8(15);
     __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
     for (int64_t v = v0; v < v1; v += 2) {
+        /* one stream per thread: a software prefetch ahead keeps it near memory bandwidth
+         * (as grid8 in lut.c; prefetches never fault) */
+        _mm_prefetch((const char *)(il + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
         const __m256i c = _mm256_loadu_si256((const __m256i *)(il + v / 2 * 32));
         const int8_t *t = T + (v - v0) * 32;
         const __m256i r0 = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)t), _mm256_and_si256(c, low));
@@ -645,7 +655,8 @@ A2 static void vq8_group_nib_avx2(const uint8_t *il, int64_t v0, int64_t v1, con
 }
 #endif
 
-/* One int8-table vq layer for one activation row, this thread's 32-row groups. */
+/* One int8-table layer for one activation row, this thread's 32-row groups: all tables
+ * first, then per group every block in order, each entering the row sums as one FMA. */
 static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt) {
     const salomi_weight *w = &W->w;
     const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k);
@@ -653,30 +664,26 @@ static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float
     const int64_t groups = (w->out + 31) / 32, per = (groups + nt - 1) / nt;
     const int64_t g0 = min64(groups, tid * per), g1 = min64(groups, g0 + per);
     if (g0 >= g1) return;
-    float *F = J->lut + tid * J->lut_stride;
-    int8_t *T = (int8_t *)(((uintptr_t)(F + B * k) + 31) & ~(uintptr_t)31);
-    float acc[32] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
-    for (int64_t g = g0; g < g1; g++) { /* rows are summed block by block: zero this thread's rows first */
+    float *F = J->lut + tid * J->lut_stride, *S = F + B * k;
+    int8_t *T = (int8_t *)(((uintptr_t)(S + (nv + B - 1) / B) + 31) & ~(uintptr_t)31);
+    for (int64_t v0 = 0; v0 < nv; v0 += B)
+        S[v0 / B] = vq8_tables_build(W, x, v0, min64(nv, v0 + B), F, T + v0 * ntab * 32, J->avx2);
+    for (int64_t g = g0; g < g1; g++) {
         const int64_t o0 = g * 32, n = min64(32, w->out - o0);
-        memset(y + o0, 0, sizeof(float) * (size_t)n);
-    }
-    for (int64_t v0 = 0; v0 < nv; v0 += B) {
-        const int64_t v1 = min64(nv, v0 + B);
-        const float scale = vq8_tables_build(W, x, v0, v1, F, T, J->avx2);
-        for (int64_t g = g0; g < g1; g++) {
-            const int64_t o0 = g * 32, n = min64(32, w->out - o0);
-            const uint8_t *il = W->il + g * ilv * 32;
-            memcpy(acc, y + o0, sizeof(float) * (size_t)n);
+        const uint8_t *il = W->il + g * ilv * 32;
+        float acc[32] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
+        for (int64_t v0 = 0; v0 < nv; v0 += B) {
+            const int64_t v1 = min64(nv, v0 + B);
+            const int8_t *Tb = T + v0 * ntab * 32;
 #if ENG_X86
-            if (J->avx2 && W->nib) vq8_group_nib_avx2(il, v0, v1, T, scale, acc);
-            else if (J->avx2) vq8_group_avx2(il, v0, v1, T, ntab, scale, acc);
+            if (J->avx2 && W->nib) vq8_group_nib_avx2(il, v0, v1, Tb, S[v0 / B], acc);
+            else if (J->avx2) vq8_group_avx2(il, v0, v1, Tb, ntab, S[v0 / B], acc);
             else
 #endif
-                vq8_group_scalar(il, W->nib, v0, v1, T, ntab, scale, acc);
-            memcpy(y + o0, acc, sizeof(float) * (size_t)n);
+                vq8_group_scalar(il, W->nib, v0, v1, Tb, ntab, S[v0 / B], acc);
         }
+        for (int64_t r = 0; r < n; r++) y[o0 + r] = acc[r] * salomi_h2f(w->scale[o0 + r]);
     }
-    for (int64_t o = g0 * 32; o < min64(w->out, g1 * 32); o++) y[o] *= salomi_h2f(w->scale[o]);
 }
 
 static void run_vq(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
@@ -693,7 +700,7 @@ static const float SIGN_CBT[64] = { /* transposed [t][c]: +1 where bit t of c is
     -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1,
     -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1,
     -1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1};
-#define SIGN_SCRATCH ((vq8_scratch_floats(16) + 8 + 15) / 16 * 16) /* + 32-byte alignment */
+
 
 static void sign_tables_weight(weight_t *W) { W->td = 4, W->tk = 16, W->nib = 1, W->cbt = SIGN_CBT; }
 
@@ -717,10 +724,11 @@ int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out
     const int nt = threads < 1 ? 1 : threads > MAX_POOL ? MAX_POOL : threads;
     weight_t W = {.w = {.kind = SALOMI_W_SIGN, .out = out, .in = in, .group = in, .scale = scale}, .il = (uint8_t *)il};
     sign_tables_weight(&W);
-    float *lut = aligned_alloc(64, sizeof(float) * (size_t)(nt * SIGN_SCRATCH));
+    const int64_t stride = vq8_scratch_floats(16, in / 4);
+    float *lut = aligned_alloc(64, sizeof(float) * (size_t)(nt * stride));
     if (!lut) return -2;
     float *ys[1] = {y};
-    vqjob_t J = {.W = &W, .n = 1, .x = x, .M = M, .y = ys, .lut = lut, .lut_stride = SIGN_SCRATCH, .avx2 = use_avx2()};
+    vqjob_t J = {.W = &W, .n = 1, .x = x, .M = M, .y = ys, .lut = lut, .lut_stride = stride, .avx2 = use_avx2()};
     salomi_run_parallel(vq_task, &J, nt);
     free(lut);
     return 0;
@@ -1137,7 +1145,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             if (!e->w[i].il) goto oom;
             salomi_sign_tables_layout(w->data, out, in, e->w[i].il);
             sign_tables_weight(&e->w[i]);
-            if (SIGN_SCRATCH > e->lut_stride) e->lut_stride = SIGN_SCRATCH;
+            if (vq8_scratch_floats(16, in / 4) > e->lut_stride) e->lut_stride = vq8_scratch_floats(16, in / 4);
         }
         if (w->kind == SALOMI_W_VQ) {
             const int64_t n = w->vq_k * w->vq_d, lut = (vq_tile_vectors(w) * w->vq_k + 15) / 16 * 16;
@@ -1152,7 +1160,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             if (w->act_i8) { /* int8 tables: codes re-laid as bytes, 32 rows side by side */
                 if (w->vq_k > 256) { seterr(err, errlen, "%s: int8 vq tables need k <= 256 (got %lld); use activations=float", what, (long long)w->vq_k); salomi_engine_free(e); return NULL; }
                 const int64_t nv = in / w->vq_d, groups = (out + 31) / 32, rb = packed_row_bytes(w);
-                const int64_t s8 = (vq8_scratch_floats(w->vq_k) + 8 + 15) / 16 * 16;  /* + 32-byte alignment */
+                const int64_t s8 = vq8_scratch_floats(w->vq_k, nv);
                 e->w[i].il = calloc((size_t)(groups * nv * 32), 1);
                 if (!e->w[i].il) goto oom;
                 for (int64_t o = 0; o < out; o++)

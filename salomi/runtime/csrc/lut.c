@@ -843,10 +843,14 @@ A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *
         const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + g)));
         cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, c128)), _mm256_loadu_ps(xc + g), cv);
     }
-    if (g < ng) { /* padding lanes: 0 * xc(0) added, as fma(0, 0, c) == c */
-        float t[8];
-        for (int l = 0; l < 8; l++) t[l] = g + l < ng ? _cvtsh_ss(sc[g + l]) * (_cvtsh_ss(zr[g + l]) - zoff) : 0.0f;
-        cv = _mm256_fmadd_ps(_mm256_loadu_ps(t), _mm256_loadu_ps(xc + g), cv);
+    if (g < ng) { /* padding lanes: s = z = 0 and xc = 0 add +-0, which leaves c as it is (a lane
+                   * starts at +0 and a sum is never -0 after that) */
+        uint16_t sp[8] = {0}, zp[8] = {0};
+        memcpy(sp, sc + g, sizeof(uint16_t) * (size_t)(ng - g));
+        memcpy(zp, zr + g, sizeof(uint16_t) * (size_t)(ng - g));
+        const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp));
+        const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)zp));
+        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, c128)), _mm256_loadu_ps(xc + g), cv);
     }
     return hsum8_avx2(cv);
 }
