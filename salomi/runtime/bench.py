@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from salomi.errors import SalomiError
@@ -98,10 +99,10 @@ def _measure_engine(target: str, prompt_tokens: int, new_tokens: int, threads: i
     t0 = time.perf_counter()
     logits = eng.forward(ids, pos=0)
     prefill_s = time.perf_counter() - t0
-    nxt = int(logits.argmax())
+    nxt = int(np.argmax(logits.numpy()))  # as Engine.generate: numpy's argmax, ~70 us less than torch's
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        nxt = int(eng.forward([nxt]).argmax())
+        nxt = int(np.argmax(eng.forward([nxt]).numpy()))
     decode_s = time.perf_counter() - t0
     return {
         "model": qf.method, "runtime": runtime, "file_bytes": qf.file_bytes, "linear_bpw": qf.linear_bpw,

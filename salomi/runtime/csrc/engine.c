@@ -44,6 +44,7 @@
 #define CHUNK 64          /* tokens per prefill chunk: bounds activation memory */
 #define MAX_POOL 64       /* matches kernels.c MAX_THREADS */
 #define NPROF 10
+#define KV16_MAX_HD 512   /* head_dim bound for a half KV cache (checked at create) */
 
 enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, P_CALLS };
 
@@ -67,7 +68,7 @@ struct salomi_engine {
     /* [L][n_kv_heads][max_seq][head_dim]: one kv head's keys for positions 0..t are one
      * contiguous run, so attention streams them sequentially (the cache is re-read from
      * DRAM every token: the weights streamed in between evict it). */
-    float *kcache, *vcache;
+    void *kcache, *vcache; /* float32, or uint16 IEEE half with c.kv_f16 */
     int64_t len;          /* valid cache positions */
     /* activations for one chunk */
     float *x, *xn, *q, *k, *v, *att, *tmp, *g, *u;
@@ -210,19 +211,27 @@ A2 static void silu_mul_avx2(float *g, const float *u, int64_t n) {
     for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
-/* One query head over ctxlen cached positions (hd % 8 == 0; K/V rows `stride` floats apart). Scores for 8 positions
+/* Cache element i of a float32 (h16 = 0) or IEEE-half (h16 = 1) KV cache; h16 is a constant
+ * at every call site, so each instantiation has plain loads. */
+A2I __m256 kv_ld8(const void *p, int64_t i, int h16) {
+    return h16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+               : _mm256_loadu_ps((const float *)p + i);
+}
+A2I float kv_ld1(const void *p, int64_t i, int h16) { return h16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
+
+/* One query head over ctxlen cached positions (hd % 8 == 0; K/V rows `stride` elements apart). Scores for 8 positions
  * are reduced together with a horizontal-add tree (one reduction per 8 dots instead
  * of one per dot), then a vectorized softmax, then out = sum_t p_t V[t]. */
-A2 static void attn_head_avx2(const float *q, const float *K, const float *V, int64_t stride, int64_t ctxlen, int64_t hd,
-                              float scale, float *sc, float *o) {
+A2I void attn_head_body(const float *q, const void *K, const void *V, int64_t stride, int64_t ctxlen, int64_t hd,
+                        float scale, float *sc, float *o, const int h16) {
     const __m256 vs = _mm256_set1_ps(scale);
     int64_t t = 0;
     for (; t + 8 <= ctxlen; t += 8) {
         __m256 a[8];
         for (int u = 0; u < 8; u++) {
-            const float *k = K + (t + u) * stride;
-            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
-            for (int64_t j = 8; j < hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(k + j), acc);
+            const int64_t k = (t + u) * stride;
+            __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), kv_ld8(K, k, h16));
+            for (int64_t j = 8; j < hd; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), kv_ld8(K, k + j, h16), acc);
             a[u] = acc;
         }
         __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
@@ -231,7 +240,16 @@ A2 static void attn_head_avx2(const float *q, const float *K, const float *V, in
         __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
         _mm256_storeu_ps(sc + t, _mm256_mul_ps(r, vs));
     }
-    for (; t < ctxlen; t++) sc[t] = dot_avx2(q, K + t * stride, hd) * scale;
+    for (; t < ctxlen; t++) { /* as dot_avx2 (hd % 8 == 0) */
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        int64_t j = 0;
+        for (; j + 16 <= hd; j += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), kv_ld8(K, t * stride + j, h16), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j + 8), kv_ld8(K, t * stride + j + 8, h16), s1);
+        }
+        if (j < hd) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), kv_ld8(K, t * stride + j, h16), s0);
+        sc[t] = hsum8(_mm256_add_ps(s0, s1)) * scale;
+    }
     float mx = -INFINITY;
     for (t = 0; t < ctxlen; t++) mx = sc[t] > mx ? sc[t] : mx;
     __m256 vm = _mm256_set1_ps(mx), vsum = _mm256_setzero_ps();
@@ -251,16 +269,26 @@ A2 static void attn_head_avx2(const float *q, const float *K, const float *V, in
         for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
         for (t = 0; t < ctxlen; t++) {
             const __m256 p = _mm256_set1_ps(sc[t]);
-            const float *v = V + t * stride + j0;
-            for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * u), acc[u]);
+            const int64_t v = t * stride + j0;
+            for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(p, kv_ld8(V, v + 8 * u, h16), acc[u]);
         }
         const __m256 vi = _mm256_set1_ps(inv);
         for (int u = 0; u < 8; u++) _mm256_storeu_ps(o + j0 + 8 * u, _mm256_mul_ps(acc[u], vi));
     }
     if (j0 < hd) {
         memset(o + j0, 0, sizeof(float) * (size_t)(hd - j0));
-        for (t = 0; t < ctxlen; t++) axpy_avx2(o + j0, sc[t] * inv, V + t * stride + j0, hd - j0);
+        for (t = 0; t < ctxlen; t++) { /* as axpy_avx2 (hd - j0 is a multiple of 8) */
+            const __m256 va = _mm256_set1_ps(sc[t] * inv);
+            for (int64_t j = j0; j < hd; j += 8)
+                _mm256_storeu_ps(o + j, _mm256_fmadd_ps(va, kv_ld8(V, t * stride + j, h16), _mm256_loadu_ps(o + j)));
+        }
     }
+}
+
+A2 static void attn_head_avx2(const float *q, const void *K, const void *V, int64_t stride, int64_t ctxlen, int64_t hd,
+                              float scale, float *sc, float *o, int h16) {
+    if (h16) attn_head_body(q, K, V, stride, ctxlen, hd, scale, sc, o, 1);
+    else attn_head_body(q, K, V, stride, ctxlen, hd, scale, sc, o, 0);
 }
 
 A2 static void f16_to_f32_avx2(const uint16_t *h, float *f, int64_t n) {
@@ -1108,8 +1136,12 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     const salomi_engine_config c = *cfg;
     if (c.n_layers < 1 || c.hidden < 1 || c.n_heads < 1 || c.n_kv_heads < 1 || c.head_dim < 2 || c.head_dim % 2 ||
         c.intermediate < 1 || c.vocab < 1 || c.max_seq < 1 || c.threads < 1 || !c.inv_freq ||
-        c.n_heads % c.n_kv_heads) {
+        c.n_heads % c.n_kv_heads || (c.kv_f16 != 0 && c.kv_f16 != 1)) {
         seterr(err, errlen, "invalid engine config (layers/heads/dims must be positive, heads divisible by kv heads)");
+        return NULL;
+    }
+    if (c.kv_f16 && c.head_dim > KV16_MAX_HD) {
+        seterr(err, errlen, "head_dim %d > %d: use a float32 KV cache (kv=float32)", c.head_dim, KV16_MAX_HD);
         return NULL;
     }
     salomi_engine *e = calloc(1, sizeof *e);
@@ -1177,8 +1209,8 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     /* calloc: untouched cache pages are never made resident, so a long max_seq costs
      * address space only until positions are actually used. */
     const size_t kvn = (size_t)L * (size_t)c.max_seq * (size_t)e->kv_dim;
-    e->kcache = calloc(kvn, sizeof(float));
-    e->vcache = calloc(kvn, sizeof(float));
+    e->kcache = calloc(kvn, c.kv_f16 ? 2 : sizeof(float));
+    e->vcache = calloc(kvn, c.kv_f16 ? 2 : sizeof(float));
     const int64_t wide = I > e->q_dim ? I : e->q_dim, maxin = wide > H ? wide : H;
     e->x = malloc(sizeof(float) * CHUNK * H);
     e->xn = malloc(sizeof(float) * CHUNK * maxin);
@@ -1249,6 +1281,13 @@ typedef struct {
 } ajob_t;
 
 /* Causal GQA for (token, head) pairs split across threads; scores in per-thread scratch. */
+/* A cache row as float32: itself, or widened into buf (half cache). */
+static inline const float *kv_row(const char *row, int64_t hd, int h16, float *buf) {
+    if (!h16) return (const float *)row;
+    for (int64_t j = 0; j < hd; j++) buf[j] = salomi_h2f(((const uint16_t *)row)[j]);
+    return buf;
+}
+
 static void attn_task(void *ctx, int tid, int nt) {
     ajob_t *J = ctx;
     salomi_engine *e = J->e;
@@ -1256,21 +1295,25 @@ static void attn_task(void *ctx, int tid, int nt) {
     const int64_t pairs = J->n * H, per = (pairs + nt - 1) / nt;
     const int64_t p0 = min64(pairs, tid * per), p1 = min64(pairs, p0 + per);
     const int64_t ms = e->c.max_seq;
-    const float *K = e->kcache + J->layer * ms * kvd, *V = e->vcache + J->layer * ms * kvd; /* + kvh*ms*hd */
+    const int h16 = e->c.kv_f16;
+    const size_t esz = h16 ? 2 : 4;
+    const char *K = (const char *)e->kcache + J->layer * ms * kvd * esz; /* + (kvh*ms + t)*hd elements */
+    const char *V = (const char *)e->vcache + J->layer * ms * kvd * esz;
     float *sc = e->scores + (int64_t)tid * e->c.max_seq;
+    float kr[KV16_MAX_HD]; /* portable path, half cache: one row widened */
     for (int64_t p = p0; p < p1; p++) {
         const int64_t i = p / H, h = p % H, kvh = h / rep, ctxlen = J->pos0 + i + 1;
         const float *q = e->q + i * e->q_dim + h * hd;
 #if ENG_X86
         if (J->avx2 && hd % 8 == 0) {
-            attn_head_avx2(q, K + kvh * ms * hd, V + kvh * ms * hd, hd, ctxlen, hd, e->c.attn_scale, sc,
-                           e->att + i * e->q_dim + h * hd);
+            attn_head_avx2(q, K + kvh * ms * hd * esz, V + kvh * ms * hd * esz, hd, ctxlen, hd, e->c.attn_scale, sc,
+                           e->att + i * e->q_dim + h * hd, h16);
             continue;
         }
 #endif
         float mx = -INFINITY;
         for (int64_t t = 0; t < ctxlen; t++) {
-            float s = dot(q, K + (kvh * ms + t) * hd, hd, J->avx2) * e->c.attn_scale;
+            float s = dot(q, kv_row(K + (kvh * ms + t) * hd * esz, hd, h16, kr), hd, J->avx2) * e->c.attn_scale;
             sc[t] = s;
             if (s > mx) mx = s;
         }
@@ -1279,7 +1322,7 @@ static void attn_task(void *ctx, int tid, int nt) {
         const float inv = 1.0f / sum;
         float *o = e->att + i * e->q_dim + h * hd;
         memset(o, 0, sizeof(float) * (size_t)hd);
-        for (int64_t t = 0; t < ctxlen; t++) axpy(o, sc[t] * inv, V + (kvh * ms + t) * hd, hd, J->avx2);
+        for (int64_t t = 0; t < ctxlen; t++) axpy(o, sc[t] * inv, kv_row(V + (kvh * ms + t) * hd * esz, hd, h16, kr), hd, J->avx2);
     }
 }
 
@@ -1314,7 +1357,8 @@ static int forward_chunk(salomi_engine *e, const int32_t *tok, int64_t n, int64_
         float *qkv[3] = {e->q, e->k, e->v};
         TRY(matmul_group(e, &W[0], 3, e->xn, n, qkv));
         PROF(P_QKV);
-        float *Kl = e->kcache + l * c->max_seq * kvd, *Vl = e->vcache + l * c->max_seq * kvd;
+        const size_t esz = c->kv_f16 ? 2 : 4;
+        char *Kl = (char *)e->kcache + l * c->max_seq * kvd * esz, *Vl = (char *)e->vcache + l * c->max_seq * kvd * esz;
         for (int64_t i = 0; i < n; i++) {
             rope(e->q + i * e->q_dim, c->n_heads, hd, e->cosb + i * half, e->sinb + i * half);
             rope(e->k + i * kvd, c->n_kv_heads, hd, e->cosb + i * half, e->sinb + i * half);
@@ -1322,8 +1366,16 @@ static int forward_chunk(salomi_engine *e, const int32_t *tok, int64_t n, int64_
         for (int64_t g = 0; g < c->n_kv_heads; g++) /* scatter this chunk's k/v rows into per-head runs */
             for (int64_t i = 0; i < n; i++) {
                 const int64_t dst = (g * c->max_seq + pos0 + i) * hd;
-                memcpy(Kl + dst, e->k + i * kvd + g * hd, sizeof(float) * (size_t)hd);
-                memcpy(Vl + dst, e->v + i * kvd + g * hd, sizeof(float) * (size_t)hd);
+                const float *k = e->k + i * kvd + g * hd, *v = e->v + i * kvd + g * hd;
+                if (c->kv_f16) {
+                    for (int64_t j = 0; j < hd; j++) {
+                        ((uint16_t *)Kl)[dst + j] = salomi_f2h(k[j]);
+                        ((uint16_t *)Vl)[dst + j] = salomi_f2h(v[j]);
+                    }
+                } else {
+                    memcpy(Kl + dst * esz, k, sizeof(float) * (size_t)hd);
+                    memcpy(Vl + dst * esz, v, sizeof(float) * (size_t)hd);
+                }
             }
         ajob_t AJ = {.e = e, .layer = l, .n = n, .pos0 = pos0, .avx2 = avx2};
         /* threads only pay off when there is real work (pool wake-up is a few us) */

@@ -66,6 +66,8 @@ typedef struct {
     float attn_scale;       /* softmax scale, usually head_dim^-0.5 */
     float rope_factor;      /* HF "attention_scaling": cos/sin are multiplied by it (1 by default) */
     const float *inv_freq;  /* float32 [head_dim/2], exactly as the HF rotary embedding computes it */
+    int32_t kv_f16;         /* 1: KV cache in IEEE half (round to nearest even; half the bytes attention reads
+                             * per token, as llama.cpp's default f16 cache); 0: float32 (exact) */
 } salomi_engine_config;
 
 typedef struct salomi_engine salomi_engine;

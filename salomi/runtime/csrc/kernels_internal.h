@@ -2,6 +2,7 @@
 #ifndef SALOMI_KERNELS_INTERNAL_H
 #define SALOMI_KERNELS_INTERNAL_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -22,6 +23,26 @@ static inline float salomi_h2f(uint16_t h) {
     }
     memcpy(&f, &u, 4);
     return f;
+}
+
+/* float -> IEEE half, round to nearest even (what F16C's vcvtps2ph does in that mode),
+ * portable: overflow to +-inf, NaN stays NaN (quiet), subnormals exact. */
+static inline uint16_t salomi_f2h(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t a = x & 0x7fffffffu;
+    if (a >= 0x7f800000u) return sign | (a > 0x7f800000u ? 0x7e00 : 0x7c00);
+    if (a >= 0x477ff000u) return sign | 0x7c00; /* >= 65520 rounds to inf */
+    if (a < 0x38800000u) {                      /* below 2^-14: a subnormal half (or the smallest normal) */
+        float v;
+        memcpy(&v, &a, 4);
+        return sign | (uint16_t)nearbyintf(v * 16777216.0f); /* v * 2^24 is exact; ties to even */
+    }
+    uint32_t h = ((a >> 23) - 112) << 10 | (a & 0x7fffffu) >> 13;
+    const uint32_t rem = a & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1))) h++; /* a carry into the exponent is right */
+    return sign | (uint16_t)h;
 }
 
 #endif

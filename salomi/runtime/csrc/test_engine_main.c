@@ -13,6 +13,7 @@
  */
 #include "engine.h"
 #include "kernels.h"
+#include "kernels_internal.h" /* salomi_f2h / salomi_h2f */
 
 #include <math.h>
 #include <stdio.h>
@@ -190,6 +191,7 @@ static void run_case(int cs) {
                               .n_kv_heads = kvh, .head_dim = hd, .intermediate = 8 * (1 + rint_(6)),
                               .vocab = 5 + rint_(60), .max_seq = 80, .threads = 1 + rint_(2), .rms_eps = 1e-5f,
                               .attn_scale = 1.0f / sqrtf((float)hd), .rope_factor = 1.0f};
+    c.kv_f16 = rint_(2); /* half KV cache: prefill and decode read the same rounded rows */
     owned_t own_inv = {0};
     float *inv = own(&own_inv, sizeof(float) * (size_t)(hd / 2));
     for (int i = 0; i < hd / 2; i++) inv[i] = powf(10000.0f, -2.0f * (float)i / (float)hd);
@@ -287,9 +289,44 @@ static void run_case(int cs) {
     free_owned(&own_n), free_owned(&own_inv);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+__attribute__((target("f16c"))) static uint16_t f2h_hw(float f) {
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+#endif
+
+/* salomi_f2h (the half KV cache's store) against F16C on edge values and random bit patterns,
+ * and the round trip through salomi_h2f for every half. */
+static void check_f2h(void) {
+    for (uint32_t h = 0; h < 65536; h++) {
+        float f = salomi_h2f((uint16_t)h);
+        uint16_t back = salomi_f2h(f);
+        int nan = (h & 0x7c00) == 0x7c00 && (h & 0x3ff);
+        CHECK(nan ? (back & 0x7c00) == 0x7c00 && (back & 0x3ff) : back == h, "f2h(h2f(%04x)) = %04x", h, back);
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    if (salomi_cpu_isa() >= SALOMI_ISA_AVX2) {
+        static const float edge[] = {65504.0f, 65519.99f, 65520.0f, 1e30f, 5.96046448e-8f, 2.98023224e-8f,
+                                     2.98023225e-8f, 6.09755516e-5f, 6.10351562e-5f, 1.0f + 1.0f / 2048, -0.0f};
+        for (size_t i = 0; i < sizeof edge / sizeof edge[0]; i++)
+            CHECK(salomi_f2h(edge[i]) == f2h_hw(edge[i]), "f2h(%g) = %04x, F16C %04x", edge[i], salomi_f2h(edge[i]),
+                  f2h_hw(edge[i]));
+        for (int i = 0; i < 2000000; i++) {
+            uint32_t u = rnd();
+            float f;
+            memcpy(&f, &u, 4);
+            if (f != f) continue; /* NaN payloads differ by design */
+            CHECK(salomi_f2h(f) == f2h_hw(f), "f2h(%a) = %04x, F16C %04x", f, salomi_f2h(f), f2h_hw(f));
+        }
+    }
+#endif
+}
+
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 40;
     g_rng = argc > 2 ? (uint64_t)atoll(argv[2]) * 2654435761u + 1 : 1;
+    check_f2h();
     for (int i = 0; i < cases; i++) run_case(i);
     printf("%s: %d cases, %d failures\n", failures ? "FAILED" : "OK", cases, failures);
     return failures ? 1 : 0;
