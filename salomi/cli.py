@@ -132,10 +132,10 @@ def cmd_bench(a: argparse.Namespace) -> None:
     rows = run_bench(a.files, a.model, a.prompt_tokens, a.new_tokens, a.threads, a.llamacpp, runtimes, a.rounds,
                      a.llamacpp_cmd)
     nan = float("nan")
-    print(f"{'model':<24} {'runtime':<12} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
+    print(f"{'file':<28} {'model':<24} {'runtime':<12} {'prefill tok/s':>13} {'decode tok/s':>12} {'decode x fp32':>13} "
           f"{'x TQ1_0':>8} {'peak RSS MB':>11} {'model RSS MB':>12}   (medians of {a.rounds} round(s))")
     for r in rows:
-        print(f"{str(r.get('model')):<24} {r.get('runtime', ''):<12} {r.get('prefill_tok_s', nan):>13.1f} "
+        print(f"{str(r.get('file', '-'))[:28]:<28} {str(r.get('model'))[:24]:<24} {r.get('runtime', ''):<12} {r.get('prefill_tok_s', nan):>13.1f} "
               f"{r.get('decode_tok_s', nan):>12.1f} {r.get('decode_vs_fp32', nan):>13.2f} {r.get('decode_vs_tq1_0', nan):>8.2f} "
               f"{r.get('peak_rss_mb', nan):>11.0f} {r.get('model_rss_mb', nan):>12.0f}")
     _write_json(a.json, rows)

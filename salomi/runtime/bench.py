@@ -202,6 +202,7 @@ def run_bench(files: list[str], model: str = "smollm2", prompt_tokens: int = 128
             r = measure(target, "torch" if rt == "torch-1thread" else rt, prompt_tokens, new_tokens, th)
             if rt == "torch-1thread":
                 r["runtime"] = rt
+            r["file"] = os.path.basename(target)  # rows of two files with one method stay apart
             samples[i].append(r)
             if rounds > 1:
                 print(f"[salomi] round {rnd + 1}/{rounds}: {r['model']} {r['runtime']} decode {r['decode_tok_s']:.1f} tok/s",
