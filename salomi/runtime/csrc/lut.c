@@ -49,10 +49,9 @@
  *    the activations are re-laid per chunk as its 32 even columns (low nibbles) then its 32
  *    odd columns (high nibbles), so per row and chunk: one load, and / shift+and, two
  *    maddubs (|pair| <= 2 * 15 * 127), one add, one madd: int32 lane l holds columns
- *    [8l, 8l + 8). G % 64 == 0: a group's chunks sum in int32, 8 groups' sums are reduced to
- *    one vector (hadd tree, exact) that takes one FMA with their 8 scales (lane = group mod 8),
- *    beside the zero-point correction; otherwise (G = 32, 96, ...) a chunk's lanes 0-3 and 4-7
- *    may lie in two groups: one FMA per chunk with both scales, then one correction per group.
+ *    [8l, 8l + 8). A group of G >= 64 sums its chunks in int32 and takes one FMA with the
+ *    broadcast group scale; otherwise (G = 32, 96, ...) a chunk's lanes 0-3 and 4-7 may lie in
+ *    two groups: one FMA per chunk with both scales. Zero point: one correction per group, as grid8.
  *  - otherwise ("slots"): for each group the activations are copied into slots that line
  *    up with whole weight bytes: the group's bytes [b0, b1) (a byte that straddles a
  *    group edge belongs to both groups, with the other group's columns zeroed) padded
@@ -509,19 +508,6 @@ static void grid4_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs,
     const uint16_t *sc = J->scale + o * J->ng, *zr = J->zero + o * J->ng;
     const int64_t G = J->G, nch = J->in / 64;
     float yv[8] = {0};
-    if (G % 64 == 0) { /* whole groups of chunks: lane g % 8 takes group g's exact integer sum */
-        for (int64_t g = 0; g < J->ng; g++) {
-            int32_t A = 0;
-            for (int64_t c = g * (G / 64); c < (g + 1) * (G / 64); c++)
-                for (int i = 0; i < 32; i++) {
-                    const int b = row[32 * c + i];
-                    A += (b & 15) * xs[64 * c + i] + (b >> 4) * xs[64 * c + 32 + i];
-                }
-            yv[g % 8] = fmaf(salomi_h2f(sc[g]) * gs[g], (float)A, yv[g % 8]);
-        }
-        y[o] = hsum8_ref(yv) - correction8(sc, zr, xc, J->ng, 0.0f);
-        return;
-    }
     int32_t a[8] = {0};
     for (int64_t c = 0; c < nch; c++) {
         const int8_t *xe = xs + 64 * c, *xo = xe + 32;
@@ -529,10 +515,15 @@ static void grid4_row_scalar(const ljob_t *J, const int8_t *xs, const float *gs,
             const int b = row[32 * c + i];
             a[i / 4] += (b & 15) * xe[i] + (b >> 4) * xo[i];
         }
-        /* G = 32, 96, ...: lanes 0-3 and 4-7 lie in the groups of columns 64c and 64c + 32 */
-        const int64_t g0 = 64 * c / G, g1 = (64 * c + 32) / G;
-        const float s0 = salomi_h2f(sc[g0]) * gs[g0], s1 = salomi_h2f(sc[g1]) * gs[g1];
-        for (int l = 0; l < 8; l++) yv[l] = fmaf(l < 4 ? s0 : s1, (float)a[l], yv[l]), a[l] = 0;
+        if (G % 64) { /* lanes 0-3 and 4-7 lie in the groups of columns 64c and 64c + 32 */
+            const int64_t g0 = 64 * c / G, g1 = (64 * c + 32) / G;
+            const float s0 = salomi_h2f(sc[g0]) * gs[g0], s1 = salomi_h2f(sc[g1]) * gs[g1];
+            for (int l = 0; l < 8; l++) yv[l] = fmaf(l < 4 ? s0 : s1, (float)a[l], yv[l]), a[l] = 0;
+        } else if ((64 * (c + 1)) % G == 0) {
+            const int64_t g = 64 * c / G;
+            const float s = salomi_h2f(sc[g]) * gs[g];
+            for (int l = 0; l < 8; l++) yv[l] = fmaf(s, (float)a[l], yv[l]), a[l] = 0;
+        }
     }
     y[o] = hsum8_ref(yv) - correction8(sc, zr, xc, J->ng, 0.0f);
 }
@@ -896,54 +887,7 @@ A2I void grid8_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, con
         y[o + r] = hsum8_avx2(yv[r]) - correction8_avx2(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng, 128.0f);
 }
 
-/* grid4 with G % 64 == 0, one row: the int32 lanes of each group's chunks are summed, 8
- * groups' sums reduced to one vector by a hadd tree (exact), then one FMA per 8 groups with
- * their scales, and the zero-point correction in the same pass (lane order of correction8). */
-A2I void grid4_row_g64_avx2(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
-                            float *y) {
-    const uint8_t *row = J->data + o * J->rb;
-    const uint16_t *sc = J->scale + o * J->ng, *zr = J->zero + o * J->ng;
-    const int64_t ng = J->ng, cpg = J->G / 64;
-    const __m256i low = _mm256_set1_epi8(15), one16 = _mm256_set1_epi16(1);
-    __m256 yv = _mm256_setzero_ps(), cv = _mm256_setzero_ps();
-    for (int64_t g0 = 0; g0 < ng; g0 += 8) {
-        const int nb = (int)min64(8, ng - g0);
-        __m256i a[8];
-        for (int j = 0; j < 8; j++) {
-            __m256i acc = _mm256_setzero_si256();
-            for (int64_t c = (g0 + j) * cpg; j < nb && c < (g0 + j + 1) * cpg; c++) {
-                _mm_prefetch((const char *)(row + 32 * c) + 2048, _MM_HINT_T0);
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(row + 32 * c));
-                const __m256i lo = _mm256_and_si256(b, low), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
-                const __m256i p = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, _mm256_load_si256((const __m256i *)(xs + 64 * c))),
-                    _mm256_maddubs_epi16(hi, _mm256_load_si256((const __m256i *)(xs + 64 * c + 32))));
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, one16));
-            }
-            a[j] = acc;
-        }
-        const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
-        const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
-        const __m256i A = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20), _mm256_permute2x128_si256(h0, h1, 0x31));
-        __m256 sv, zv;
-        if (nb == 8) {
-            sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g0)));
-            zv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + g0)));
-        } else { /* padding lanes: s = z = 0 (and gs = xc = 0): they add +-0 */
-            uint16_t sp[8] = {0}, zp[8] = {0};
-            memcpy(sp, sc + g0, sizeof(uint16_t) * (size_t)nb);
-            memcpy(zp, zr + g0, sizeof(uint16_t) * (size_t)nb);
-            sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp));
-            zv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)zp));
-        }
-        yv = _mm256_fmadd_ps(_mm256_mul_ps(sv, _mm256_loadu_ps(gs + g0)), _mm256_cvtepi32_ps(A), yv);
-        cv = _mm256_fmadd_ps(_mm256_mul_ps(sv, zv), _mm256_loadu_ps(xc + g0), cv); /* = s (z - 0) xc, as correction8 */
-    }
-    y[o] = hsum8_avx2(yv) - hsum8_avx2(cv);
-}
-
-/* grid4 with G % 64 != 0 (32, 96, ...; see the header comment): R rows, one FMA per chunk with
- * both groups' scales; in % 64 == 0, so every 32-byte load stays inside the row. */
+/* grid4: see the header comment; in % 64 == 0, so every 32-byte load stays inside the row. */
 A2I void grid4_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
                          const int R, float *y) {
     const int64_t rb = J->rb, ng = J->ng, G = J->G, nch = J->in / 64;
@@ -962,13 +906,22 @@ A2I void grid4_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gs, con
             const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
             acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, one16));
         }
-        const int64_t g0 = 64 * c / G, g1 = (64 * c + 32) / G; /* see grid4_row_scalar */
-        for (int r = 0; r < R; r++) {
-            const uint16_t *sc = J->scale + (o + r) * ng;
-            const __m256 s = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(sc[g1]) * gs[g1]),
-                                             _mm_set1_ps(_cvtsh_ss(sc[g0]) * gs[g0]));
-            yv[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[r]), yv[r]);
-            acc[r] = _mm256_setzero_si256();
+        if (G % 64) { /* see grid4_row_scalar */
+            const int64_t g0 = 64 * c / G, g1 = (64 * c + 32) / G;
+            for (int r = 0; r < R; r++) {
+                const uint16_t *sc = J->scale + (o + r) * ng;
+                const __m256 s = _mm256_set_m128(_mm_set1_ps(_cvtsh_ss(sc[g1]) * gs[g1]),
+                                                 _mm_set1_ps(_cvtsh_ss(sc[g0]) * gs[g0]));
+                yv[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[r]), yv[r]);
+                acc[r] = _mm256_setzero_si256();
+            }
+        } else if ((64 * (c + 1)) % G == 0) {
+            const int64_t g = 64 * c / G;
+            for (int r = 0; r < R; r++) {
+                const float s = _cvtsh_ss(J->scale[(o + r) * ng + g]) * gs[g];
+                yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(acc[r]), yv[r]);
+                acc[r] = _mm256_setzero_si256();
+            }
         }
     }
     for (int r = 0; r < R; r++)
@@ -981,8 +934,6 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
     if (J->fmt == LFMT_GRID8) {
         for (; o + 4 <= o1; o += 4) grid8_rows_avx2(J, xs, gs, xc, o, 4, y);
         for (; o < o1; o++) grid8_rows_avx2(J, xs, gs, xc, o, 1, y);
-    } else if (J->fmt == LFMT_GRID4 && J->G % 64 == 0) {
-        for (; o < o1; o++) grid4_row_g64_avx2(J, xs, gs, xc, o, y);
     } else if (J->fmt == LFMT_GRID4) {
         for (; o + 4 <= o1; o += 4) grid4_rows_avx2(J, xs, gs, xc, o, 4, y);
         for (; o < o1; o++) grid4_rows_avx2(J, xs, gs, xc, o, 1, y);
