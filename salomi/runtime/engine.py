@@ -13,14 +13,15 @@ the architecture before a pointer is handed over, and again in C.
 randomized Hadamard V (once per group of layers sharing it: q/k/v, gate/up), run the base
 kernel, and apply U^T to the output; signs and blocks are rebuilt here from rot_seed.
 
-activations="int8" runs sign / ternary / 2-bit grid layers (and their +rot forms) and 4- / 8-bit grid
-layers (e.g. an `--embed rtn:4:g64` or `rtn:8` head, tied or not) with the
-int8-activation kernels of lut.c (error bound in kernels.h), and vq layers with k <= 256 with int8
-lookup tables (engine.c: one scale per block of 32 vector columns, 8 for k >= 128; |error| <= scale/2
-per lookup; codes re-laid as bytes, 32 rows side by side, +1 byte per vector in memory). Not the default: on SmolLM2-135M
-binary (no calibration), 256 tokens of Austen, logits vs dequant: float max|diff| 5.8e-5,
-int8 max|diff| 5.6 (max|logit| 33.8), relative L2 5.7%, argmax agreement 70%; decode tok/s
-barely changes (141 -> 144, 2 threads), since decode is not GEMV-bound there.
+activations="int8" runs ternary / 2-bit grid layers, sign layers with a group below the row
+(and their +rot forms) and 4- / 8-bit grid layers (e.g. an `--embed rtn:4:g64` or `rtn:8` head,
+tied or not) with the int8-activation kernels of lut.c (error bound in kernels.h); vq layers with
+k <= 256 and sign layers with one scale per row run int8 lookup tables (engine.c / engine.h: one
+scale per block of 32 vector columns, 8 for k >= 128, 128 columns for sign; |error| <= scale/2 per
+lookup; codes re-laid 32 rows side by side: +1 byte per vq vector, +1 bit per sign weight in
+memory); the KV cache defaults to IEEE half (kv="float16"). Not the default: the float engine is
+the exact reference the dequant path is checked against; the int8 cost per file is measured
+in docs/RESULTS.md (+0.2-0.6% ppl on the 1- and 1.5-bit files there).
 
 With SALOMI_ENGINE_PROFILE=1 (wall time) or =cpu (calling thread's CPU time) set before
 the engine is created, eng.profile() returns seconds per stage (embed, norms, qkv, ...).

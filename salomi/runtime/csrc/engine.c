@@ -217,7 +217,6 @@ A2I __m256 kv_ld8(const void *p, int64_t i, int h16) {
     return h16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
                : _mm256_loadu_ps((const float *)p + i);
 }
-A2I float kv_ld1(const void *p, int64_t i, int h16) { return h16 ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
 
 /* One query head over ctxlen cached positions (hd % 8 == 0; K/V rows `stride` elements apart). Scores for 8 positions
  * are reduced together with a horizontal-add tree (one reduction per 8 dots instead
@@ -728,7 +727,6 @@ static const float SIGN_CBT[64] = { /* transposed [t][c]: +1 where bit t of c is
     -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1,
     -1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1,
     -1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1};
-
 
 static void sign_tables_weight(weight_t *W) { W->td = 4, W->tk = 16, W->nib = 1, W->cbt = SIGN_CBT; }
 
