@@ -1175,7 +1175,8 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
             if (!e->w[i].il) goto oom;
             salomi_sign_tables_layout(w->data, out, in, e->w[i].il);
             sign_tables_weight(&e->w[i]);
-            if (vq8_scratch_floats(16, in / 4) > e->lut_stride) e->lut_stride = vq8_scratch_floats(16, in / 4);
+            const int64_t s8 = vq8_scratch_floats(16, in / 4);
+            if (s8 > e->lut_stride) e->lut_stride = s8;
         }
         if (w->kind == SALOMI_W_VQ) {
             const int64_t n = w->vq_k * w->vq_d, lut = (vq_tile_vectors(w) * w->vq_k + 15) / 16 * 16;

@@ -835,13 +835,13 @@ A2I void grid2_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, co
 /* correction8 with F16C, 8 groups per step: lane l takes the groups g = l (mod 8) in
  * order, as in correction8, so both give the same float. */
 A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng, float zoff) {
-    const __m256 c128 = _mm256_set1_ps(zoff);
+    const __m256 vzoff = _mm256_set1_ps(zoff);
     __m256 cv = _mm256_setzero_ps();
     int64_t g = 0;
     for (; g + 8 <= ng; g += 8) {
         const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(sc + g)));
         const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(zr + g)));
-        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, c128)), _mm256_loadu_ps(xc + g), cv);
+        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, vzoff)), _mm256_loadu_ps(xc + g), cv);
     }
     if (g < ng) { /* padding lanes: s = z = 0 and xc = 0 add +-0, which leaves c as it is (a lane
                    * starts at +0 and a sum is never -0 after that) */
@@ -850,7 +850,7 @@ A2I float correction8_avx2(const uint16_t *sc, const uint16_t *zr, const float *
         memcpy(zp, zr + g, sizeof(uint16_t) * (size_t)(ng - g));
         const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)sp));
         const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)zp));
-        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, c128)), _mm256_loadu_ps(xc + g), cv);
+        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, vzoff)), _mm256_loadu_ps(xc + g), cv);
     }
     return hsum8_avx2(cv);
 }
