@@ -39,8 +39,9 @@ from salomi.runtime import kernels
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (8192, 8192)]  # (out, in)
 FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64)]  # (format, bits, group)
 INT8_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (8192, 8192), (49152, 576)]  # (out, in); last: the head
+# (format, bits, group); sign-tab: per-row scales (group 0 = in) through the engine's T-MAC tables
 INT8_FORMATS = [("sign", 0, 64), ("sign-tab", 0, 0), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64),
-                ("grid", 8, 64)]  # sign-tab: per-row scales (group 0 = in) through the T-MAC tables of the engine  # (format, bits, group)
+                ("grid", 8, 64)]
 COLD_BYTES = 512 << 20  # rotate copies of a layer until they span this much memory
 
 

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=1024)
     e.add_argument("--windows", type=int, default=64)
     e.add_argument("--runtime", default="dequant", choices=["auto", "kernels", "dequant", "engine"])
-    e.add_argument("--activations", default="float", choices=["float", "int8"], help="engine only: int8 runs sign/ternary/2-, 4- and 8-bit grid layers with int8-activation kernels and vq layers (k <= 256) with int8 lookup tables")
+    e.add_argument("--activations", default="float", choices=["float", "int8"], help="engine only: int8 runs ternary/2-, 4- and 8-bit grid layers (and sign layers with groups) with int8-activation kernels, vq layers (k <= 256) and per-row sign layers with int8 lookup tables, and a half KV cache")
     e.add_argument("--json", default=None)
     e.set_defaults(fn=cmd_eval)
 
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--activations", default="float", choices=["float", "int8"],
-                   help="engine only: int8 runs sign/ternary/2-, 4- and 8-bit grid layers with int8-activation kernels and vq layers (k <= 256) with int8 lookup tables")
+                   help="engine only: int8 runs ternary/2-, 4- and 8-bit grid layers (and sign layers with groups) with int8-activation kernels, vq layers (k <= 256) and per-row sign layers with int8 lookup tables, and a half KV cache")
     g.set_defaults(fn=cmd_generate)
 
     x = sub.add_parser("export", help="write a plain float Hugging Face checkpoint of the quantized weights")
