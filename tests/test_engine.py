@@ -373,3 +373,34 @@ def test_half_kv_cache(variants: dict[str, Path]) -> None:
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.9
     with pytest.raises(SalomiError, match="kv must be"):
         Engine.from_file(qf, max_seq=32, kv="int4")
+
+
+@pytest.mark.parametrize("method", ["binary", "vq:d4:k16", "vq:d4:k32", "vq:d4:k64", "vq:d4:k128", "vq:d4:k256"])
+def test_int8_tables_identical_on_every_isa(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path,
+                                            method: str) -> None:
+    """activations="int8" table layers (sign tables; vq tables of 16-256 entries: vpshufb on AVX2,
+    64 rows per vpshufb / vpermb / vpermi2b on AVX-512) give the same logits bit for bit on AVX2
+    and AVX-512, in prefill and decode: the integer sums are exact, the float flushes run in the
+    same order, and every other stage runs the same AVX2 code on both. The scalar engine sums
+    its float stages in another order, so it is held to the float tolerance of this file."""
+    f = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=2, seg_len=64,
+                 progress=False)
+    qf = load_quantized(f)
+    isas = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(kernels.cpu_isa()) + 1]
+    outs = []
+    try:
+        for name in isas:
+            kernels.set_isa(name)
+            eng = Engine.from_file(qf, max_seq=64, activations="int8")
+            assert eng.int8_layers == len(qf.packed)
+            outs.append(eng.logits(IDS))
+            eng.reset()
+            outs.append(torch.stack([eng.forward([int(t)]) for t in IDS[:4]]))
+    finally:
+        kernels.set_isa("auto")
+    assert len(outs) == 6 or kernels.cpu_isa() != "avx512"
+    for i in range(4, len(outs), 2):
+        assert torch.equal(outs[i], outs[2]) and torch.equal(outs[i + 1], outs[3]), isas[i // 2]
+    rel = float((outs[0] - outs[2]).norm() / outs[2].norm())
+    assert rel < 1e-3, f"scalar vs avx2 relative L2 {rel:.3g}"

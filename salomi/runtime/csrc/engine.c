@@ -315,6 +315,27 @@ static inline int use_avx2(void) {
 #endif
 }
 
+/* The int8 table kernels' 64-row path: the AVX-512 level (F, BW, VL) selected; VQ codes
+ * also need VBMI (byte permutes), checked separately so an AVX-512 CPU without it keeps
+ * the 64-row sign tables and the AVX2 vq tables. */
+static inline int use_avx512(void) {
+#if ENG_X86
+    return salomi_get_isa() >= SALOMI_ISA_AVX512;
+#else
+    return 0;
+#endif
+}
+
+static int cpu_vbmi(void) {
+#if ENG_X86
+    static int v = -1;
+    if (v < 0) { __builtin_cpu_init(); v = __builtin_cpu_supports("avx512vbmi") ? 1 : 0; }
+    return v;
+#else
+    return 0;
+#endif
+}
+
 static inline float dot(const float *a, const float *b, int64_t n, int avx2) {
 #if ENG_X86
     if (avx2) return dot_avx2(a, b, n);
@@ -408,6 +429,8 @@ typedef struct {
     float *lut;         /* [threads][lut_stride] */
     int64_t lut_stride;
     int avx2;
+    int avx512;         /* int8 tables: 64 rows per instruction (AVX512BW; VQ codes also need VBMI) */
+    int vbmi;
 } vqjob_t;
 
 /* Vector columns per tile: a multiple of 4 (codes are decoded 4 at a time). */
@@ -523,44 +546,48 @@ static void vq_task(void *ctx, int tid, int nt) {
     }
 }
 
-/* --- int8 tables (activations="int8"): 32 rows per vector instruction.
+/* --- int8 tables (activations="int8"): 32 rows per vector instruction (64 with AVX-512).
  * The float table of vq8_block(k) vector columns is quantized to int8 with one scale per
- * block (round to nearest even; |error| <= scale/2 per lookup), split into 16-entry tables
- * that vpshufb indexes with the low 4 code bits for 32 rows at once, the higher bits picking
- * a table by a blend tree. Pairs of columns are summed to int16 (maddubs; a block of <= 32
- * columns cannot overflow), then each block enters the row's float sum as
- * fma(scale, (float)sum, acc): the scalar twin does the same operations, so both paths give
- * identical bits. */
+ * block (round to nearest even; |error| <= scale/2 per lookup) and stored as one run of
+ * vq8_tsz(k) bytes per vector column (entries past k are zero). AVX2 indexes it 16 entries
+ * at a time (vpshufb on the low 4 code bits for 32 rows, the higher bits picking a 16-entry
+ * piece by a blend tree); AVX-512 looks up 64 rows at once (vpshufb for 16 entries, VBMI's
+ * vpermb / vpermi2b for up to 128, two of them and a blend on bit 7 for 256). Pairs of
+ * columns are summed to int16 (maddubs; a block of <= 32 columns cannot overflow), then each
+ * block enters the row's float sum as fma(scale, (float)sum, acc): the scalar twin does the
+ * same operations, so every path gives identical bits. */
 #ifndef VQ8_PREFETCH
 #define VQ8_PREFETCH 2048
 #endif
 static int64_t vq8_block(int64_t k) { return k >= 128 ? 8 : 32; }
 static int64_t vq8_tables(int64_t k) { int64_t t = 1; while (t * 16 < k) t *= 2; return t; }
+static int64_t vq8_tsz(int64_t k) { return 16 * vq8_tables(k); } /* table bytes per vector column */
 /* Scratch per thread, in floats, 64-byte multiple: one block's float table [B][k], the
- * scale of every block, and the int8 tables of all nv vector columns [nv][tables][32]
- * (32-byte aligned): every table is built before any row is read, so each 32-row group then
- * streams its codes once, front to back. */
+ * scale of every block, and the int8 tables of all nv vector columns [nv][tsz] (64-byte
+ * aligned): every table is built before any row is read, so each 32-row group then streams
+ * its codes once, front to back. */
 static int64_t vq8_scratch_floats(int64_t k, int64_t nv) {
     const int64_t B = vq8_block(k), nblk = (nv + B - 1) / B;
-    return (B * k + nblk + 8 + (nv * vq8_tables(k) * 32 + 3) / 4 + 15) / 16 * 16;
+    return (B * k + nblk + 16 + (nv * vq8_tsz(k) + 3) / 4 + 15) / 16 * 16;
 }
 
 #if ENG_X86
-/* 16 floats of F times inv, rounded to nearest even, as int8 into t[0..15] and t[16..31]. */
+/* 16 floats of F times inv, rounded to nearest even, as int8 into t[0..15]. */
 A2I void vq8_quant16(const float *F, __m256 inv, int8_t *t) {
     const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(F), inv));
     const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(F + 8), inv));
     const __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_setzero_si256());
-    /* 32-bit units of p8: a0-3 b0-3 0 0 | a4-7 b4-7 0 0 -> a0-3 a4-7 b0-3 b4-7, twice */
-    _mm256_store_si256((__m256i *)t, _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5)));
+    /* 32-bit units of p8: a0-3 b0-3 0 0 | a4-7 b4-7 0 0 -> a0-3 a4-7 b0-3 b4-7 */
+    const __m256i o = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5));
+    _mm_storeu_si128((__m128i *)t, _mm256_castsi256_si128(o));
 }
 
-/* nv tables of k % 16 == 0 entries; a set of nt tables per vector (nt * 16 >= k, the rest zero). */
-A2 static void vq8_quant_avx2(const float *F, int64_t nv, int64_t k, int64_t nt, float inv, int8_t *T) {
-    for (int64_t v = 0; v < nv; v++, F += k, T += nt * 32) {
+/* nv tables of k % 16 == 0 entries, tsz bytes each (the rest zero). */
+A2 static void vq8_quant_avx2(const float *F, int64_t nv, int64_t k, int64_t tsz, float inv, int8_t *T) {
+    for (int64_t v = 0; v < nv; v++, F += k, T += tsz) {
         int64_t j = 0;
-        for (; j < k / 16; j++) vq8_quant16(F + 16 * j, _mm256_set1_ps(inv), T + 32 * j);
-        memset(T + 32 * j, 0, (size_t)((nt - j) * 32));
+        for (; j < k / 16; j++) vq8_quant16(F + 16 * j, _mm256_set1_ps(inv), T + 16 * j);
+        memset(T + 16 * j, 0, (size_t)(tsz - 16 * j));
     }
 }
 
@@ -574,10 +601,10 @@ A2 static float absmax_avx2(const float *F, int64_t n) { /* n % 8 == 0; a max is
 }
 #endif
 
-/* Quantizes the float table of vector columns [v0, v1) into 16-entry int8 tables (each
- * stored twice: vpshufb looks up within each 128-bit half). Returns the block's scale. */
+/* Quantizes the float table of vector columns [v0, v1) into int8 tables of vq8_tsz(k)
+ * bytes each. Returns the block's scale. */
 static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int8_t *T, int avx2) {
-    const int64_t k = W->tk, nt = vq8_tables(k), n = (v1 - v0) * k;
+    const int64_t k = W->tk, tsz = vq8_tsz(k), n = (v1 - v0) * k;
     vq_build(W, x, v0, v1, F, avx2);
     float m = 0.f;
 #if ENG_X86
@@ -589,38 +616,35 @@ static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int
     const float inv = m > 0.f ? 127.f / m : 0.f;
 #if ENG_X86
     if (simd) { /* the same rounding as lrintf (nearest even, the default mode) */
-        vq8_quant_avx2(F, v1 - v0, k, nt, inv, T);
+        vq8_quant_avx2(F, v1 - v0, k, tsz, inv, T);
         return m / 127.f;
     }
 #endif
-    memset(T, 0, (size_t)((v1 - v0) * nt * 32));
+    memset(T, 0, (size_t)((v1 - v0) * tsz));
     for (int64_t v = 0; v < v1 - v0; v++)
-        for (int64_t c = 0; c < k; c++) {
-            const int8_t q = (int8_t)lrintf(F[v * k + c] * inv);
-            int8_t *t = T + (v * nt + c / 16) * 32 + c % 16;
-            t[0] = q, t[16] = q;
-        }
+        for (int64_t c = 0; c < k; c++) T[v * tsz + c] = (int8_t)lrintf(F[v * k + c] * inv);
     return m / 127.f;
 }
 
-static void vq8_group_scalar(const uint8_t *il, int nib, int64_t v0, int64_t v1, const int8_t *T, int64_t nt,
+static void vq8_group_scalar(const uint8_t *il, int nib, int64_t v0, int64_t v1, const int8_t *T, int64_t tsz,
                              float scale, float acc[32]) {
     for (int r = 0; r < 32; r++) {
         int32_t s = 0;
         for (int64_t v = v0; v < v1; v++) {
             const unsigned c = nib ? (il[v / 2 * 32 + r] >> (4 * (v & 1))) & 15 : il[v * 32 + r];
-            s += T[((v - v0) * nt + c / 16) * 32 + c % 16];
+            s += T[(v - v0) * tsz + c];
         }
         acc[r] = fmaf(scale, (float)s, acc[r]);
     }
 }
 
 #if ENG_X86
-/* 32 lookups: code bytes c in table set t (nt 16-entry tables, levels = log2 nt). */
+/* 32 lookups: code bytes c in the table t of nt 16-entry pieces (levels = log2 nt). */
 A2I __m256i vq8_lookup(__m256i c, const int8_t *t, int64_t nt) {
     const __m256i lo = _mm256_and_si256(c, _mm256_set1_epi8(15));
     __m256i r[16];
-    for (int64_t j = 0; j < nt; j++) r[j] = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(t + j * 32)), lo);
+    for (int64_t j = 0; j < nt; j++)
+        r[j] = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(t + j * 16))), lo);
     for (int bit = 4, n = (int)nt; n > 1; bit++, n /= 2) {
         /* code bit `bit` to each byte's sign bit, which is all blendv reads (the 16-bit shift
          * carries low-byte bits only into the high byte's low bits) */
@@ -648,9 +672,9 @@ A2 static void vq8_group_avx2(const uint8_t *il, int64_t v0, int64_t v1, const i
     __m256i lo16 = _mm256_setzero_si256(), hi16 = _mm256_setzero_si256();
     for (int64_t v = v0; v < v1; v += 2) {
         _mm_prefetch((const char *)(il + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
-        const __m256i r0 = vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + v * 32)), T + (v - v0) * nt * 32, nt);
+        const __m256i r0 = vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + v * 32)), T + (v - v0) * nt * 16, nt);
         const __m256i r1 = v + 1 < v1 ? vq8_lookup(_mm256_loadu_si256((const __m256i *)(il + (v + 1) * 32)),
-                                                   T + (v + 1 - v0) * nt * 32, nt)
+                                                   T + (v + 1 - v0) * nt * 16, nt)
                                       : _mm256_setzero_si256();
         /* rows 0-7,16-23 and 8-15,24-31, each as the pair (v, v+1) summed to int16 */
         lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)));
@@ -671,50 +695,143 @@ A2 static void vq8_group_nib_avx2(const uint8_t *il, int64_t v0, int64_t v1, con
          * (as grid8 in lut.c; prefetches never fault) */
         _mm_prefetch((const char *)(il + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
         const __m256i c = _mm256_loadu_si256((const __m256i *)(il + v / 2 * 32));
-        const int8_t *t = T + (v - v0) * 32;
-        const __m256i r0 = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)t), _mm256_and_si256(c, low));
-        const __m256i r1 = _mm256_shuffle_epi8(_mm256_load_si256((const __m256i *)(t + 32)),
+        const __m256i t = _mm256_loadu_si256((const __m256i *)(T + (v - v0) * 16)); /* tables v, v + 1 */
+        const __m256i r0 = _mm256_shuffle_epi8(_mm256_permute2x128_si256(t, t, 0x00), _mm256_and_si256(c, low));
+        const __m256i r1 = _mm256_shuffle_epi8(_mm256_permute2x128_si256(t, t, 0x11),
                                                _mm256_and_si256(_mm256_srli_epi16(c, 4), low));
         lo16 = _mm256_add_epi16(lo16, _mm256_maddubs_epi16(ones, _mm256_unpacklo_epi8(r0, r1)));
         hi16 = _mm256_add_epi16(hi16, _mm256_maddubs_epi16(ones, _mm256_unpackhi_epi8(r0, r1)));
     }
     vq8_flush(lo16, hi16, scale, acc);
 }
+
+/* --- the same 64 rows at a time (two 32-row groups of il, g and g + 1, side by side in one
+ * zmm): AVX512BW for the sign tables, plus VBMI's byte permutes for vq codes. */
+#define A5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")))
+#define A5I static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c"), always_inline))
+
+/* 64 code bytes: 32 of group il0 (rows 0-31), then 32 of il1 (rows 32-63). */
+A5I __m512i vq8_codes64(const uint8_t *il0, const uint8_t *il1, int64_t off) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(il0 + off))),
+                              _mm256_loadu_si256((const __m256i *)(il1 + off)), 1);
+}
+
+/* 64 lookups of code bytes c in one vector column's table t of tsz bytes (a constant). */
+A5I __m512i vq8_lookup64(__m512i c, const int8_t *t, const int64_t tsz) {
+    if (tsz == 16) return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t)), c);
+    if (tsz == 32) return _mm512_permutexvar_epi8(c, _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t)));
+    if (tsz == 64) return _mm512_permutexvar_epi8(c, _mm512_loadu_si512(t));
+    const __m512i a = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), c, _mm512_loadu_si512(t + 64));
+    if (tsz == 128) return a;
+    const __m512i b = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), c, _mm512_loadu_si512(t + 192));
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), a, b); /* code bit 7 picks the upper half */
+}
+
+/* acc[r] = fma(scale, sum of row r, acc[r]) for 64 rows; 128-bit lane i of lo16 / hi16
+ * holds rows 16i..16i+7 / 16i+8..16i+15 (the unpack order). */
+A5I void vq8_flush64(__m512i lo16, __m512i hi16, float scale, float acc[64]) {
+    const __m512 s = _mm512_set1_ps(scale);
+    const __m512i q[2] = {_mm512_permutex2var_epi64(lo16, _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), hi16),
+                          _mm512_permutex2var_epi64(lo16, _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15), hi16)};
+    for (int i = 0; i < 4; i++) { /* rows 16i .. 16i+15 */
+        const __m256i h = i & 1 ? _mm512_extracti64x4_epi64(q[i / 2], 1) : _mm512_castsi512_si256(q[i / 2]);
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(h));
+        _mm512_storeu_ps(acc + 16 * i, _mm512_fmadd_ps(s, f, _mm512_loadu_ps(acc + 16 * i)));
+    }
+}
+
+/* vq8_group_scalar for groups il0 and il1 at once (acc[0..31] = il0's rows, acc[32..63] = il1's). */
+A5I void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
+                         const int64_t tsz, float scale, float acc[64]) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i lo16 = _mm512_setzero_si512(), hi16 = _mm512_setzero_si512();
+    for (int64_t v = v0; v < v1; v += 2) {
+        _mm_prefetch((const char *)(il0 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(il1 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
+        const __m512i r0 = vq8_lookup64(vq8_codes64(il0, il1, v * 32), T + (v - v0) * tsz, tsz);
+        const __m512i r1 = v + 1 < v1 ? vq8_lookup64(vq8_codes64(il0, il1, (v + 1) * 32), T + (v + 1 - v0) * tsz, tsz)
+                                      : _mm512_setzero_si512();
+        lo16 = _mm512_add_epi16(lo16, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
+        hi16 = _mm512_add_epi16(hi16, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
+    }
+    vq8_flush64(lo16, hi16, scale, acc);
+}
+
+A5 static void vq8_group2_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
+                                 int64_t tsz, float scale, float acc[64]) {
+    switch (tsz) { /* a constant table size per loop */
+    case 16: vq8_group2_body(il0, il1, v0, v1, T, 16, scale, acc); break;
+    case 32: vq8_group2_body(il0, il1, v0, v1, T, 32, scale, acc); break;
+    case 64: vq8_group2_body(il0, il1, v0, v1, T, 64, scale, acc); break;
+    case 128: vq8_group2_body(il0, il1, v0, v1, T, 128, scale, acc); break;
+    default: vq8_group2_body(il0, il1, v0, v1, T, 256, scale, acc); break;
+    }
+}
+
+/* vq8_group_nib_avx2 for groups il0 and il1 at once (AVX512BW only: 16-entry tables). */
+A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
+                                     float scale, float acc[64]) {
+    const __m512i ones = _mm512_set1_epi8(1), low = _mm512_set1_epi8(15);
+    __m512i lo16 = _mm512_setzero_si512(), hi16 = _mm512_setzero_si512();
+    for (int64_t v = v0; v < v1; v += 2) {
+        _mm_prefetch((const char *)(il0 + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(il1 + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
+        const __m512i c = vq8_codes64(il0, il1, v / 2 * 32);
+        const int8_t *t = T + (v - v0) * 16;
+        const __m512i r0 = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t)),
+                                               _mm512_and_si512(c, low));
+        const __m512i r1 = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(t + 16))),
+                                               _mm512_and_si512(_mm512_srli_epi16(c, 4), low));
+        lo16 = _mm512_add_epi16(lo16, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
+        hi16 = _mm512_add_epi16(hi16, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
+    }
+    vq8_flush64(lo16, hi16, scale, acc);
+}
 #endif
 
 /* One int8-table layer for one activation row, this thread's 32-row groups: all tables
- * first, then per group every block in order, each entering the row sums as one FMA. */
+ * first, then per group (two groups side by side on AVX-512) every block in order, each
+ * entering the row sums as one FMA. */
 static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt) {
     const salomi_weight *w = &W->w;
-    const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k);
+    const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k), tsz = vq8_tsz(k);
     const int64_t ilv = W->nib ? nv / 2 : nv; /* il bytes per row */
     const int64_t groups = (w->out + 31) / 32, per = (groups + nt - 1) / nt;
     const int64_t g0 = min64(groups, tid * per), g1 = min64(groups, g0 + per);
     if (g0 >= g1) return;
     float *F = J->lut + tid * J->lut_stride, *S = F + B * k;
-    int8_t *T = (int8_t *)(((uintptr_t)(S + (nv + B - 1) / B) + 31) & ~(uintptr_t)31);
+    int8_t *T = (int8_t *)(((uintptr_t)(S + (nv + B - 1) / B) + 63) & ~(uintptr_t)63);
     for (int64_t v0 = 0; v0 < nv; v0 += B)
-        S[v0 / B] = vq8_tables_build(W, x, v0, min64(nv, v0 + B), F, T + v0 * ntab * 32, J->avx2);
-    for (int64_t g = g0; g < g1; g++) {
-        const int64_t o0 = g * 32, n = min64(32, w->out - o0);
-        const uint8_t *il = W->il + g * ilv * 32;
-        float acc[32] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
+        S[v0 / B] = vq8_tables_build(W, x, v0, min64(nv, v0 + B), F, T + v0 * tsz, J->avx2);
+#if ENG_X86
+    const int wide = J->avx512 && (W->nib || J->vbmi);
+#else
+    const int wide = 0;
+#endif
+    for (int64_t g = g0; g < g1; g += wide ? 2 : 1) {
+        const int pair = wide && g + 1 < g1; /* a lone last group runs beside itself */
+        const int64_t o0 = g * 32, n = min64(pair ? 64 : 32, w->out - o0);
+        const uint8_t *il = W->il + g * ilv * 32, *il1 = pair ? il + ilv * 32 : il;
+        float acc[64] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
         for (int64_t v0 = 0; v0 < nv; v0 += B) {
             const int64_t v1 = min64(nv, v0 + B);
-            const int8_t *Tb = T + v0 * ntab * 32;
+            const int8_t *Tb = T + v0 * tsz;
 #if ENG_X86
-            if (J->avx2 && W->nib) vq8_group_nib_avx2(il, v0, v1, Tb, S[v0 / B], acc);
+            if (wide && W->nib) vq8_group2_nib_avx512(il, il1, v0, v1, Tb, S[v0 / B], acc);
+            else if (wide) vq8_group2_avx512(il, il1, v0, v1, Tb, tsz, S[v0 / B], acc);
+            else if (J->avx2 && W->nib) vq8_group_nib_avx2(il, v0, v1, Tb, S[v0 / B], acc);
             else if (J->avx2) vq8_group_avx2(il, v0, v1, Tb, ntab, S[v0 / B], acc);
             else
 #endif
-                vq8_group_scalar(il, W->nib, v0, v1, Tb, ntab, S[v0 / B], acc);
+                vq8_group_scalar(il, W->nib, v0, v1, Tb, tsz, S[v0 / B], acc);
         }
         for (int64_t r = 0; r < n; r++) y[o0 + r] = acc[r] * salomi_h2f(w->scale[o0 + r]);
     }
 }
 
 static void run_vq(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
-    vqjob_t J = {.W = W, .n = n, .x = x, .M = M, .y = y, .lut = e->lut, .lut_stride = e->lut_stride, .avx2 = use_avx2()};
+    vqjob_t J = {.W = W, .n = n, .x = x, .M = M, .y = y, .lut = e->lut, .lut_stride = e->lut_stride, .avx2 = use_avx2(),
+                 .avx512 = use_avx512(), .vbmi = cpu_vbmi()};
     salomi_run_parallel(vq_task, &J, e->c.threads);
 }
 
@@ -754,7 +871,8 @@ int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out
     float *lut = aligned_alloc(64, sizeof(float) * (size_t)(nt * stride));
     if (!lut) return -2;
     float *ys[1] = {y};
-    vqjob_t J = {.W = &W, .n = 1, .x = x, .M = M, .y = ys, .lut = lut, .lut_stride = stride, .avx2 = use_avx2()};
+    vqjob_t J = {.W = &W, .n = 1, .x = x, .M = M, .y = ys, .lut = lut, .lut_stride = stride, .avx2 = use_avx2(),
+                 .avx512 = use_avx512(), .vbmi = cpu_vbmi()};
     salomi_run_parallel(vq_task, &J, nt);
     free(lut);
     return 0;
