@@ -35,7 +35,8 @@ from salomi.quantizers.base import PackedLinear
 from salomi.quantizers.simple import BinaryQuantizer, TernaryQuantizer
 from salomi.runtime import kernels
 
-ISAS = ["scalar"] + (["avx2"] if kernels.cpu_isa() in ("avx2", "avx512") else [])
+# every ISA the CPU has: scalar, avx2, avx512 (the int8 kernels must agree bit for bit on all)
+ISAS = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(kernels.cpu_isa()) + 1]
 
 
 def quantize_ref(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
