@@ -78,6 +78,8 @@ struct salomi_engine {
     float *rtmp;          /* one row of scratch for the rotation */
     float *lut;           /* vq tables, one per thread: [threads][lut_stride] */
     int64_t lut_stride;   /* max over vq layers of one tile's floats, rounded to a cache line */
+    float *part;          /* int8 table layers: second-half sums of one dispatch [part_cap] */
+    int64_t part_cap;
     int profile;
     double prof[NPROF];
     char err[256];
@@ -128,6 +130,11 @@ static int64_t packed_row_bytes(const salomi_weight *w) {
 #if ENG_X86
 #define A2 __attribute__((target("avx2,fma,f16c")))
 #define A2I static inline __attribute__((target("avx2,fma,f16c"), always_inline))
+/* AVX-512 F/BW/VL (the ISA level "avx512"); A5V adds VBMI, used only after cpu_vbmi() */
+#define A5 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define A5I static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"), always_inline))
+#define A5V __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")))
+#define A5VI static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c"), always_inline))
 
 A2I float hsum8(__m256 v) {
     __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -431,7 +438,15 @@ typedef struct {
     int avx2;
     int avx512;         /* int8 tables: 64 rows per instruction (AVX512BW; VQ codes also need VBMI) */
     int vbmi;
+    float *part;        /* int8 table layers: the second column half's sums, [n][M][out_i] packed */
 } vqjob_t;
+
+/* Offset of layer i's half-1 sums in the part buffer. */
+static int64_t vq8_part_offset(const vqjob_t *J, int i) {
+    int64_t off = 0;
+    for (int j = 0; j < i; j++) off += J->W[j].il ? J->M * J->W[j].w.out : 0;
+    return off;
+}
 
 /* Vector columns per tile: a multiple of 4 (codes are decoded 4 at a time). */
 static int64_t vq_tile_vectors(const salomi_weight *w) {
@@ -518,7 +533,7 @@ static inline __attribute__((always_inline)) void vq_rows(const salomi_weight *w
     }
 }
 
-static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt);
+static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, float *y1, int tid, int nt);
 
 static void vq_task(void *ctx, int tid, int nt) {
     const vqjob_t *J = ctx;
@@ -528,7 +543,11 @@ static void vq_task(void *ctx, int tid, int nt) {
             const weight_t *W = &J->W[i];
             const salomi_weight *w = &W->w;
             float *y = J->y[i] + m * w->out;
-            if (W->il) { vq8_layer(J, W, J->x + m * w->in, y, tid, nt); continue; }
+            if (W->il) {
+                float *y1 = J->part + vq8_part_offset(J, i) + m * w->out;
+                vq8_layer(J, W, J->x + m * w->in, y, y1, tid, nt);
+                continue;
+            }
             const int64_t nv = w->in / w->vq_d, tv = vq_tile_vectors(w);
             int64_t o0, o1;
             split_rows(w->out, tid, nt, &o0, &o1);
@@ -603,8 +622,18 @@ A2 static float absmax_avx2(const float *F, int64_t n) { /* n % 8 == 0; a max is
 
 /* Quantizes the float table of vector columns [v0, v1) into int8 tables of vq8_tsz(k)
  * bytes each. Returns the block's scale. */
-static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int8_t *T, int avx2) {
+#if ENG_X86
+A5 static float vq8_tables_build_avx512(const float *cbt, int64_t k, const float *x, int64_t nv, float *F, int8_t *T,
+                                       int64_t tsz);
+#endif
+
+static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int8_t *T, int avx2,
+                              int avx512) {
     const int64_t k = W->tk, tsz = vq8_tsz(k), n = (v1 - v0) * k;
+#if ENG_X86
+    if (avx512 && W->td == 4 && k % 16 == 0) return vq8_tables_build_avx512(W->cbt, k, x + v0 * 4, v1 - v0, F, T, tsz);
+#endif
+    (void)avx512;
     vq_build(W, x, v0, v1, F, avx2);
     float m = 0.f;
 #if ENG_X86
@@ -707,8 +736,38 @@ A2 static void vq8_group_nib_avx2(const uint8_t *il, int64_t v0, int64_t v1, con
 
 /* --- the same 64 rows at a time (two 32-row groups of il, g and g + 1, side by side in one
  * zmm): AVX512BW for the sign tables, plus VBMI's byte permutes for vq codes. */
-#define A5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")))
-#define A5I static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c"), always_inline))
+
+/* vq8_tables_build for d = 4, k % 16 == 0 (every vq int8 layer of the default recipes and the
+ * sign tables): the table, its absmax in the same pass, then int8 with one saturating
+ * narrow per 16 entries. Per entry the same mul + 3 FMAs, the same rounding: identical bytes. */
+A5 static float vq8_tables_build_avx512(const float *cbt, int64_t k, const float *x, int64_t nv, float *F, int8_t *T,
+                                       int64_t tsz) {
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t v = 0; v < nv; v++) {
+        const float *xs = x + 4 * v;
+        const __m512 x0 = _mm512_set1_ps(xs[0]), x1 = _mm512_set1_ps(xs[1]), x2 = _mm512_set1_ps(xs[2]),
+                     x3 = _mm512_set1_ps(xs[3]);
+        for (int64_t c = 0; c < k; c += 16) {
+            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(cbt + c), x0);
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(cbt + k + c), x1, a);
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(cbt + 2 * k + c), x2, a);
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(cbt + 3 * k + c), x3, a);
+            _mm512_storeu_ps(F + v * k + c, a);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(a));
+        }
+    }
+    const float m = _mm512_reduce_max_ps(mx);
+    const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    for (int64_t v = 0; v < nv; v++) {
+        int64_t c = 0;
+        for (; c < k; c += 16) { /* |values| <= 127: the saturating narrow only packs */
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(F + v * k + c), inv));
+            _mm_storeu_si128((__m128i *)(T + v * tsz + c), _mm512_cvtsepi32_epi8(q));
+        }
+        if (c < tsz) memset(T + v * tsz + c, 0, (size_t)(tsz - c));
+    }
+    return m / 127.f;
+}
 
 /* 64 code bytes: 32 of group il0 (rows 0-31), then 32 of il1 (rows 32-63). */
 A5I __m512i vq8_codes64(const uint8_t *il0, const uint8_t *il1, int64_t off) {
@@ -717,7 +776,7 @@ A5I __m512i vq8_codes64(const uint8_t *il0, const uint8_t *il1, int64_t off) {
 }
 
 /* 64 lookups of code bytes c in one vector column's table t of tsz bytes (a constant). */
-A5I __m512i vq8_lookup64(__m512i c, const int8_t *t, const int64_t tsz) {
+A5VI __m512i vq8_lookup64(__m512i c, const int8_t *t, const int64_t tsz) {
     if (tsz == 16) return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t)), c);
     if (tsz == 32) return _mm512_permutexvar_epi8(c, _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t)));
     if (tsz == 64) return _mm512_permutexvar_epi8(c, _mm512_loadu_si512(t));
@@ -741,7 +800,7 @@ A5I void vq8_flush64(__m512i lo16, __m512i hi16, float scale, float acc[64]) {
 }
 
 /* vq8_group_scalar for groups il0 and il1 at once (acc[0..31] = il0's rows, acc[32..63] = il1's). */
-A5I void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
+A5VI void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
                          const int64_t tsz, float scale, float acc[64]) {
     const __m512i ones = _mm512_set1_epi8(1);
     __m512i lo16 = _mm512_setzero_si512(), hi16 = _mm512_setzero_si512();
@@ -757,7 +816,7 @@ A5I void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, int
     vq8_flush64(lo16, hi16, scale, acc);
 }
 
-A5 static void vq8_group2_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
+A5V static void vq8_group2_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
                                  int64_t tsz, float scale, float acc[64]) {
     switch (tsz) { /* a constant table size per loop */
     case 16: vq8_group2_body(il0, il1, v0, v1, T, 16, scale, acc); break;
@@ -789,20 +848,26 @@ A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int
 }
 #endif
 
-/* One int8-table layer for one activation row, this thread's 32-row groups: all tables
- * first, then per group (two groups side by side on AVX-512) every block in order, each
- * entering the row sums as one FMA. */
-static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, int tid, int nt) {
+/* int8 table layers split their vector columns in two halves at a block boundary, whatever
+ * the thread count (so the bits never depend on it): a part builds only its half's tables and
+ * sums that half for its rows, so two threads build half the tables each instead of all of
+ * them, and y = (half 0 + half 1) * scale once both are done (vq8_finish). */
+static int64_t vq8_half(int64_t nv, int64_t B) { const int64_t nb = (nv + B - 1) / B; return min64(nv, (nb + 1) / 2 * B); }
+
+/* One half (part 0 or 1) of an int8-table layer for one activation row, groups [g0, g1): the
+ * half's tables first, then per group (two groups side by side on AVX-512) every block in
+ * order, each entering the row sums as one FMA; the unscaled sums go to y. */
+static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float *y, int part, int64_t g0, int64_t g1,
+                     int tid) {
     const salomi_weight *w = &W->w;
     const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k), tsz = vq8_tsz(k);
     const int64_t ilv = W->nib ? nv / 2 : nv; /* il bytes per row */
-    const int64_t groups = (w->out + 31) / 32, per = (groups + nt - 1) / nt;
-    const int64_t g0 = min64(groups, tid * per), g1 = min64(groups, g0 + per);
+    const int64_t va = part ? vq8_half(nv, B) : 0, vb = part ? nv : vq8_half(nv, B);
     if (g0 >= g1) return;
     float *F = J->lut + tid * J->lut_stride, *S = F + B * k;
     int8_t *T = (int8_t *)(((uintptr_t)(S + (nv + B - 1) / B) + 63) & ~(uintptr_t)63);
-    for (int64_t v0 = 0; v0 < nv; v0 += B)
-        S[v0 / B] = vq8_tables_build(W, x, v0, min64(nv, v0 + B), F, T + v0 * tsz, J->avx2);
+    for (int64_t v0 = va; v0 < vb; v0 += B)
+        S[v0 / B] = vq8_tables_build(W, x, v0, min64(vb, v0 + B), F, T + (v0 - va) * tsz, J->avx2, J->avx512);
 #if ENG_X86
     const int wide = J->avx512 && (W->nib || J->vbmi);
 #else
@@ -813,9 +878,9 @@ static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float
         const int64_t o0 = g * 32, n = min64(pair ? 64 : 32, w->out - o0);
         const uint8_t *il = W->il + g * ilv * 32, *il1 = pair ? il + ilv * 32 : il;
         float acc[64] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
-        for (int64_t v0 = 0; v0 < nv; v0 += B) {
-            const int64_t v1 = min64(nv, v0 + B);
-            const int8_t *Tb = T + v0 * tsz;
+        for (int64_t v0 = va; v0 < vb; v0 += B) {
+            const int64_t v1 = min64(vb, v0 + B);
+            const int8_t *Tb = T + (v0 - va) * tsz;
 #if ENG_X86
             if (wide && W->nib) vq8_group2_nib_avx512(il, il1, v0, v1, Tb, S[v0 / B], acc);
             else if (wide) vq8_group2_avx512(il, il1, v0, v1, Tb, tsz, S[v0 / B], acc);
@@ -825,14 +890,49 @@ static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float
 #endif
                 vq8_group_scalar(il, W->nib, v0, v1, Tb, tsz, S[v0 / B], acc);
         }
-        for (int64_t r = 0; r < n; r++) y[o0 + r] = acc[r] * salomi_h2f(w->scale[o0 + r]);
+        memcpy(y + o0, acc, sizeof(float) * (size_t)n);
     }
 }
 
+/* This thread's share of an int8-table layer: tasks (half, row range) = 2 x max(1, nt / 2),
+ * task t on thread t % nt; half 1 writes to the job's part buffer. */
+static void vq8_layer(const vqjob_t *J, const weight_t *W, const float *x, float *y, float *y1, int tid, int nt) {
+    const int64_t groups = (W->w.out + 31) / 32, R = nt / 2 > 1 ? nt / 2 : 1, per = (groups + R - 1) / R;
+    for (int64_t t = tid; t < 2 * R; t += nt) {
+        const int64_t g0 = min64(groups, t / 2 * per);
+        vq8_part(J, W, x, t % 2 ? y1 : y, (int)(t % 2), g0, min64(groups, g0 + per), tid);
+    }
+}
+
+/* After the join: y = (half 0 + half 1) * scale for the int8-table layers of a job. */
+static void vq8_finish(const vqjob_t *J) {
+    const float *p = J->part;
+    for (int i = 0; i < J->n; i++) {
+        const salomi_weight *w = &J->W[i].w;
+        if (!J->W[i].il) continue;
+        for (int64_t m = 0; m < J->M; m++, p += w->out) {
+            float *y = J->y[i] + m * w->out;
+            for (int64_t o = 0; o < w->out; o++) y[o] = (y[o] + p[o]) * salomi_h2f(w->scale[o]);
+        }
+    }
+}
+
+/* One dispatch for n layers sharing x. int8 table layers need room for their second halves'
+ * sums (vq8_finish): rows go in batches that fit the part buffer (all of a prefill chunk for
+ * the block layers; a few rows at a time for a table head). */
 static void run_vq(salomi_engine *e, const weight_t *W, int n, const float *x, int64_t M, float *const *y) {
-    vqjob_t J = {.W = W, .n = n, .x = x, .M = M, .y = y, .lut = e->lut, .lut_stride = e->lut_stride, .avx2 = use_avx2(),
-                 .avx512 = use_avx512(), .vbmi = cpu_vbmi()};
-    salomi_run_parallel(vq_task, &J, e->c.threads);
+    int64_t need = 0;
+    for (int i = 0; i < n; i++) need += W[i].il ? W[i].w.out : 0;
+    const int64_t mb = need ? (e->part_cap / need > 0 ? min64(M, e->part_cap / need) : 1) : M;
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+        float *ys[4];
+        for (int i = 0; i < n && i < 4; i++) ys[i] = y[i] + m0 * W[i].w.out;
+        vqjob_t J = {.W = W, .n = n, .x = x + m0 * W[0].w.in, .M = min64(mb, M - m0), .y = ys, .lut = e->lut,
+                     .lut_stride = e->lut_stride, .avx2 = use_avx2(), .avx512 = use_avx512(), .vbmi = cpu_vbmi(),
+                     .part = e->part};
+        salomi_run_parallel(vq_task, &J, e->c.threads);
+        if (need) vq8_finish(&J);
+    }
 }
 
 /* --- sign tables (T-MAC; activations="int8", engine.h): a 4-column sign pattern is a code
@@ -870,11 +970,15 @@ int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out
     const int64_t stride = vq8_scratch_floats(16, in / 4);
     float *lut = aligned_alloc(64, sizeof(float) * (size_t)(nt * stride));
     if (!lut) return -2;
+    float *part = malloc(sizeof(float) * (size_t)(M * out));
+    if (!part) { free(lut); return -2; }
     float *ys[1] = {y};
     vqjob_t J = {.W = &W, .n = 1, .x = x, .M = M, .y = ys, .lut = lut, .lut_stride = stride, .avx2 = use_avx2(),
-                 .avx512 = use_avx512(), .vbmi = cpu_vbmi()};
+                 .avx512 = use_avx512(), .vbmi = cpu_vbmi(), .part = part};
     salomi_run_parallel(vq_task, &J, nt);
+    vq8_finish(&J);
     free(lut);
+    free(part);
     return 0;
 }
 
@@ -1242,7 +1346,7 @@ void salomi_engine_free(salomi_engine *e) {
     free(e->norms);
     free(e->kcache); free(e->vcache);
     free(e->x); free(e->xn); free(e->q); free(e->k); free(e->v); free(e->att); free(e->tmp); free(e->g); free(e->u);
-    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->rx); free(e->rtmp);
+    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->part); free(e->rx); free(e->rtmp);
     free(e);
 }
 
@@ -1345,8 +1449,11 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     e->rx = malloc(sizeof(float) * CHUNK * widest);
     e->rtmp = malloc(sizeof(float) * (size_t)widest);
     e->lut = e->lut_stride ? malloc(sizeof(float) * (size_t)e->c.threads * (size_t)e->lut_stride) : NULL;
+    e->part_cap = CHUNK * (e->q_dim + 2 * e->kv_dim > 2 * I ? e->q_dim + 2 * e->kv_dim : 2 * I);
+    e->part_cap = e->part_cap > CHUNK * H ? e->part_cap : CHUNK * H;
+    e->part = malloc(sizeof(float) * (size_t)e->part_cap);
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
-        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_stride && !e->lut))
+        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_stride && !e->lut) || !e->part)
         goto oom;
     const char *p = getenv("SALOMI_ENGINE_PROFILE");
     e->profile = p && *p && strcmp(p, "0") != 0;
