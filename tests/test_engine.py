@@ -404,3 +404,26 @@ def test_int8_tables_identical_on_every_isa(tiny_llama_dir: Path, austen_slice: 
         assert torch.equal(outs[i], outs[2]) and torch.equal(outs[i + 1], outs[3]), isas[i // 2]
     rel = float((outs[0] - outs[2]).norm() / outs[2].norm())
     assert rel < 1e-3, f"scalar vs avx2 relative L2 {rel:.3g}"
+
+
+@pytest.mark.parametrize("method", ["gptq:2:g32+lowrank:r4", "vq:d4:k16+lowrank:r8", "gptq:2:g32+lowrank:r4+rot",
+                                    "gptq:2:g32+rot+lowrank:r4"])
+def test_lowrank_layers_match_dequant(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path, method: str) -> None:
+    """+lowrank runs in the engine from its int8 factors (added inside or outside a rotation, as
+    the format nests them): logits equal the dequantized model's in prefill and decode."""
+    f = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=2, seg_len=64,
+                 progress=False)
+    qf = load_quantized(f)
+    assert all("lowrank" in p.format for p in qf.packed.values()), {p.format for p in qf.packed.values()}
+    assert unsupported_reason(qf) is None
+    ref = reference_logits(qf, IDS)
+    eng = Engine.from_file(qf, max_seq=64)
+    assert_close_logits(eng.logits(IDS), ref)
+    eng.reset()
+    assert_close_logits(torch.stack([eng.forward([int(t)]) for t in IDS[:5]]), ref[:5])
+    int8 = Engine.from_file(qf, max_seq=64, activations="int8").logits(IDS)
+    assert float((int8 - ref).norm() / ref.norm()) < 0.05
+    if method.startswith("gptq"):  # the torch "kernels" runtime: base kernel + the factors' thin matmuls
+        with torch.inference_mode():
+            assert_close_logits(build_model(qf, "kernels")(IDS[None]).logits[0].float(), ref)

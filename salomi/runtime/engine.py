@@ -53,6 +53,12 @@ PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o
 PROFILE_STAGES = ("embed", "norms", "qkv", "attention", "o_proj", "gate_up", "act", "down", "head", "calls")
 
 ROT = "+rot"  # composite "BASE+rot": W = U^T BASE V (salomi/quantizers/rotation.py)
+LOWRANK = "+lowrank"  # composite "BASE+lowrank": W = BASE + U V, int8 factors (salomi/quantizers/lowrank.py)
+
+
+def base_format(fmt: str) -> str:
+    """The kernel format under the composites the engine runs: BASE[+lowrank][+rot][+lowrank]."""
+    return fmt.removesuffix(LOWRANK).removesuffix(ROT).removesuffix(LOWRANK)
 W_F32, W_F16, W_SIGN, W_TERNARY, W_GRID, W_VQ = range(6)
 _KIND = {"sign": W_SIGN, "ternary": W_TERNARY, "grid": W_GRID, "vq": W_VQ}
 
@@ -71,6 +77,8 @@ class _Weight(ctypes.Structure):
         ("rot_s_in", ctypes.c_void_p), ("rot_s_out", ctypes.c_void_p),
         ("rot_m_in", ctypes.c_void_p), ("rot_m_out", ctypes.c_void_p),
         ("act_i8", ctypes.c_int32),
+        ("lr_rank", ctypes.c_int32), ("lr_rot_inside", ctypes.c_int32),
+        ("lr_u", ctypes.c_void_p), ("lr_v", ctypes.c_void_p), ("lr_us", ctypes.c_void_p), ("lr_vs", ctypes.c_void_p),
     ]
 
 
@@ -202,7 +210,7 @@ def unsupported_reason(qf: QuantizedFile) -> str | None:
     except SalomiError as e:
         return str(e)
     for name, p in {**qf.packed, **qf.embeddings}.items():
-        base = p.format.removesuffix(ROT)
+        base = base_format(p.format)
         if base not in ENGINE_FORMATS or (base != p.format and name == "model.embed_tokens"):
             return f"layer {name} has storage format {p.format!r}"
     return None
@@ -358,19 +366,41 @@ class Engine:
             f_out[i] = v
         return len(f), int(s.ctypes.data), int(m.ctypes.data)
 
+    def _lowrank(self, w: _Weight, name: str, p: PackedLinear, out: int, inp: int, inside: bool) -> PackedLinear:
+        """Point w's lr_* fields at the int8 factors of a "+lowrank" layer; returns its base part."""
+        from salomi.quantizers.lowrank import split_lowrank
+
+        if w.lr_rank:
+            raise _unsupported(f"layer {name} has two low-rank parts ({p.format!r})")
+        base, lr = split_lowrank(p)
+        u = lr.get("u")
+        r = int(u.shape[1]) if u is not None and u.ndim == 2 else 0
+        lp = PackedLinear(p.method, "lowrank", p.shape, {f"lowrank.{k}": v for k, v in lr.items()}, {})
+        arrays = [_expect(lp, "lowrank.u", "int8", (out, r), name), _expect(lp, "lowrank.v", "int8", (r, inp), name),
+                  _expect(lp, "lowrank.u_scale", "float16", (out,), name).view(np.uint16),
+                  _expect(lp, "lowrank.v_scale", "float16", (r,), name).view(np.uint16)]
+        w.lr_rank, w.lr_rot_inside = r, int(inside)
+        w.lr_u, w.lr_v, w.lr_us, w.lr_vs = (int(a.ctypes.data) for a in arrays)
+        self._keep += arrays
+        return base
+
     def _packed(self, w: _Weight, name: str, p: PackedLinear, out: int, inp: int) -> None:
         if tuple(int(v) for v in p.shape) != (out, inp):
             raise SalomiError(f"{name}: packed shape {list(p.shape)}, the config needs {[out, inp]} (corrupt file?)")
+        if base_format(p.format) != p.format and name == "model.embed_tokens":
+            raise _unsupported(f"layer {name} has storage format {p.format!r}")
+        if p.format.endswith(LOWRANK):  # outside any rotation: added to the layer's output
+            p = self._lowrank(w, name, p, out, inp, inside=False)
         if p.format.endswith(ROT):
             from salomi.quantizers.rotation import rot_seed, split_rot
 
-            if name == "model.embed_tokens":
-                raise _unsupported(f"layer {name} has storage format {p.format!r}")
             seed = rot_seed(p, name)
             w.rot = 1
             w.rot_nb_in, w.rot_s_in, w.rot_m_in = self._rotation(inp, seed, w.rot_f_in)
             w.rot_nb_out, w.rot_s_out, w.rot_m_out = self._rotation(out, seed + 1, w.rot_f_out)
             p = split_rot(p)
+            if p.format.endswith(LOWRANK):
+                p = self._lowrank(w, name, p, out, inp, inside=True)
         if p.format not in _KIND:
             raise _unsupported(f"layer {name} has storage format {p.format!r}")
         w.kind = _KIND[p.format]

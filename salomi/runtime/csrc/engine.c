@@ -80,6 +80,7 @@ struct salomi_engine {
     int64_t lut_stride;   /* max over vq layers of one tile's floats, rounded to a cache line */
     float *part;          /* int8 table layers: second-half sums of one dispatch [part_cap] */
     int64_t part_cap;
+    float *lrt;           /* +lowrank: V x of one row [max rank] */
     int profile;
     double prof[NPROF];
     char err[256];
@@ -1139,20 +1140,59 @@ static int check_rot(const salomi_weight *w, const char *what, char *err, int er
 static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y);
 
 /* A +rot layer on an already rotated input rx: the base kernel, then U^T, then the bias. */
-static int matmul_rotated(salomi_engine *e, const weight_t *W, const float *rx, int64_t M, float *y) {
+/* y += diag(us) U diag(vs) V x per row ("+lowrank"; engine.h): R (in + out) multiply-adds,
+ * a few percent of the base layer's work for the ranks the quantizer picks, so plain loops
+ * on the calling thread. */
+static void lowrank_add(const salomi_weight *w, const float *x, int64_t M, float *y, float *t) {
+    const int64_t R = w->lr_rank, in = w->in, out = w->out;
+    for (int64_t m = 0; m < M; m++, x += in, y += out) {
+        for (int64_t r = 0; r < R; r++) {
+            const int8_t *v = w->lr_v + r * in;
+            float a[8] = {0};
+            int64_t j = 0;
+            for (; j + 8 <= in; j += 8)
+                for (int l = 0; l < 8; l++) a[l] += (float)v[j + l] * x[j + l];
+            float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+            for (; j < in; j++) s += (float)v[j] * x[j];
+            t[r] = s * salomi_h2f(w->lr_vs[r]);
+        }
+        for (int64_t o = 0; o < out; o++) {
+            const int8_t *u = w->lr_u + o * R;
+            float s = 0.f;
+            for (int64_t r = 0; r < R; r++) s += (float)u[r] * t[r];
+            y[o] += s * salomi_h2f(w->lr_us[o]);
+        }
+    }
+}
+
+/* What follows the base kernel of a layer whose input x was rotated into rx (rx == x
+ * without +rot): the low-rank term inside the rotation, U^T, the bias, the outer one. */
+static void finish_out(salomi_engine *e, const weight_t *W, const float *x, const float *rx, int64_t M, float *y) {
+    const salomi_weight *w = &W->w;
+    if (w->lr_rank && w->lr_rot_inside) lowrank_add(w, rx, M, y, e->lrt);
+    if (w->rot) rot_out(e, w, y, M);
+    add_bias(w, M, y);
+    if (w->lr_rank && !w->lr_rot_inside) lowrank_add(w, x, M, y, e->lrt);
+}
+
+/* A +rot layer on an already rotated input rx (x: its unrotated input): the base kernel, the
+ * low-rank term where it sits inside the rotation, U^T, the bias, an outer low-rank term. */
+static int matmul_rotated(salomi_engine *e, const weight_t *W, const float *x, const float *rx, int64_t M, float *y) {
     weight_t plain = *W;
     plain.w.rot = 0;
     plain.w.bias = NULL;
+    plain.w.lr_rank = 0;
     int rc = matmul_base(e, &plain, rx, M, y);
     if (rc) return rc;
-    rot_out(e, &W->w, y, M);
-    add_bias(&W->w, M, y);
+    finish_out(e, W, x, rx, M, y);
     return 0;
 }
 
 static int matmul(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
-    if (!W->w.rot) return matmul_base(e, W, x, M, y);
-    return matmul_rotated(e, W, rot_in(e, &W->w, x, M), M, y);
+    if (W->w.rot) return matmul_rotated(e, W, x, rot_in(e, &W->w, x, M), M, y);
+    const int rc = matmul_base(e, W, x, M, y);
+    if (!rc && W->w.lr_rank) lowrank_add(&W->w, x, M, y, e->lrt);
+    return rc;
 }
 
 static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y) {
@@ -1211,17 +1251,15 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
     int all_vq = shared; /* table layers: vq (float or int8 tables) and sign with int8 tables */
     for (int i = 0; i < n; i++) all_vq &= W[i].w.kind == SALOMI_W_VQ || W[i].il != NULL;
     if (all_vq) {  /* one dispatch for all of them */
-        run_vq(e, W, n, rot ? rot_in(e, &W[0].w, x, M) : x, M, y);
-        for (int i = 0; i < n; i++) {
-            if (rot) rot_out(e, &W[i].w, y[i], M);
-            add_bias(&W[i].w, M, y[i]);
-        }
+        const float *rx = rot ? rot_in(e, &W[0].w, x, M) : x;
+        run_vq(e, W, n, rx, M, y);
+        for (int i = 0; i < n; i++) finish_out(e, &W[i], x, rx, M, y[i]);
         return 0;
     }
     if (!ok && rot && shared) {  /* rotate x once, run each layer, unrotate each output */
         const float *rx = rot_in(e, &W[0].w, x, M);
         for (int i = 0; i < n; i++) {
-            int rc = matmul_rotated(e, &W[i], rx, M, y[i]);
+            int rc = matmul_rotated(e, &W[i], x, rx, M, y[i]);
             if (rc) return rc;
         }
         return 0;
@@ -1233,15 +1271,13 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         }
         return 0;
     }
-    int rc = salomi_matmul_batch(ops, n, rot ? rot_in(e, &W[0].w, x, M) : x, M, e->c.threads);
+    const float *rx = rot ? rot_in(e, &W[0].w, x, M) : x;
+    int rc = salomi_matmul_batch(ops, n, rx, M, e->c.threads);
     if (rc != 0) {
         snprintf(e->err, sizeof e->err, "kernel failed (%s) on a batch of %d layers", rc == -2 ? "out of memory" : "invalid argument", n);
         return rc == -2 ? -2 : -3;
     }
-    for (int i = 0; i < n; i++) {
-        if (rot) rot_out(e, &W[i].w, y[i], M);
-        add_bias(&W[i].w, M, y[i]);
-    }
+    for (int i = 0; i < n; i++) finish_out(e, &W[i], x, rx, M, y[i]);
     return 0;
 }
 
@@ -1325,6 +1361,11 @@ static int check_weight(const salomi_weight *w, int64_t out, int64_t in, const c
     if (w->kind == SALOMI_W_GRID && w->perm)
         for (int64_t j = 0; j < in; j++)
             if (w->perm[j] < 0 || w->perm[j] >= in) FAIL("%s: column permutation entry out of range (corrupt)", what);
+    if (w->lr_rank < 0 || w->lr_rank > (out < in ? out : in) ||
+        (w->lr_rank && (!w->lr_u || !w->lr_v || !w->lr_us || !w->lr_vs)))
+        FAIL("%s: low-rank part of rank %d is malformed (1..%lld with all four tensors)", what, w->lr_rank,
+             (long long)(out < in ? out : in));
+    if (w->lr_rot_inside && !w->rot) FAIL("%s: low-rank part inside a rotation the layer does not have", what);
     if (w->kind == SALOMI_W_VQ) { /* every code must index the codebook: checked once here, not per token */
         const int64_t rb = packed_row_bytes(w), nv = in / w->vq_d;
         for (int64_t o = 0; o < out; o++)
@@ -1346,7 +1387,7 @@ void salomi_engine_free(salomi_engine *e) {
     free(e->norms);
     free(e->kcache); free(e->vcache);
     free(e->x); free(e->xn); free(e->q); free(e->k); free(e->v); free(e->att); free(e->tmp); free(e->g); free(e->u);
-    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->part); free(e->rx); free(e->rtmp);
+    free(e->scores); free(e->cosb); free(e->sinb); free(e->lut); free(e->part); free(e->lrt); free(e->rx); free(e->rtmp);
     free(e);
 }
 
@@ -1452,8 +1493,9 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     e->part_cap = CHUNK * (e->q_dim + 2 * e->kv_dim > 2 * I ? e->q_dim + 2 * e->kv_dim : 2 * I);
     e->part_cap = e->part_cap > CHUNK * H ? e->part_cap : CHUNK * H;
     e->part = malloc(sizeof(float) * (size_t)e->part_cap);
+    e->lrt = malloc(sizeof(float) * (size_t)(maxin > c.vocab ? maxin : c.vocab));
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
-        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_stride && !e->lut) || !e->part)
+        !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_stride && !e->lut) || !e->part || !e->lrt)
         goto oom;
     const char *p = getenv("SALOMI_ENGINE_PROFILE");
     e->profile = p && *p && strcmp(p, "0") != 0;

@@ -56,6 +56,13 @@ typedef struct {
     /* 1: run this layer with the int8-activation kernel (lut.c; sign, ternary, 2-bit grid
      * with a supported group; the kernel's error bound applies). 0: float kernels. */
     int32_t act_i8;
+    /* "+lowrank": y += diag(lr_us) U diag(lr_vs) V x' with U int8 [out][lr_rank], V int8
+     * [lr_rank][in] and fp16 scales lr_us [out], lr_vs [lr_rank]. lr_rot_inside = 1
+     * ("BASE+lowrank+rot"): x' is the rotated input and the term is added before U^T;
+     * 0 ("BASE+rot+lowrank" or no rotation): x' = x, added to the layer's output. lr_rank = 0: none. */
+    int32_t lr_rank, lr_rot_inside;
+    const int8_t *lr_u, *lr_v;
+    const uint16_t *lr_us, *lr_vs;
 } salomi_weight;
 
 typedef struct {
@@ -96,11 +103,13 @@ const char *salomi_engine_error(const salomi_engine *e);
  * (group == in) and in % 8 == 0 when act_i8 is set. The row bytes are re-laid once
  * (salomi_sign_tables_layout: il[ceil(out/32)][in/8][32], row o's byte b at
  * [(o/32)][b][o%32], padding rows zero; salomi_sign_tables_bytes(out, in) bytes). Per call,
- * for each block of 128 columns each thread builds the 16 sums +-x0 +-x1 +-x2 +-x3 of every
- * 4 columns, quantizes the block's sums to int8 with one scale (max |sum| / 127, round to
- * nearest even; |error| <= scale / 2 per lookup) and looks up 32 rows per vpshufb; integer
- * block sums enter each row's float sum with one FMA, then the row scale multiplies.
- * Scalar and AVX2 give identical bits. Returns 0, -1 (bad argument), -2 (out of memory). */
+ * for each block of 128 columns the 16 sums +-x0 +-x1 +-x2 +-x3 of every 4 columns are built
+ * and quantized to int8 with one scale (max |sum| / 127, round to nearest even; |error| <=
+ * scale / 2 per lookup), and 32 rows (64 on AVX-512) are looked up per vpshufb. The blocks
+ * form two halves (the first ceil(blocks / 2)); within a half, integer block sums enter each
+ * row's float sum with one FMA in block order; y = (half 0 + half 1) * row scale. Two threads
+ * take one half each. Scalar, AVX2 and AVX-512 give identical bits for any thread count.
+ * Returns 0, -1 (bad argument), -2 (out of memory). */
 int salomi_sign_tables_ok(int64_t in, int64_t group);
 int64_t salomi_sign_tables_bytes(int64_t out, int64_t in);
 int salomi_sign_tables_layout(const void *bits, int64_t out, int64_t in, uint8_t *il);

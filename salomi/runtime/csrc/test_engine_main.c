@@ -167,6 +167,20 @@ static void maybe_rot_i8(salomi_weight *w, owned_t *o, const salomi_weight *prev
     }
 }
 
+/* "+lowrank" on a quarter of the projections: int8 factors of rank 1..8, inside or outside the
+ * rotation when the layer has one */
+static void maybe_lowrank(salomi_weight *w, owned_t *o) {
+    if (rint_(4)) return;
+    const int64_t mx = w->out < w->in ? w->out : w->in;
+    const int64_t R = 1 + rint_((int)(mx < 8 ? mx : 8));
+    int8_t *u = own(o, (size_t)(w->out * R)), *v = own(o, (size_t)(R * w->in));
+    for (int64_t i = 0; i < w->out * R; i++) u[i] = (int8_t)(rint_(255) - 127);
+    for (int64_t i = 0; i < R * w->in; i++) v[i] = (int8_t)(rint_(255) - 127);
+    w->lr_rank = (int32_t)R, w->lr_u = u, w->lr_v = v;
+    w->lr_us = halves(o, w->out, 1e-3f), w->lr_vs = halves(o, R, 1e-2f);
+    w->lr_rot_inside = w->rot ? rint_(2) : 0;
+}
+
 static int failures = 0;
 #define CHECK(cond, ...)                                                                                              \
     do {                                                                                                              \
@@ -206,6 +220,7 @@ static void run_case(int cs) {
         int64_t in = i == 0 || i == nw - 1 ? H : ins[(i - 1) % 7];
         make_weight(&W[i], &own_w[i], rint_(6), out, in, i > 0 && i < nw - 1 && rint_(3) == 0);
         if (i > 0) maybe_rot_i8(&W[i], &own_w[i], i > 1 && i < nw - 1 ? &W[i - 1] : NULL);
+        if (i > 0) maybe_lowrank(&W[i], &own_w[i]);
     }
     owned_t own_n = {0};
     const float **norms = own(&own_n, sizeof(float *) * (size_t)(2 * L + 1));
@@ -272,6 +287,14 @@ static void run_case(int cs) {
                   "case %d: vq code >= k accepted", cs);
             c0[0] = s0;
             if (w->bits > 8) c0[1] = s1;
+            break;
+        }
+        if (w->lr_rank) {
+            const int32_t saved = w->lr_rank;
+            w->lr_rank = (int32_t)(w->out < w->in ? w->out : w->in) + 1;
+            CHECK(salomi_engine_create(&c, W, norms, err, sizeof err) == NULL && strstr(err, "low-rank"),
+                  "case %d: low rank above min(out, in) accepted", cs);
+            w->lr_rank = saved;
             break;
         }
         if (w->kind == SALOMI_W_GRID && w->perm) {
