@@ -427,3 +427,19 @@ def test_lowrank_layers_match_dequant(tiny_llama_dir: Path, austen_slice: Path, 
     if method.startswith("gptq"):  # the torch "kernels" runtime: base kernel + the factors' thin matmuls
         with torch.inference_mode():
             assert_close_logits(build_model(qf, "kernels")(IDS[None]).logits[0].float(), ref)
+
+
+@pytest.mark.parametrize("method", ["billm", "pbllm:0.1", "pbllm:0.02"])
+def test_billm_pbllm_kernels_runtime_matches_dequant(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path,
+                                                     method: str) -> None:
+    """billm and pbllm run from their bits in the torch kernels runtime (unit-scale sign GEMVs on
+    masked inputs; sign GEMV + a sparse correction): the same logits as the dequantized model."""
+    f = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=2, seg_len=64,
+                 progress=False)
+    qf = load_quantized(f)
+    ref = reference_logits(qf, IDS)
+    model = build_model(qf, "kernels")  # "kernels" raises if a layer has no kernel path
+    with torch.inference_mode():
+        assert_close_logits(model(IDS[None]).logits[0].float(), ref)
+    assert all(m._composite is not None for m in model.modules() if hasattr(m, "_composite"))
