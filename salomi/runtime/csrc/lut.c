@@ -70,8 +70,9 @@
  * [16l, 16l+16), sign slots
  * columns [4l, 4l+4), ternary slots [2l, 2l+2)) and then the same float operations in
  * the same order (per-lane fma with the group scale, the same horizontal sum, the same
- * correction), so forcing the scalar ISA gives bit-identical results. AVX-512 has no
- * int8 kernel here: it uses the AVX2 one.
+ * correction), so forcing the scalar ISA gives bit-identical results. AVX-512 with VNNI
+ * has its own grid4 / grid8 kernels (the output head; see "AVX-512 VNNI" below), bit-identical
+ * too; the other formats use the AVX2 ones.
  */
 #define _GNU_SOURCE
 #include <math.h>
@@ -95,6 +96,9 @@
 #define SIGN_FLUSH 64 /* sign chunks per int16 accumulator flush: 64 * 2 * 127 < 32767 */
 
 enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2, LFMT_GRID4, LFMT_GRID8 };
+/* AVX-512 VNNI grid4 / grid8 kernel shapes (see k512_mode); K5_NONE = the AVX2 kernels.
+ * grid4: G % 128 == 0, G == 64, G == 32; grid8: K5_G64 for any G % 64 == 0, G == 32. */
+enum { K5_NONE, K5_G128, K5_G64, K5_G32 };
 
 /* Where a group's weight bytes and activation slots are. */
 typedef struct {
@@ -125,6 +129,9 @@ typedef struct {
     const float *xsv; /* grid2: [M][nchunk][8] sx_g * sum of the activations of each lane */
     float *y;
     int isa;
+    int k512;         /* grid4 / grid8: the AVX-512 kernel's shape, K5_NONE = AVX2 / scalar */
+    const int32_t *xz; /* grid8 AVX-512: [M][nzu][16] accumulator starting values, -128 sum xq per lane */
+    int64_t nzu;
 } ljob_t;
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -953,6 +960,188 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
         for (; o < o1; o++) ternary_rows_avx2(J, xs, gs, xc, o, 1, y);
     }
 }
+
+/* ------------------------------------------------------------------ AVX-512 VNNI (grid4 / grid8)
+ *
+ * vpdpbusd sums 4 u8 x s8 products into an int32 lane, which is exactly the scalar path's
+ * lane (grid4: bytes [4l, 4l+4) of a 32-byte chunk, low nibbles with the even columns and
+ * high ones with the odd; grid8: bytes [4l, 4l+4) with the plain xq), so one instruction
+ * replaces maddubs + madd + add and nothing saturates. A zmm holds two 32-byte chunks:
+ * int32 lanes 0-7 = the first chunk's lanes, 8-15 = the second's. The float part is the
+ * scalar one: per group, yv[l] = fma(s_g gs_g, (float)a_g[l], yv[l]) in group order on 8
+ * lanes, so two groups in one zmm take two ymm FMAs (low half first), and a group spanning
+ * several zmm adds the halves in int32 (exact) before its one FMA.
+ * grid8 codes are u8, so dpbusd gives sum q xq; sum (q - 128) xq = that - 128 sum xq, and
+ * the -128 sum xq per lane depends only on the activations: computed once per call (xz)
+ * and used as the accumulator's starting value.
+ * Shapes covered (others use AVX2): grid4 G % 128 == 0, 64 or 32; grid8 G % 64 == 0 or 32. */
+
+#define A5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define A5I static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"), always_inline))
+
+/* out[i] = scale[g + i] * gs[g + i] for the 16 groups from g, 0 past ng (masked loads: gs
+ * is padded to 8 only). Same product as scales8 and the scalar path. */
+A5I void scales16(const uint16_t *sc, int64_t g, int64_t ng, const float *gs, float *out) {
+    const __mmask16 m = ng - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, sc + g));
+    _mm512_storeu_ps(out, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, gs + g)));
+}
+
+/* correction8_avx2 with a masked tail load instead of a copy through memory (which costs
+ * a memcpy call and a store-forwarding stall on every row); same lanes, same zeros. */
+A5I float correction8_avx512(const uint16_t *sc, const uint16_t *zr, const float *xc, int64_t ng, float zoff) {
+    const __m256 vzoff = _mm256_set1_ps(zoff);
+    __m256 cv = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g += 8) {
+        const __mmask8 m = ng - g >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << (ng - g)) - 1);
+        const __m256 s = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(m, sc + g));
+        const __m256 z = _mm256_cvtph_ps(_mm_maskz_loadu_epi16(m, zr + g));
+        cv = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_sub_ps(z, vzoff)), _mm256_loadu_ps(xc + g), cv);
+    }
+    return hsum8_avx2(cv);
+}
+
+/* grid8 accumulator starting values of one activation row: per unit (a group for G % 64
+ * == 0, a pair of groups for G == 32) 16 int32 lanes of -128 sum xq, lanes as the kernel's. */
+A5 static void grid8_xz_avx512(const ljob_t *J, const int8_t *xs, int32_t *xz) {
+    const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+    if (J->k512 == K5_G64) { /* here: G % 64 == 0 */
+        for (int64_t g = 0; g < J->ng; g++) {
+            __m512i a = zero;
+            for (int64_t j = g * J->G; j < (g + 1) * J->G; j += 64)
+                a = _mm512_dpbusd_epi32(a, ones, _mm512_load_si512((const void *)(xs + j)));
+            _mm512_store_si512((void *)(xz + 16 * g), _mm512_sub_epi32(zero, _mm512_slli_epi32(a, 7)));
+        }
+        return;
+    }
+    for (int64_t p = 0; 2 * p < J->ng; p++) { /* the last pair may hold one group: load only it */
+        const __mmask64 m = 2 * p + 1 < J->ng ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu;
+        const __m512i a = _mm512_dpbusd_epi32(zero, ones, _mm512_maskz_loadu_epi8(m, xs + 64 * p));
+        _mm512_store_si512((void *)(xz + 16 * p), _mm512_sub_epi32(zero, _mm512_slli_epi32(a, 7)));
+    }
+}
+
+A5I void grid8_rows_avx512(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, const int32_t *xz,
+                           int64_t o, const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng, G = J->G;
+    const uint8_t *row[4];
+    __m256 yv[4];
+    float sb[4][16] __attribute__((aligned(64)));
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    if (J->k512 == K5_G64) {
+        for (int64_t g = 0; g < ng; g++) {
+            if (g % 16 == 0)
+                for (int r = 0; r < R; r++) scales16(J->scale + (o + r) * ng, g, ng, gs, sb[r]);
+            const __m512i z = _mm512_load_si512((const void *)(xz + 16 * g));
+            __m512i acc[4];
+            for (int r = 0; r < R; r++) acc[r] = z;
+            for (int64_t j = g * G; j < (g + 1) * G; j += 64) {
+                const __m512i xv = _mm512_load_si512((const void *)(xs + j));
+                for (int r = 0; r < R; r++) {
+                    /* one stream of R consecutive rows: prefetch ~2 KB ahead, as AVX2 */
+                    _mm_prefetch((const char *)(row[r] + j) + 2048, _MM_HINT_T0);
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_loadu_si512((const void *)(row[r] + j)), xv);
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256i t = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1));
+                yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(sb[r][g % 16]), _mm256_cvtepi32_ps(t), yv[r]);
+            }
+        }
+    } else { /* G == 32: a zmm is groups g, g + 1; a last single group is loaded masked */
+        for (int64_t g = 0; g < ng; g += 2) {
+            if (g % 16 == 0)
+                for (int r = 0; r < R; r++) scales16(J->scale + (o + r) * ng, g, ng, gs, sb[r]);
+            const int two = g + 1 < ng;
+            const __mmask64 m = two ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu;
+            const __m512i xv = _mm512_maskz_loadu_epi8(m, xs + 32 * g), z = _mm512_load_si512((const void *)(xz + 8 * g));
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch((const char *)(row[r] + 32 * g) + 2048, _MM_HINT_T0);
+                const __m512 f = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, _mm512_maskz_loadu_epi8(m, row[r] + 32 * g), xv));
+                yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(sb[r][g % 16]), _mm512_castps512_ps256(f), yv[r]);
+                if (two)
+                    yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(sb[r][g % 16 + 1]),
+                                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)), yv[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction8_avx512(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng, 128.0f);
+}
+
+/* grid4: the activation row is laid out per 64-column chunk as its 32 even columns then its
+ * 32 odd ones; a zmm pair of chunks needs [even c, even c+1] and [odd c, odd c+1]: two
+ * shuffles per 128 columns, shared by the R rows. A last single chunk (in % 128 == 64) is
+ * loaded masked. */
+A5I void grid4_rows_avx512(const ljob_t *J, const int8_t *xs, const float *gs, const float *xc, int64_t o,
+                           const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng, G = J->G, nch = J->in / 64, npair = (nch + 1) / 2;
+    const __m512i low = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+    const __m256i lo4 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), hi4 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const int mode = J->k512;
+    const int64_t ppg = mode == K5_G128 ? G / 128 : 1; /* pairs per flush */
+    const uint8_t *row[4];
+    __m256 yv[4];
+    __m512i acc[4];
+    float sb[4][16] __attribute__((aligned(64)));
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps(), acc[r] = zero;
+    for (int64_t p = 0; p < npair; p++) {
+        /* first group of the pair: its scales are in sb from the refresh every 16 groups
+         * (a pair never straddles one: it holds 1, 2 or 4 groups starting at a multiple) */
+        const int64_t g = mode == K5_G128 ? p / ppg : mode == K5_G64 ? 2 * p : 4 * p;
+        if (g % 16 == 0 && (mode != K5_G128 || p % ppg == 0))
+            for (int r = 0; r < R; r++) scales16(J->scale + (o + r) * ng, g, ng, gs, sb[r]);
+        const int two = 2 * p + 1 < nch;
+        const __m512i a = _mm512_load_si512((const void *)(xs + 128 * p));
+        const __m512i b = two ? _mm512_load_si512((const void *)(xs + 128 * p + 64)) : zero;
+        const __m512i xe = _mm512_shuffle_i64x2(a, b, 0x44), xo = _mm512_shuffle_i64x2(a, b, 0xEE);
+        const __mmask64 m = two ? ~(__mmask64)0 : (__mmask64)0xFFFFFFFFu;
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(row[r] + 64 * p) + 2048, _MM_HINT_T0);
+            const __m512i w = two ? _mm512_loadu_si512((const void *)(row[r] + 64 * p))
+                                  : _mm512_maskz_loadu_epi8(m, row[r] + 64 * p);
+            const __m512i wl = _mm512_and_si512(w, low), wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+            acc[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r], wl, xe), wh, xo);
+        }
+        if (mode == K5_G128) {
+            if ((p + 1) % ppg) continue;
+            for (int r = 0; r < R; r++) {
+                const __m256i t = _mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1));
+                yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(sb[r][g % 16]), _mm256_cvtepi32_ps(t), yv[r]);
+                acc[r] = zero;
+            }
+        } else {
+            for (int r = 0; r < R; r++) {
+                const __m512 f = _mm512_cvtepi32_ps(acc[r]);
+                const __m256 fl = _mm512_castps512_ps256(f);
+                const __m256 fh = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
+                acc[r] = zero;
+                if (mode == K5_G64) { /* chunk c is group c */
+                    yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(sb[r][g % 16]), fl, yv[r]);
+                    if (two) yv[r] = _mm256_fmadd_ps(_mm256_set1_ps(sb[r][g % 16 + 1]), fh, yv[r]);
+                } else { /* G == 32: lanes 0-3 / 4-7 of chunk c are groups 2c / 2c + 1 */
+                    const __m256 s = _mm256_castps128_ps256(_mm_load_ps(&sb[r][g % 16]));
+                    yv[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, lo4), fl, yv[r]);
+                    if (two) yv[r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s, hi4), fh, yv[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(yv[r]) - correction8_avx512(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng, 0.0f);
+}
+
+A5 static void rows_avx512(const ljob_t *J, const void *xs, const float *gs, const float *xc, const int32_t *xz,
+                           int64_t o0, int64_t o1, float *y) {
+    int64_t o = o0;
+    if (J->fmt == LFMT_GRID8) {
+        for (; o + 4 <= o1; o += 4) grid8_rows_avx512(J, xs, gs, xc, xz, o, 4, y);
+        for (; o < o1; o++) grid8_rows_avx512(J, xs, gs, xc, xz, o, 1, y);
+    } else {
+        for (; o + 4 <= o1; o += 4) grid4_rows_avx512(J, xs, gs, xc, o, 4, y);
+        for (; o < o1; o++) grid4_rows_avx512(J, xs, gs, xc, o, 1, y);
+    }
+}
 #endif /* LUT_X86 */
 
 /* ------------------------------------------------------------------ driver */
@@ -969,6 +1158,7 @@ static void lut_task(void *ctx, int tid, int nt) {
         const float *xc = J->fmt == LFMT_GRID2 ? J->xsv + m * J->nchunk * 8 : J->xc + m * J->ngp;
         float *y = J->y + m * J->out;
 #if LUT_X86
+        if (J->k512) { rows_avx512(J, xs, gs, xc, J->xz ? J->xz + m * J->nzu * 16 : NULL, o0, o1, y); continue; }
         if (J->isa >= SALOMI_ISA_AVX2) { rows_avx2(J, xs, gs, xc, o0, o1, y); continue; }
 #endif
         for (int64_t o = o0; o < o1; o++) {
@@ -980,6 +1170,21 @@ static void lut_task(void *ctx, int tid, int nt) {
             else ternary_row_scalar(J, xs, gs, xc, o, y);
         }
     }
+}
+
+/* The AVX-512 kernel's shape for a job, K5_NONE where it has none. The ISA level avx512
+ * promises F/BW/VL only, so VNNI is checked here (cheap: a bit in libgcc's cpu model). */
+static int k512_mode(int fmt, int64_t G, int isa) {
+#if LUT_X86
+    if (isa < SALOMI_ISA_AVX512 || (fmt != LFMT_GRID4 && fmt != LFMT_GRID8)) return K5_NONE;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512vnni")) return K5_NONE;
+    if (fmt == LFMT_GRID4) return G % 128 == 0 ? K5_G128 : G == 64 ? K5_G64 : G == 32 ? K5_G32 : K5_NONE;
+    return G % 64 == 0 ? K5_G64 : G == 32 ? K5_G32 : K5_NONE;
+#else
+    (void)fmt, (void)G, (void)isa;
+    return K5_NONE;
+#endif
 }
 
 static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *data,
@@ -1019,12 +1224,16 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
     float *gsv = J.planes ? aligned_alloc(64, nlane) : NULL;
     float *xsv = fmt == LFMT_GRID2 ? aligned_alloc(64, nlane) : NULL;
     float *xp = perm ? malloc(sizeof(float) * (size_t)in) : NULL; /* x permuted like the stored columns */
+    J.isa = salomi_get_isa();
+    J.k512 = k512_mode(fmt, G, J.isa);
+    J.nzu = J.k512 == K5_G32 ? (J.ng + 1) / 2 : J.ng;
+    int32_t *xz = fmt == LFMT_GRID8 && J.k512 ? aligned_alloc(64, sizeof(int32_t) * 16 * (size_t)(M * J.nzu)) : NULL;
     int rc = 0;
-    if (!xs || !gs || !xc || !xq || (J.planes && !gsv) || (fmt == LFMT_GRID2 && !xsv) || (perm && !xp)) {
+    if (!xs || !gs || !xc || !xq || (J.planes && !gsv) || (fmt == LFMT_GRID2 && !xsv) || (perm && !xp) ||
+        (fmt == LFMT_GRID8 && J.k512 && !xz)) {
         rc = -2;
         goto done;
     }
-    J.isa = salomi_get_isa();
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * in;
         if (perm) {
@@ -1033,13 +1242,16 @@ static int run_i8(int fmt, const float *x, int64_t M, int64_t in, int64_t out, c
         }
         quantize_row(&J, gm, xr, (char *)xs + (size_t)(m * J.xstride) * esz, gs + m * J.ngp, xc + m * J.ngp,
                      gsv ? gsv + m * J.nchunk * 8 : NULL, xsv ? xsv + m * J.nchunk * 8 : NULL, xq);
+#if LUT_X86
+        if (xz) grid8_xz_avx512(&J, (const int8_t *)xs + m * J.xstride, xz + m * J.nzu * 16);
+#endif
     }
-    J.xs = xs, J.gs = gs, J.xc = xc, J.gsv = gsv, J.xsv = xsv;
+    J.xs = xs, J.gs = gs, J.xc = xc, J.gsv = gsv, J.xsv = xsv, J.xz = xz;
     int nt = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     if (nt > (out + 7) / 8) nt = (int)((out + 7) / 8); /* no point in more threads than 8-row ranges */
     salomi_run_parallel(lut_task, &J, nt);
 done:
-    free(xp), free(xsv), free(gsv), free(xq), free(xc), free(gs), free(xs), free(gm);
+    free(xz), free(xp), free(xsv), free(gsv), free(xq), free(xc), free(gs), free(xs), free(gm);
     return rc;
 }
 
