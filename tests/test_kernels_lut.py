@@ -253,6 +253,43 @@ def test_grid8_extreme_codes_do_not_saturate():
     torch.testing.assert_close(y.double(), x.double() @ p.dequantize().double().T, rtol=1e-6, atol=1e-3)
 
 
+# Every shape of the AVX-512 VNNI grid kernels (grid4 g32 / g64 / g128, grid8 g32 / g64 and
+# beyond): a 128-column pair split over groups, a last single 64-column chunk (in % 128 == 64)
+# or 32-column group (grid8, odd group count), 1 row and row counts that leave a remainder
+# after the 4-row blocks, with extreme codes against +-127 activations.
+GRID_ISA_SHAPES = [
+    (4, 32, 64), (4, 32, 576), (4, 32, 1536), (4, 64, 64), (4, 64, 576), (4, 64, 1536), (4, 128, 128),
+    (4, 128, 640), (4, 128, 1536), (4, 256, 1536), (8, 32, 32), (8, 32, 96), (8, 32, 576), (8, 64, 64),
+    (8, 64, 576), (8, 64, 1536), (8, 128, 640), (8, 192, 576),
+]
+
+
+@pytest.mark.parametrize("bits,g,i", GRID_ISA_SHAPES)
+def test_grid_int8_isas_agree_extremes(bits, g, i):
+    rng = np.random.default_rng(bits * 10000 + g * 10 + i)
+    top = (1 << bits) - 1
+    ramp = np.arange(i)
+    codes = np.stack([
+        np.full(i, top), np.zeros(i, np.int64), np.where(ramp % 2, top, 0), np.where(ramp % 5 < 2, 0, top),
+        ramp % (top + 1), rng.integers(0, top + 1, i), rng.integers(0, top + 1, i),
+    ]).astype(np.int64)
+    o, ng = codes.shape[0], i // g
+    scale = (rng.uniform(0.01, 2.0, (o, ng)) * rng.choice([-1.0, 1.0], (o, ng))).astype(np.float16)
+    zero = rng.uniform(-0.5, top + 0.5, (o, ng)).astype(np.float16)
+    xs = np.stack([
+        np.full(i, 1.0), np.full(i, -1.0), np.where(ramp % 2, 1.0, -1.0), np.where(ramp % 7 < 3, -1.0, 1.0),
+        rng.standard_normal(i), np.where(ramp % 61 == 0, 50.0, rng.standard_normal(i)),
+    ]).astype(np.float32)
+    for rows in (o, 1, 5):
+        p = PackedLinear("t", "grid", (rows, i), {"codes": pack_rows(codes[:rows], bits), "scale": scale[:rows],
+                                                  "zero": zero[:rows]}, {"bits": bits, "group": g})
+        p.validate()
+        assert kernels.int8_supported(p)
+        for xb in (xs[:4], xs[4:5], xs):  # +-127 patterns alone, one Gaussian row, all
+            x = torch.from_numpy(xb)
+            check(run_isas(x, p, threads=1 + rows % 2), x, p)
+
+
 @pytest.mark.parametrize("fmt", ["sign", "ternary", "grid2", "grid4", "grid8"])
 def test_adversarial_activations(fmt):
     """Zeros, zero groups, huge and tiny values, exact rounding ties, one outlier."""
