@@ -961,10 +961,6 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
     }
 }
 
-/* Software prefetch distance of the AVX-512 kernels: they need half the time per byte of the
- * AVX2 ones, so 2 KB ahead (AVX2) is less than one DRAM latency; 8 KB into L2 (T1: more misses
- * in flight than L1 allows) measured best on the head shape (Zen 4: grid8 ~8 -> ~17-21 GB/s). */
-#define PF5 8192
 /* ------------------------------------------------------------------ AVX-512 VNNI (grid4 / grid8)
  *
  * vpdpbusd sums 4 u8 x s8 products into an int32 lane, which is exactly the scalar path's
@@ -982,6 +978,11 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
 
 #define A5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define A5I static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"), always_inline))
+
+/* Software prefetch distance of the AVX-512 kernels: they need half the time per byte of the
+ * AVX2 ones, so 2 KB ahead (AVX2) is less than one DRAM latency; 8 KB into L2 (T1: more misses
+ * in flight than L1 allows) measured best on the head shape (Zen 4: grid8 ~8 -> ~17-21 GB/s). */
+#define PF5 8192
 
 /* out[i] = scale[g + i] * gs[g + i] for the 16 groups from g, 0 past ng (masked loads: gs
  * is padded to 8 only). Same product as scales8 and the scalar path. */
