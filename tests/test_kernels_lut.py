@@ -440,7 +440,8 @@ def test_errors():
 def sign_tables_ref(x: torch.Tensor, p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
     """The table kernel's contract (engine.h), in float64 from float32 tables: (y_int, bound vs float).
 
-    Per block of 32 vector columns (128 weight columns) the 16 sums +-x0 +-x1 +-x2 +-x3 of each
+    The vector columns (4 weight columns each) form two halves [0, h), [h, nv) with h = nv // 4 * 2;
+    per block of 32 vector columns from its half's start the 16 sums +-x0 +-x1 +-x2 +-x3 of each
     4 columns are built in float32 in that order, quantized with one scale m / 127 (m = the block's
     max |sum|, inv = 127 / m in float32, round half to even); a row sums the int8 entries of its
     sign patterns. Bound vs x @ W^T: |s_row| * sum_blocks (vectors in block) * scale / 2."""
@@ -457,13 +458,14 @@ def sign_tables_ref(x: torch.Tensor, p: PackedLinear) -> tuple[torch.Tensor, tor
         for t in (1, 2, 3):
             tab = tab + pat[None, :, t] * xv[:, None, t]  # float32, the kernel's order
         y, b = torch.zeros(o, dtype=torch.float64), torch.zeros(o, dtype=torch.float64)
-        for v0 in range(0, nv, 32):
-            blk = tab[v0:v0 + 32]
+        h = nv // 4 * 2
+        for v0, v1 in [(a, min(a + 32, h)) for a in range(0, h, 32)] + [(a, min(a + 32, nv)) for a in range(h, nv, 32)]:
+            blk = tab[v0:v1]
             m = blk.abs().max()
             inv = torch.tensor(127.0) / m if m > 0 else torch.tensor(0.0)
             q = torch.round(blk * inv).double()  # [nb, 16]
             scale = float(m) / 127.0
-            sums = q.gather(1, codes[:, v0:v0 + 32].T).sum(0)  # [o]
+            sums = q.gather(1, codes[:, v0:v1].T).sum(0)  # [o]
             y += scale * sums
             b += blk.shape[0] * scale / 2
         ys.append(y * s)

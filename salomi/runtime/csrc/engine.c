@@ -849,11 +849,23 @@ A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int
 }
 #endif
 
-/* int8 table layers split their vector columns in two halves at a block boundary, whatever
- * the thread count (so the bits never depend on it): a part builds only its half's tables and
- * sums that half for its rows, so two threads build half the tables each instead of all of
- * them, and y = (half 0 + half 1) * scale once both are done (vq8_finish). */
-static int64_t vq8_half(int64_t nv, int64_t B) { const int64_t nb = (nv + B - 1) / B; return min64(nv, (nb + 1) / 2 * B); }
+/* int8 table layers split their vector columns in two halves [0, h) and [h, nv), h = nv / 4 * 2,
+ * whatever the thread count (so the bits never depend on it), each cut into blocks of
+ * vq8_block(k) from its own start: a part builds only its half's tables and sums that half for
+ * its rows, so two threads build half the tables each instead of all of them, and
+ * y = (half 0 + half 1) * scale once both are done (vq8_finish). */
+static int64_t vq8_half(int64_t nv) { return nv / 4 * 2; } /* even: the halves of nibble codes stay on whole bytes */
+
+/* Byte of (row o, vector column v) in the codes of a table layer: each half is its own
+ * [ceil(out/32)][the half's bytes per row][32] run (half 1 after half 0), so a thread
+ * streams its half of every 32-row group front to back. nib: two 4-bit codes per byte
+ * (vector columns 2b, 2b + 1). */
+static int64_t il_index(int64_t o, int64_t v, int64_t out, int64_t nv, int nib) {
+    const int64_t h = vq8_half(nv), p = v >= h, groups = (out + 31) / 32;
+    const int64_t rowb = nib ? (p ? nv - h : h) / 2 : (p ? nv - h : h), base = p ? groups * (nib ? h / 2 : h) * 32 : 0;
+    const int64_t dv = v - (p ? h : 0);
+    return base + ((o / 32) * rowb + (nib ? dv / 2 : dv)) * 32 + o % 32;
+}
 
 /* One half (part 0 or 1) of an int8-table layer for one activation row, groups [g0, g1): the
  * half's tables first, then per group (two groups side by side on AVX-512) every block in
@@ -862,13 +874,14 @@ static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float 
                      int tid) {
     const salomi_weight *w = &W->w;
     const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k), tsz = vq8_tsz(k);
-    const int64_t ilv = W->nib ? nv / 2 : nv; /* il bytes per row */
-    const int64_t va = part ? vq8_half(nv, B) : 0, vb = part ? nv : vq8_half(nv, B);
+    const int64_t h = vq8_half(nv), va = part ? h : 0, vb = part ? nv : h;
+    const int64_t rowb = W->nib ? (vb - va) / 2 : vb - va; /* this half's il bytes per row (il_index) */
+    const uint8_t *half = W->il + (part ? (w->out + 31) / 32 * (W->nib ? h / 2 : h) * 32 : 0);
     if (g0 >= g1) return;
     float *F = J->lut + tid * J->lut_stride, *S = F + B * k;
     int8_t *T = (int8_t *)(((uintptr_t)(S + (nv + B - 1) / B) + 63) & ~(uintptr_t)63);
     for (int64_t v0 = va; v0 < vb; v0 += B)
-        S[v0 / B] = vq8_tables_build(W, x, v0, min64(vb, v0 + B), F, T + (v0 - va) * tsz, J->avx2, J->avx512);
+        S[(v0 - va) / B] = vq8_tables_build(W, x, v0, min64(vb, v0 + B), F, T + (v0 - va) * tsz, J->avx2, J->avx512);
 #if ENG_X86
     const int wide = J->avx512 && (W->nib || J->vbmi);
 #else
@@ -877,19 +890,20 @@ static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float 
     for (int64_t g = g0; g < g1; g += wide ? 2 : 1) {
         const int pair = wide && g + 1 < g1; /* a lone last group runs beside itself */
         const int64_t o0 = g * 32, n = min64(pair ? 64 : 32, w->out - o0);
-        const uint8_t *il = W->il + g * ilv * 32, *il1 = pair ? il + ilv * 32 : il;
+        const uint8_t *il = half + g * rowb * 32, *il1 = pair ? il + rowb * 32 : il;
         float acc[64] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
         for (int64_t v0 = va; v0 < vb; v0 += B) {
             const int64_t v1 = min64(vb, v0 + B);
             const int8_t *Tb = T + (v0 - va) * tsz;
 #if ENG_X86
-            if (wide && W->nib) vq8_group2_nib_avx512(il, il1, v0, v1, Tb, S[v0 / B], acc);
-            else if (wide) vq8_group2_avx512(il, il1, v0, v1, Tb, tsz, S[v0 / B], acc);
-            else if (J->avx2 && W->nib) vq8_group_nib_avx2(il, v0, v1, Tb, S[v0 / B], acc);
-            else if (J->avx2) vq8_group_avx2(il, v0, v1, Tb, ntab, S[v0 / B], acc);
+            const int64_t a = v0 - va, b = v1 - va; /* columns within the half, as il is laid */
+            if (wide && W->nib) vq8_group2_nib_avx512(il, il1, a, b, Tb, S[(v0 - va) / B], acc);
+            else if (wide) vq8_group2_avx512(il, il1, a, b, Tb, tsz, S[(v0 - va) / B], acc);
+            else if (J->avx2 && W->nib) vq8_group_nib_avx2(il, a, b, Tb, S[(v0 - va) / B], acc);
+            else if (J->avx2) vq8_group_avx2(il, a, b, Tb, ntab, S[(v0 - va) / B], acc);
             else
 #endif
-                vq8_group_scalar(il, W->nib, v0, v1, Tb, tsz, S[v0 / B], acc);
+                vq8_group_scalar(il, W->nib, a, b, Tb, tsz, S[(v0 - va) / B], acc);
         }
         memcpy(y + o0, acc, sizeof(float) * (size_t)n);
     }
@@ -957,7 +971,7 @@ int salomi_sign_tables_layout(const void *bits, int64_t out, int64_t in, uint8_t
     const int64_t nb = in / 8;
     memset(il, 0, (size_t)salomi_sign_tables_bytes(out, in));
     for (int64_t o = 0; o < out; o++)
-        for (int64_t b = 0; b < nb; b++) il[((o / 32) * nb + b) * 32 + o % 32] = ((const uint8_t *)bits)[o * nb + b];
+        for (int64_t b = 0; b < nb; b++) il[il_index(o, 2 * b, out, in / 4, 1)] = ((const uint8_t *)bits)[o * nb + b];
     return 0;
 }
 
@@ -1459,7 +1473,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
                 if (!e->w[i].il) goto oom;
                 for (int64_t o = 0; o < out; o++)
                     for (int64_t v = 0; v < nv; v++)
-                        e->w[i].il[((o / 32) * nv + v) * 32 + o % 32] = (uint8_t)code_at(w->data + o * rb, rb, v, w->bits);
+                        e->w[i].il[il_index(o, v, out, nv, 0)] = (uint8_t)code_at(w->data + o * rb, rb, v, w->bits);
                 if (s8 > e->lut_stride) e->lut_stride = s8;
             }
         }

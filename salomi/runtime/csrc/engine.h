@@ -101,14 +101,16 @@ const char *salomi_engine_error(const salomi_engine *e);
 
 /* Sign tables (T-MAC), the kernel the engine runs for sign layers with one scale per row
  * (group == in) and in % 8 == 0 when act_i8 is set. The row bytes are re-laid once
- * (salomi_sign_tables_layout: il[ceil(out/32)][in/8][32], row o's byte b at
- * [(o/32)][b][o%32], padding rows zero; salomi_sign_tables_bytes(out, in) bytes). Per call,
- * for each block of 128 columns the 16 sums +-x0 +-x1 +-x2 +-x3 of every 4 columns are built
- * and quantized to int8 with one scale (max |sum| / 127, round to nearest even; |error| <=
- * scale / 2 per lookup), and 32 rows (64 on AVX-512) are looked up per vpshufb. The blocks
- * form two halves (the first ceil(blocks / 2)); within a half, integer block sums enter each
- * row's float sum with one FMA in block order; y = (half 0 + half 1) * row scale. Two threads
- * take one half each. Scalar, AVX2 and AVX-512 give identical bits for any thread count.
+ * (salomi_sign_tables_layout; salomi_sign_tables_bytes(out, in) bytes). The in/4 vector
+ * columns (4 weight columns each) form two halves, [0, h) and [h, in/4) with h = in/4/4*2;
+ * each half is laid [ceil(out/32)][its bytes per row][32] (row o's byte b of the half at
+ * [o/32][b][o%32], padding rows zero), half 1 after half 0. Per call, for each block of 32
+ * vector columns counted from its half's start, the 16 sums +-x0 +-x1 +-x2 +-x3 of every 4
+ * columns are built and quantized to int8 with one scale (max |sum| / 127, round to nearest
+ * even; |error| <= scale / 2 per lookup), and 32 rows (64 on AVX-512) are looked up per
+ * vpshufb; within a half, integer block sums enter each row's float sum with one FMA in block
+ * order; y = (half 0 + half 1) * row scale. Two threads take one half each (both build only
+ * their half's tables). Scalar, AVX2 and AVX-512 give identical bits for any thread count.
  * Returns 0, -1 (bad argument), -2 (out of memory). */
 int salomi_sign_tables_ok(int64_t in, int64_t group);
 int64_t salomi_sign_tables_bytes(int64_t out, int64_t in);
