@@ -443,3 +443,26 @@ def test_billm_pbllm_kernels_runtime_matches_dequant(tiny_llama_dir: Path, auste
     with torch.inference_mode():
         assert_close_logits(model(IDS[None]).logits[0].float(), ref)
     assert all(m._composite is not None for m in model.modules() if hasattr(m, "_composite"))
+
+
+def test_rot_on_the_default_models_widths(gpt2_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """+rot at SmolLM2's widths (576 = 12x12x4: a dense axis with inner stride 4; 1536 = 12x128; 192 = 12x16)
+    runs the register-blocked AVX2 axes; scalar and AVX2 engines both match the dequantized model."""
+    from transformers import LlamaConfig
+
+    from tests.conftest import _save_tiny
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=50257, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+    d = _save_tiny(cfg, gpt2_tokenizer_dir, tmp_path / "m")
+    f = tmp_path / "rot.salomi"
+    api.quantize(model=str(d), method="rtn:4:g64+rot", out=f, progress=False)
+    qf = load_quantized(f)
+    ref = reference_logits(qf, IDS[:6])
+    try:
+        for name in ("scalar", kernels.cpu_isa()):
+            kernels.set_isa(name)
+            assert_close_logits(Engine.from_file(qf, max_seq=16).logits(IDS[:6]), ref)
+    finally:
+        kernels.set_isa("auto")
