@@ -62,17 +62,16 @@ class LowRankFormat(StorageFormat):
         return self.base.dequantize(base) + lowrank_product(lr)
 
 
+def lowrank_factors(lr: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored factors in float32: (u * u_scale [out, R], v * v_scale [R, in])."""
+    f = {k: torch.from_numpy(np.asarray(lr[k], dtype=np.float32)) for k in ("u", "u_scale", "v", "v_scale")}
+    return f["u"] * f["u_scale"][:, None], f["v"] * f["v_scale"][:, None]
+
+
 def lowrank_product(lr: dict[str, np.ndarray]) -> torch.Tensor:
     """(u * u_scale) @ (v * v_scale), summed rank by rank with elementwise ops in a fixed order:
     bit-identical wherever it runs (a BLAS matmul may round differently with memory alignment)."""
-    u = (
-        torch.from_numpy(np.asarray(lr["u"], dtype=np.float32))
-        * torch.from_numpy(np.asarray(lr["u_scale"], dtype=np.float32))[:, None]
-    )
-    v = (
-        torch.from_numpy(np.asarray(lr["v"], dtype=np.float32))
-        * torch.from_numpy(np.asarray(lr["v_scale"], dtype=np.float32))[:, None]
-    )
+    u, v = lowrank_factors(lr)
     out = torch.zeros(u.shape[0], v.shape[1])
     for r in range(u.shape[1]):
         out = out + u[:, r : r + 1] * v[r : r + 1, :]

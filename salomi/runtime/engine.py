@@ -372,17 +372,15 @@ class Engine:
 
         if w.lr_rank:
             raise _unsupported(f"layer {name} has two low-rank parts ({p.format!r})")
-        base, lr = split_lowrank(p)
-        u = lr.get("u")
+        u = p.tensors.get("lowrank.u")
         r = int(u.shape[1]) if u is not None and u.ndim == 2 else 0
-        lp = PackedLinear(p.method, "lowrank", p.shape, {f"lowrank.{k}": v for k, v in lr.items()}, {})
-        arrays = [_expect(lp, "lowrank.u", "int8", (out, r), name), _expect(lp, "lowrank.v", "int8", (r, inp), name),
-                  _expect(lp, "lowrank.u_scale", "float16", (out,), name).view(np.uint16),
-                  _expect(lp, "lowrank.v_scale", "float16", (r,), name).view(np.uint16)]
+        arrays = [_expect(p, "lowrank.u", "int8", (out, r), name), _expect(p, "lowrank.v", "int8", (r, inp), name),
+                  _expect(p, "lowrank.u_scale", "float16", (out,), name).view(np.uint16),
+                  _expect(p, "lowrank.v_scale", "float16", (r,), name).view(np.uint16)]
         w.lr_rank, w.lr_rot_inside = r, int(inside)
         w.lr_u, w.lr_v, w.lr_us, w.lr_vs = (int(a.ctypes.data) for a in arrays)
         self._keep += arrays
-        return base
+        return split_lowrank(p)[0]
 
     def _packed(self, w: _Weight, name: str, p: PackedLinear, out: int, inp: int) -> None:
         if tuple(int(v) for v in p.shape) != (out, inp):

@@ -96,11 +96,10 @@ class QuantLinear(nn.Module):
 
 def _lowrank_factors(p: PackedLinear) -> tuple[PackedLinear, tuple[torch.Tensor, torch.Tensor]]:
     """The base part of a "+lowrank" layer and its factors (u * u_scale [out, R], v * v_scale [R, in])."""
-    from salomi.quantizers.lowrank import split_lowrank
+    from salomi.quantizers.lowrank import lowrank_factors, split_lowrank
 
     base, lr = split_lowrank(p)
-    f = {k: torch.from_numpy(lr[k].astype("float32")) for k in ("u", "u_scale", "v", "v_scale")}
-    return base, (f["u"] * f["u_scale"][:, None], f["v"] * f["v_scale"][:, None])
+    return base, lowrank_factors(lr)
 
 
 def _unit_sign(p: PackedLinear, bits: np.ndarray) -> PackedLinear:

@@ -860,10 +860,16 @@ static int64_t vq8_half(int64_t nv) { return nv / 4 * 2; } /* even: the halves o
  * [ceil(out/32)][the half's bytes per row][32] run (half 1 after half 0), so a thread
  * streams its half of every 32-row group front to back. nib: two 4-bit codes per byte
  * (vector columns 2b, 2b + 1). */
+static int64_t il_half(int64_t out, int64_t nv, int nib, int part, int64_t *rowb) { /* returns the half's offset */
+    const int64_t h = vq8_half(nv), n = part ? nv - h : h;
+    *rowb = nib ? n / 2 : n;
+    return part ? (out + 31) / 32 * (nib ? h / 2 : h) * 32 : 0;
+}
+
 static int64_t il_index(int64_t o, int64_t v, int64_t out, int64_t nv, int nib) {
-    const int64_t h = vq8_half(nv), p = v >= h, groups = (out + 31) / 32;
-    const int64_t rowb = nib ? (p ? nv - h : h) / 2 : (p ? nv - h : h), base = p ? groups * (nib ? h / 2 : h) * 32 : 0;
-    const int64_t dv = v - (p ? h : 0);
+    const int part = v >= vq8_half(nv);
+    int64_t rowb;
+    const int64_t base = il_half(out, nv, nib, part, &rowb), dv = v - (part ? vq8_half(nv) : 0);
     return base + ((o / 32) * rowb + (nib ? dv / 2 : dv)) * 32 + o % 32;
 }
 
@@ -875,8 +881,8 @@ static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float 
     const salomi_weight *w = &W->w;
     const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k), tsz = vq8_tsz(k);
     const int64_t h = vq8_half(nv), va = part ? h : 0, vb = part ? nv : h;
-    const int64_t rowb = W->nib ? (vb - va) / 2 : vb - va; /* this half's il bytes per row (il_index) */
-    const uint8_t *half = W->il + (part ? (w->out + 31) / 32 * (W->nib ? h / 2 : h) * 32 : 0);
+    int64_t rowb; /* this half's il bytes per row */
+    const uint8_t *half = W->il + il_half(w->out, nv, W->nib, part, &rowb);
     if (g0 >= g1) return;
     float *F = J->lut + tid * J->lut_stride, *S = F + B * k;
     int8_t *T = (int8_t *)(((uintptr_t)(S + (nv + B - 1) / B) + 63) & ~(uintptr_t)63);
@@ -894,16 +900,17 @@ static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float 
         float acc[64] = {0}; /* lanes past the last row of a partial group sum padding; never stored */
         for (int64_t v0 = va; v0 < vb; v0 += B) {
             const int64_t v1 = min64(vb, v0 + B);
-            const int8_t *Tb = T + (v0 - va) * tsz;
-#if ENG_X86
             const int64_t a = v0 - va, b = v1 - va; /* columns within the half, as il is laid */
-            if (wide && W->nib) vq8_group2_nib_avx512(il, il1, a, b, Tb, S[(v0 - va) / B], acc);
-            else if (wide) vq8_group2_avx512(il, il1, a, b, Tb, tsz, S[(v0 - va) / B], acc);
-            else if (J->avx2 && W->nib) vq8_group_nib_avx2(il, a, b, Tb, S[(v0 - va) / B], acc);
-            else if (J->avx2) vq8_group_avx2(il, a, b, Tb, ntab, S[(v0 - va) / B], acc);
+            const int8_t *Tb = T + a * tsz;
+            const float sc = S[a / B];
+#if ENG_X86
+            if (wide && W->nib) vq8_group2_nib_avx512(il, il1, a, b, Tb, sc, acc);
+            else if (wide) vq8_group2_avx512(il, il1, a, b, Tb, tsz, sc, acc);
+            else if (J->avx2 && W->nib) vq8_group_nib_avx2(il, a, b, Tb, sc, acc);
+            else if (J->avx2) vq8_group_avx2(il, a, b, Tb, ntab, sc, acc);
             else
 #endif
-                vq8_group_scalar(il, W->nib, a, b, Tb, tsz, S[(v0 - va) / B], acc);
+                vq8_group_scalar(il, W->nib, a, b, Tb, tsz, sc, acc);
         }
         memcpy(y + o0, acc, sizeof(float) * (size_t)n);
     }
@@ -1221,7 +1228,6 @@ static int check_rot(const salomi_weight *w, const char *what, char *err, int er
 
 static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int64_t M, float *y);
 
-/* A +rot layer on an already rotated input rx: the base kernel, then U^T, then the bias. */
 /* y += diag(us) U diag(vs) V x per row ("+lowrank"; engine.h): R (in + out) multiply-adds,
  * a few percent of the base layer's work for the ranks the quantizer picks, so plain loops
  * on the calling thread. */
@@ -1575,7 +1581,7 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
     e->part_cap = CHUNK * (e->q_dim + 2 * e->kv_dim > 2 * I ? e->q_dim + 2 * e->kv_dim : 2 * I);
     e->part_cap = e->part_cap > CHUNK * H ? e->part_cap : CHUNK * H;
     e->part = malloc(sizeof(float) * (size_t)e->part_cap);
-    e->lrt = malloc(sizeof(float) * (size_t)(maxin > c.vocab ? maxin : c.vocab));
+    e->lrt = malloc(sizeof(float) * (size_t)maxin); /* rank <= in <= maxin */
     if (!e->kcache || !e->vcache || !e->x || !e->xn || !e->q || !e->k || !e->v || !e->att || !e->tmp || !e->g ||
         !e->u || !e->scores || !e->cosb || !e->sinb || !e->rx || !e->rtmp || (e->lut_stride && !e->lut) || !e->part || !e->lrt)
         goto oom;
