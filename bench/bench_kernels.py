@@ -39,9 +39,10 @@ from salomi.runtime import kernels
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (8192, 8192)]  # (out, in)
 FORMATS = [("sign", 0, 64), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64)]  # (format, bits, group)
 INT8_SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (8192, 8192), (49152, 576)]  # (out, in); last: the head
-# (format, bits, group); sign-tab: per-row scales (group 0 = in) through the engine's T-MAC tables
-INT8_FORMATS = [("sign", 0, 64), ("sign-tab", 0, 0), ("ternary", 0, 64), ("grid", 2, 64), ("grid", 4, 64),
-                ("grid", 8, 64)]
+# (format, bits, group); sign-tab / ternary-tab: per-row scales (group 0 = in) through the engine's
+# T-MAC int8 tables
+INT8_FORMATS = [("sign", 0, 64), ("sign-tab", 0, 0), ("ternary", 0, 64), ("ternary-tab", 0, 0), ("grid", 2, 64),
+                ("grid", 4, 64), ("grid", 8, 64)]
 COLD_BYTES = 512 << 20  # rotate copies of a layer until they span this much memory
 
 
@@ -186,15 +187,15 @@ def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, min_
 def bench_int8(
     fmt: str, bits: int, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int
 ) -> dict:
-    tab = fmt == "sign-tab"
+    tab = fmt.endswith("-tab")
     group = group or i
-    layers = cold_layers("sign" if tab else fmt, bits, group, o, i, rng, l3_bytes)
+    layers = cold_layers(fmt.removesuffix("-tab"), bits, group, o, i, rng, l3_bytes)
     preps = [kernels.prepare(p) for p in layers]
-    tables = [kernels.sign_tables(p) for p in layers] if tab else []
+    tables = [kernels.tables(p) for p in layers] if tab else []
 
     def int8(k: int) -> torch.Tensor:
         if tab:
-            return kernels.sign_tables_matmul(x1, tables[k], threads)
+            return kernels.tables_matmul(x1, tables[k], threads)
         return kernels.packed_matmul(x1, preps[k], threads, activations="int8")
 
     nbytes = layers[0].nbytes

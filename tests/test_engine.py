@@ -120,7 +120,7 @@ def test_rot_scalar_isa_and_auto(variants: dict[str, Path]) -> None:
         Engine.from_file(bad, max_seq=8)
 
 
-@pytest.mark.parametrize("fmt", ["sign", "grid", "sign+rot", "grid+rot", "vq", "vq+rot"])
+@pytest.mark.parametrize("fmt", ["sign", "ternary", "grid", "sign+rot", "grid+rot", "vq", "vq+rot"])
 def test_int8_activations_close_to_float(variants: dict[str, Path], fmt: str) -> None:
     """activations="int8": int8 kernels on the sign/ternary/2-bit grid layers (kernels.h bound,
     ~0.4-1% relative per GEMV); end to end the logits stay within 5% relative L2 of the
@@ -375,11 +375,12 @@ def test_half_kv_cache(variants: dict[str, Path]) -> None:
         Engine.from_file(qf, max_seq=32, kv="int4")
 
 
-@pytest.mark.parametrize("method", ["binary", "vq:d4:k16", "vq:d4:k32", "vq:d4:k64", "vq:d4:k128", "vq:d4:k256"])
+@pytest.mark.parametrize("method", ["binary", "ternary", "vq:d4:k16", "vq:d4:k32", "vq:d4:k64", "vq:d4:k128",
+                                    "vq:d4:k256"])
 def test_int8_tables_identical_on_every_isa(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path,
                                             method: str) -> None:
-    """activations="int8" table layers (sign tables; vq tables of 16-256 entries: vpshufb on AVX2,
-    64 rows per vpshufb / vpermb / vpermi2b on AVX-512) give the same logits bit for bit on AVX2
+    """activations="int8" table layers (sign tables; ternary's 243-entry tables; vq tables of 16-256
+    entries: vpshufb on AVX2, 64 rows per vpshufb / vpermb / vpermi2b on AVX-512) give the same logits bit for bit on AVX2
     and AVX-512, in prefill and decode: the integer sums are exact, the float flushes run in the
     same order, and every other stage runs the same AVX2 code on both. The scalar engine sums
     its float stages in another order, so it is held to the float tolerance of this file."""
@@ -466,3 +467,28 @@ def test_rot_on_the_default_models_widths(gpt2_tokenizer_dir: Path, tmp_path: Pa
             assert_close_logits(Engine.from_file(qf, max_seq=16).logits(IDS[:6]), ref)
     finally:
         kernels.set_isa("auto")
+
+
+@pytest.mark.parametrize("method", ["ternary", "vq:d4:k128"])
+def test_int8_tables_at_the_default_models_widths(gpt2_tokenizer_dir: Path, austen_slice: Path, tmp_path: Path,
+                                                  method: str) -> None:
+    """int8 table layers at SmolLM2's widths: several table blocks per half (ternary at 1536: 154
+    vectors of 256-byte tables per half, past L1), the partial last ternary vector (576 = 5 x 115
+    + 1): logits within 5% relative L2 of the float engine on the same file, prefill and decode."""
+    from transformers import LlamaConfig
+
+    from tests.conftest import _save_tiny
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=50257, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+    d = _save_tiny(cfg, gpt2_tokenizer_dir, tmp_path / "m")
+    f = tmp_path / "t.salomi"
+    api.quantize(model=str(d), method=method, out=f, calib=str(austen_slice), segments=2, seg_len=64, progress=False)
+    qf = load_quantized(f)
+    ref = Engine.from_file(qf, max_seq=16).logits(IDS[:6])
+    eng = Engine.from_file(qf, max_seq=16, activations="int8")
+    assert eng.int8_layers == len(qf.packed)
+    for got in (eng.logits(IDS[:6]), (eng.reset(), torch.stack([eng.forward([int(t)]) for t in IDS[:6]]))[1]):
+        rel = float((got - ref).norm() / ref.norm())
+        assert rel < 0.05, f"relative L2 {rel:.3g}"

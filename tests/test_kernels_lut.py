@@ -437,51 +437,66 @@ def test_errors():
         )
 
 
-def sign_tables_ref(x: torch.Tensor, p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """The table kernel's contract (engine.h), in float64 from float32 tables: (y_int, bound vs float).
+def tables_ref(x: torch.Tensor, p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 table kernel's contract (engine.h), in float64 from float32 tables: (y_int, bound vs float).
 
-    The vector columns (4 weight columns each) form two halves [0, h), [h, nv) with h = nv // 4 * 2;
-    per block of 32 vector columns from its half's start the 16 sums +-x0 +-x1 +-x2 +-x3 of each
-    4 columns are built in float32 in that order, quantized with one scale m / 127 (m = the block's
-    max |sum|, inv = 127 / m in float32, round half to even); a row sums the int8 entries of its
-    sign patterns. Bound vs x @ W^T: |s_row| * sum_blocks (vectors in block) * scale / 2."""
+    Sign: vector columns of 4 weight columns, code = the 4 sign bits, 16 entries.
+    Ternary: vector columns of 5 (the last one zero-padded), code = the file's byte (five trits),
+    243 entries padded to 256. Blocks of 32 vectors. The vector columns form two halves [0, h),
+    [h, nv) with h = nv // 4 * 2; per block from its half's start each vector's table entries
+    are built in float32 (a mul, then one FMA per further column: here float32 products and sums
+    in that order), quantized with one scale m / 127 (m = the block's max |entry|, inv = 127 / m
+    in float32, round half to even); a row sums the int8 entries of its codes.
+    Bound vs x @ W^T: |s_row| * sum_blocks (vectors in block) * scale / 2."""
     o, i = p.shape
-    bits = torch.from_numpy(unpack_rows(p.tensors["bits"], i, 1).astype(np.int64))  # [o, i]
+    if p.format == "sign":
+        d, blk = 4, 32
+        bits = torch.from_numpy(unpack_rows(p.tensors["bits"], i, 1).astype(np.int64))  # [o, i]
+        nv = i // 4
+        codes = (bits.reshape(o, nv, 4) * torch.tensor([1, 2, 4, 8])).sum(-1)  # [o, nv]
+        pat = torch.tensor([[1.0 if (c >> t) & 1 else -1.0 for t in range(4)] for c in range(16)])  # [16, 4]
+    else:
+        d, blk = 5, 32
+        nv = (i + 4) // 5
+        codes = torch.from_numpy(p.tensors["trits"].astype(np.int64))  # [o, nv]
+        pat = torch.tensor([[float((c // 3**t) % 3 - 1) if c < 243 else 0.0 for t in range(5)] for c in range(256)])
     s = torch.from_numpy(p.tensors["scale"].astype(np.float64))[:, 0]
-    nv = i // 4
-    codes = (bits.reshape(o, nv, 4) * torch.tensor([1, 2, 4, 8])).sum(-1)  # [o, nv]
-    pat = torch.tensor([[1.0 if (c >> t) & 1 else -1.0 for t in range(4)] for c in range(16)])  # [16, 4]
     ys, bounds = [], []
     for row in x.reshape(-1, i):
-        xv = row.reshape(nv, 4)
+        xv = torch.cat([row, row.new_zeros(nv * d - i)]).reshape(nv, d)
         tab = pat[None, :, 0] * xv[:, None, 0]
-        for t in (1, 2, 3):
-            tab = tab + pat[None, :, t] * xv[:, None, t]  # float32, the kernel's order
+        for t in range(1, d):
+            tab = tab + pat[None, :, t] * xv[:, None, t]  # float32; exact products of +-1/0, so FMA == mul + add
         y, b = torch.zeros(o, dtype=torch.float64), torch.zeros(o, dtype=torch.float64)
         h = nv // 4 * 2
-        for v0, v1 in [(a, min(a + 32, h)) for a in range(0, h, 32)] + [(a, min(a + 32, nv)) for a in range(h, nv, 32)]:
-            blk = tab[v0:v1]
-            m = blk.abs().max()
+        for v0, v1 in [(a, min(a + blk, h)) for a in range(0, h, blk)] + [(a, min(a + blk, nv)) for a in range(h, nv, blk)]:
+            part = tab[v0:v1]
+            m = part.abs().max()
             inv = torch.tensor(127.0) / m if m > 0 else torch.tensor(0.0)
-            q = torch.round(blk * inv).double()  # [nb, 16]
+            q = torch.round(part * inv).double()  # [nb, k]
             scale = float(m) / 127.0
             sums = q.gather(1, codes[:, v0:v1].T).sum(0)  # [o]
             y += scale * sums
-            b += blk.shape[0] * scale / 2
+            b += part.shape[0] * scale / 2
         ys.append(y * s)
         bounds.append(b * s.abs())
     return torch.stack(ys).reshape(*x.shape[:-1], o), torch.stack(bounds).reshape(*x.shape[:-1], o)
 
 
-@pytest.mark.parametrize("o,i", [(1, 8), (33, 64), (45, 136), (64, 576), (7, 1536), (96, 1024)])
-def test_sign_tables_kernel(o, i):
-    """T-MAC sign tables (the engine's kernel for per-row-scale sign layers with int8): exact
-    integer sums (a), within the documented table-rounding bound of the float product (b),
-    identical bits on every ISA and thread count."""
+@pytest.mark.parametrize(
+    "fmt,o,i",
+    [("sign", 1, 8), ("sign", 33, 64), ("sign", 45, 136), ("sign", 64, 576), ("sign", 7, 1536), ("sign", 96, 1024), ("sign", 5, 8200),
+     ("ternary", 1, 1), ("ternary", 1, 7), ("ternary", 33, 64), ("ternary", 65, 576), ("ternary", 7, 1536),
+     ("ternary", 96, 1000), ("ternary", 130, 41)],
+)
+def test_tables_kernel(fmt, o, i):
+    """T-MAC int8 tables (the engine's kernel for per-row-scale sign and ternary layers with
+    int8): exact integer sums (a), within the documented table-rounding bound of the float
+    product (b), identical bits on every ISA and thread count."""
     rng = np.random.default_rng(o * 7 + i)
-    p = random_layer("sign", o, i, i, rng)
-    assert kernels.sign_tables_supported(p)
-    t = kernels.sign_tables(p)
+    p = random_layer(fmt, o, i, i, rng)
+    assert kernels.tables_supported(p)
+    t = kernels.tables(p)
     for m in (1, 3):
         x = torch.from_numpy((rng.standard_normal((m, i)) * np.where(rng.random(i) < 0.02, 20, 1)).astype(np.float32))
         outs = []
@@ -489,22 +504,36 @@ def test_sign_tables_kernel(o, i):
             for name in ISAS:
                 kernels.set_isa(name)
                 for th in (1, 2, 3):
-                    outs.append(kernels.sign_tables_matmul(x, t, threads=th))
+                    outs.append(kernels.tables_matmul(x, t, threads=th))
         finally:
             kernels.set_isa("auto")
         assert all(torch.equal(outs[0], y) for y in outs[1:])
         y = outs[0].double()
-        y_int, bound = sign_tables_ref(x, p)
-        mag = bound * 2 * 127  # = |s| sum_blocks (vectors) max|sum| >= sum of |table entries| used
+        y_int, bound = tables_ref(x, p)
+        mag = bound * 2 * 127  # = |s| sum_blocks (vectors) max|entry| >= sum of |table entries| used
         assert ((y - y_int).abs() <= 1e-6 * mag + 1e-30).all(), float((y - y_int).abs().max())
         y_f = x.double() @ p.dequantize().double().T
         assert ((y - y_f).abs() <= bound * (1 + 1e-5) + 1e-5 * y_f.abs().max()).all()
 
 
-def test_sign_tables_refuse_other_layers():
+def test_ternary_tables_ignore_corrupt_bytes():
+    """A trit byte > 242 (not a valid code) reads a zero table entry: never out of bounds."""
+    rng = np.random.default_rng(5)
+    p = random_layer("ternary", 40, 100, 100, rng)
+    bad = p.tensors["trits"].copy()
+    bad[3, 7] = 255
+    q = PackedLinear("t", "ternary", p.shape, {"trits": bad, "scale": p.tensors["scale"]}, {"group": 100})
+    good = p.tensors["trits"].copy()
+    good[3, 7] = 121  # all five trits 1 = zero weights
+    z = PackedLinear("t", "ternary", p.shape, {"trits": good, "scale": p.tensors["scale"]}, {"group": 100})
+    x = torch.randn(1, 100)
+    assert torch.equal(kernels.tables_matmul(x, kernels.tables(q)), kernels.tables_matmul(x, kernels.tables(z)))
+
+
+def test_tables_refuse_other_layers():
     rng = np.random.default_rng(0)
     for p in (random_layer("sign", 4, 64, 32, rng), random_layer("sign", 4, 60, 60, rng),
-              random_layer("ternary", 4, 64, 64, rng)):
-        assert not kernels.sign_tables_supported(p)
+              random_layer("ternary", 4, 64, 32, rng), random_layer("grid2", 4, 64, 64, rng)):
+        assert not kernels.tables_supported(p)
         with pytest.raises(ValueError):
-            kernels.sign_tables(p)
+            kernels.tables(p)

@@ -15,8 +15,9 @@ Public API:
     packed_matmul(x, p, threads=2, activations="float")
                                         x [..., in] float32 CPU -> [..., out] float32
     int8_supported(p) -> bool           an int8-activation kernel exists for this layer
-    sign_tables(p) -> SignTables        re-lay a per-row-scale sign layer for the T-MAC table kernel
-    sign_tables_matmul(x, t, threads)   its GEMV (the engine's path for such layers under int8)
+    tables(p) -> Tables                 re-lay a per-row-scale sign or ternary layer for the T-MAC
+                                        int8 table kernel
+    tables_matmul(x, t, threads)        its GEMV (the engine's path for such layers under int8)
 
 activations="int8" (sign, ternary, grid with 2 bits and group 16/32/64/128 or a
 multiple of 128, grid with 4 bits (rows a multiple of 64) or 8 bits and a group multiple
@@ -88,14 +89,14 @@ def _load() -> ctypes.CDLL:
         fn.restype = cint
     lib.salomi_grid_matmul_i8.argtypes = [c_f, i64, i64, i64, c_u8, cint, c_u16, c_u16, i64, c_i32, c_f, cint]
     lib.salomi_grid_matmul_i8.restype = cint
-    lib.salomi_sign_tables_ok.argtypes = [i64, i64]
-    lib.salomi_sign_tables_ok.restype = cint
-    lib.salomi_sign_tables_bytes.argtypes = [i64, i64]
-    lib.salomi_sign_tables_bytes.restype = i64
-    lib.salomi_sign_tables_layout.argtypes = [c_u8, i64, i64, c_u8]
-    lib.salomi_sign_tables_layout.restype = cint
-    lib.salomi_sign_tables_matmul.argtypes = [c_f, i64, i64, i64, c_u8, c_u16, c_f, cint]
-    lib.salomi_sign_tables_matmul.restype = cint
+    lib.salomi_tables_ok.argtypes = [cint, i64, i64]
+    lib.salomi_tables_ok.restype = cint
+    lib.salomi_tables_bytes.argtypes = [cint, i64, i64]
+    lib.salomi_tables_bytes.restype = i64
+    lib.salomi_tables_layout.argtypes = [cint, c_u8, i64, i64, c_u8]
+    lib.salomi_tables_layout.restype = cint
+    lib.salomi_tables_matmul.argtypes = [cint, c_f, i64, i64, i64, c_u8, c_u16, c_f, cint]
+    lib.salomi_tables_matmul.restype = cint
     _lib = lib
     return lib
 
@@ -285,40 +286,46 @@ def supports(p: PackedLinear) -> bool:
     return p.format in KERNEL_FORMATS
 
 
-@dataclass
-class SignTables:
-    """A sign layer re-laid for the T-MAC table kernel (what the engine builds at load for
-    per-row-scale sign layers with activations="int8"; engine.h, salomi_sign_tables_*)."""
+TABLE_KINDS = {"sign": 2, "ternary": 3}  # engine.h: SALOMI_W_SIGN, SALOMI_W_TERNARY
 
+
+@dataclass
+class Tables:
+    """A sign or ternary layer re-laid for the T-MAC int8 table kernel (what the engine builds
+    at load for such layers with one scale per row and activations="int8"; engine.h,
+    salomi_tables_*)."""
+
+    kind: int
     out_features: int
     in_features: int
     il: np.ndarray  # uint8, 32 rows side by side
     scale: np.ndarray  # uint16 view of the fp16 row scales [out, 1]
 
 
-def sign_tables_supported(p: PackedLinear) -> bool:
-    return p.format == "sign" and bool(_load().salomi_sign_tables_ok(int(p.shape[1]), int(p.params.get("group", 0))))
+def tables_supported(p: PackedLinear) -> bool:
+    kind = TABLE_KINDS.get(p.format)
+    return kind is not None and bool(_load().salomi_tables_ok(kind, int(p.shape[1]), int(p.params.get("group", 0))))
 
 
-def sign_tables(p: PackedLinear) -> SignTables:
-    """Re-lay a sign layer with one scale per row (group == in, in % 8 == 0) for
-    sign_tables_matmul; 1 bit per weight, like the file."""
-    if not sign_tables_supported(p):
+def tables(p: PackedLinear) -> Tables:
+    """Re-lay a sign layer (one scale per row, in % 8 == 0) or a ternary layer (one scale per
+    row) for tables_matmul; as many bits per weight as the file."""
+    if not tables_supported(p):
         raise ValueError(
-            f"sign tables need a sign layer with one scale per row and in % 8 == 0 (got {p.format!r} "
-            f"{tuple(p.shape)}, group {p.params.get('group')})"
+            f"int8 tables need a sign layer with one scale per row and in % 8 == 0, or a ternary layer with one "
+            f"scale per row (got {p.format!r} {tuple(p.shape)}, group {p.params.get('group')})"
         )
-    lib, prep = _load(), prepare(p)
-    il = np.empty(lib.salomi_sign_tables_bytes(prep.out_features, prep.in_features), dtype=np.uint8)
-    if lib.salomi_sign_tables_layout(prep.data.ctypes.data, prep.out_features, prep.in_features, il.ctypes.data):
-        raise SalomiError("sign table layout failed")
-    return SignTables(prep.out_features, prep.in_features, il, prep.scale)
+    lib, prep, kind = _load(), prepare(p), TABLE_KINDS[p.format]
+    il = np.empty(lib.salomi_tables_bytes(kind, prep.out_features, prep.in_features), dtype=np.uint8)
+    if lib.salomi_tables_layout(kind, prep.data.ctypes.data, prep.out_features, prep.in_features, il.ctypes.data):
+        raise SalomiError("int8 table layout failed")
+    return Tables(kind, prep.out_features, prep.in_features, il, prep.scale)
 
 
-def sign_tables_matmul(x: torch.Tensor, t: SignTables, threads: int = 2) -> torch.Tensor:
+def tables_matmul(x: torch.Tensor, t: Tables, threads: int = 2) -> torch.Tensor:
     """y = x @ W^T through int8 lookup tables (error bound in engine.h); x float32 CPU [..., in]."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
-        raise TypeError("sign_tables_matmul expects a float32 CPU torch.Tensor")
+        raise TypeError("tables_matmul expects a float32 CPU torch.Tensor")
     if x.dim() < 1 or x.shape[-1] != t.in_features:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {t.in_features}]")
     if int(threads) < 1:
@@ -326,8 +333,8 @@ def sign_tables_matmul(x: torch.Tensor, t: SignTables, threads: int = 2) -> torc
     x = x.contiguous()
     m = x.numel() // t.in_features
     y = torch.empty(*x.shape[:-1], t.out_features, dtype=torch.float32)
-    rc = _load().salomi_sign_tables_matmul(x.data_ptr(), m, t.in_features, t.out_features, t.il.ctypes.data,
-                                           t.scale.ctypes.data, y.data_ptr(), int(threads))
+    rc = _load().salomi_tables_matmul(t.kind, x.data_ptr(), m, t.in_features, t.out_features, t.il.ctypes.data,
+                                      t.scale.ctypes.data, y.data_ptr(), int(threads))
     if rc != 0:
-        raise SalomiError(f"sign_tables_matmul kernel failed: {_ERRORS.get(rc, rc)}")
+        raise SalomiError(f"tables_matmul kernel failed: {_ERRORS.get(rc, rc)}")
     return y

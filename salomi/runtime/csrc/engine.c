@@ -52,10 +52,10 @@ typedef struct {
     salomi_weight w;
     float *cb;            /* vq: codebook widened to float32 [k, d] (small; owned) */
     const float *cbt;     /* vq: the same transposed [d][k] (inside cb's allocation): 8 codewords per vector;
-                           * sign tables: SIGN_CBT */
+                           * sign tables: SIGN_CBT; ternary tables: [5][256] in cb */
     uint8_t *il;          /* int8 tables (act_i8): codes, 32 rows interleaved (owned): vq: bytes
                            * [ceil(out/32)][in/d][32]; sign: the row bytes [ceil(out/32)][in/8][32] */
-    int64_t td, tk;       /* table layers: vector length and table entries (vq: d, k; sign: 4, 16) */
+    int64_t td, tk;       /* table layers: vector length and table entries (vq: d, k; sign: 4, 16; ternary: 5, 256) */
     int nib;              /* il holds two 4-bit codes per byte (sign: vector columns 2b, 2b+1) */
 } weight_t;
 
@@ -567,7 +567,7 @@ static void vq_task(void *ctx, int tid, int nt) {
 }
 
 /* --- int8 tables (activations="int8"): 32 rows per vector instruction (64 with AVX-512).
- * The float table of vq8_block(k) vector columns is quantized to int8 with one scale per
+ * The float table of VQ8_BLOCK vector columns is quantized to int8 with one scale per
  * block (round to nearest even; |error| <= scale/2 per lookup) and stored as one run of
  * vq8_tsz(k) bytes per vector column (entries past k are zero). AVX2 indexes it 16 entries
  * at a time (vpshufb on the low 4 code bits for 32 rows, the higher bits picking a 16-entry
@@ -579,7 +579,7 @@ static void vq_task(void *ctx, int tid, int nt) {
 #ifndef VQ8_PREFETCH
 #define VQ8_PREFETCH 2048
 #endif
-static int64_t vq8_block(int64_t k) { return k >= 128 ? 8 : 32; }
+#define VQ8_BLOCK 32 /* vector columns per table scale: a block's flush (int16 -> float FMA) is paid once per 32 */
 static int64_t vq8_tables(int64_t k) { int64_t t = 1; while (t * 16 < k) t *= 2; return t; }
 static int64_t vq8_tsz(int64_t k) { return 16 * vq8_tables(k); } /* table bytes per vector column */
 /* Scratch per thread, in floats, 64-byte multiple: one block's float table [B][k], the
@@ -587,7 +587,7 @@ static int64_t vq8_tsz(int64_t k) { return 16 * vq8_tables(k); } /* table bytes 
  * aligned): every table is built before any row is read, so each 32-row group then streams
  * its codes once, front to back. */
 static int64_t vq8_scratch_floats(int64_t k, int64_t nv) {
-    const int64_t B = vq8_block(k), nblk = (nv + B - 1) / B;
+    const int64_t B = VQ8_BLOCK, nblk = (nv + B - 1) / B;
     return (B * k + nblk + 16 + (nv * vq8_tsz(k) + 3) / 4 + 15) / 16 * 16;
 }
 
@@ -621,6 +621,29 @@ A2 static float absmax_avx2(const float *F, int64_t n) { /* n % 8 == 0; a max is
 }
 #endif
 
+#if ENG_X86
+/* One vector's float table, entries [0, k / 8 * 8) (tables_build_any does the rest). */
+A2 static int64_t tables_row_avx2(const float *cbt, int64_t k, int64_t d, const float *x, float *L) {
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) {
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(cbt + c), _mm256_set1_ps(x[0]));
+        for (int64_t t = 1; t < d; t++) a = _mm256_fmadd_ps(_mm256_loadu_ps(cbt + t * k + c), _mm256_set1_ps(x[t]), a);
+        _mm256_storeu_ps(L + c, a);
+    }
+    return c;
+}
+
+A5 static int64_t tables_row_avx512(const float *cbt, int64_t k, int64_t d, const float *x, float *L) {
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(cbt + c), _mm512_set1_ps(x[0]));
+        for (int64_t t = 1; t < d; t++) a = _mm512_fmadd_ps(_mm512_loadu_ps(cbt + t * k + c), _mm512_set1_ps(x[t]), a);
+        _mm512_storeu_ps(L + c, a);
+    }
+    return c;
+}
+#endif
+
 /* Quantizes the float table of vector columns [v0, v1) into int8 tables of vq8_tsz(k)
  * bytes each. Returns the block's scale. */
 #if ENG_X86
@@ -628,14 +651,40 @@ A5 static float vq8_tables_build_avx512(const float *cbt, int64_t k, const float
                                        int64_t tsz);
 #endif
 
+/* Float tables of vector columns [v0, v1) for any d (ternary: d = 5, and in % 5 may be
+ * nonzero: the last vector's missing columns read as zero): per entry a mul, then one FMA per
+ * further column in order - for d = 4 exactly lut_row4's operations. */
+static void tables_build_any(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int avx2, int avx512) {
+    const int64_t d = W->td, k = W->tk, in = W->w.in;
+    float pad[16];
+    for (int64_t v = v0; v < v1; v++, F += k) {
+        const float *xs = x + v * d;
+        if ((v + 1) * d > in) { /* d <= 16 (checked at create) */
+            for (int64_t t = 0; t < d; t++) pad[t] = v * d + t < in ? xs[t] : 0.f;
+            xs = pad;
+        }
+        int64_t c = 0;
+#if ENG_X86
+        if (avx512) c = tables_row_avx512(W->cbt, k, d, xs, F);
+        else if (avx2) c = tables_row_avx2(W->cbt, k, d, xs, F);
+#endif
+        (void)avx2, (void)avx512;
+        for (; c < k; c++) {
+            float a = W->cbt[c] * xs[0];
+            for (int64_t t = 1; t < d; t++) a = fmaf(W->cbt[t * k + c], xs[t], a);
+            F[c] = a;
+        }
+    }
+}
+
 static float vq8_tables_build(const weight_t *W, const float *x, int64_t v0, int64_t v1, float *F, int8_t *T, int avx2,
                               int avx512) {
     const int64_t k = W->tk, tsz = vq8_tsz(k), n = (v1 - v0) * k;
 #if ENG_X86
     if (avx512 && W->td == 4 && k % 16 == 0) return vq8_tables_build_avx512(W->cbt, k, x + v0 * 4, v1 - v0, F, T, tsz);
 #endif
-    (void)avx512;
-    vq_build(W, x, v0, v1, F, avx2);
+    if (W->td == 4) vq_build(W, x, v0, v1, F, avx2);
+    else tables_build_any(W, x, v0, v1, F, avx2, avx512);
     float m = 0.f;
 #if ENG_X86
     const int simd = avx2 && k % 16 == 0;
@@ -851,7 +900,7 @@ A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int
 
 /* int8 table layers split their vector columns in two halves [0, h) and [h, nv), h = nv / 4 * 2,
  * whatever the thread count (so the bits never depend on it), each cut into blocks of
- * vq8_block(k) from its own start: a part builds only its half's tables and sums that half for
+ * VQ8_BLOCK from its own start: a part builds only its half's tables and sums that half for
  * its rows, so two threads build half the tables each instead of all of them, and
  * y = (half 0 + half 1) * scale once both are done (vq8_finish). */
 static int64_t vq8_half(int64_t nv) { return nv / 4 * 2; } /* even: the halves of nibble codes stay on whole bytes */
@@ -875,11 +924,12 @@ static int64_t il_index(int64_t o, int64_t v, int64_t out, int64_t nv, int nib) 
 
 /* One half (part 0 or 1) of an int8-table layer for one activation row, groups [g0, g1): the
  * half's tables first, then per group (two groups side by side on AVX-512) every block in
- * order, each entering the row sums as one FMA; the unscaled sums go to y. */
+ * order, each entering the row sums as one FMA; the unscaled sums go to y (an empty half:
+ * zeros). */
 static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float *y, int part, int64_t g0, int64_t g1,
                      int tid) {
     const salomi_weight *w = &W->w;
-    const int64_t k = W->tk, nv = w->in / W->td, B = vq8_block(k), ntab = vq8_tables(k), tsz = vq8_tsz(k);
+    const int64_t k = W->tk, nv = (w->in + W->td - 1) / W->td, B = VQ8_BLOCK, ntab = vq8_tables(k), tsz = vq8_tsz(k);
     const int64_t h = vq8_half(nv), va = part ? h : 0, vb = part ? nv : h;
     int64_t rowb; /* this half's il bytes per row */
     const uint8_t *half = W->il + il_half(w->out, nv, W->nib, part, &rowb);
@@ -984,27 +1034,50 @@ static const float SIGN_CBT[64] = { /* transposed [t][c]: +1 where bit t of c is
 
 static void sign_tables_weight(weight_t *W) { W->td = 4, W->tk = 16, W->nib = 1, W->cbt = SIGN_CBT; }
 
-int salomi_sign_tables_ok(int64_t in, int64_t group) { return in > 0 && group == in && in % 8 == 0; }
+/* --- ternary tables: a per-row-scale ternary layer is a vq layer with d = 5 whose code is the
+ * file's byte itself (five trits, sum t_j 3^j, trit 1 = zero), over the codebook of the 243
+ * patterns {-1, 0, +1}^5, padded with zero entries to 256 (so a corrupt byte > 242 reads 0):
+ * 1.6 bits per weight in memory, as in the file; on AVX-512 two vpermi2b and a blend look up 64
+ * rows. cbt: 5 x 256 floats. */
+#define TERN_K 256
+static void ternary_tables_weight(weight_t *W, float *cbt) {
+    for (int64_t c = 0; c < TERN_K; c++)
+        for (int64_t t = 0, p = 1; t < 5; t++, p *= 3) cbt[t * TERN_K + c] = c < 243 ? (float)((c / p) % 3) - 1.f : 0.f;
+    W->td = 5, W->tk = TERN_K, W->nib = 0, W->cbt = cbt;
+}
 
-int64_t salomi_sign_tables_bytes(int64_t out, int64_t in) { return (out + 31) / 32 * 32 * (in / 8); }
+int salomi_tables_ok(int kind, int64_t in, int64_t group) {
+    if (kind == SALOMI_W_SIGN) return in > 0 && group == in && in % 8 == 0;
+    return kind == SALOMI_W_TERNARY && in > 0 && group == in;
+}
 
-int salomi_sign_tables_layout(const void *bits, int64_t out, int64_t in, uint8_t *il) {
-    if (!bits || !il || out < 1 || !salomi_sign_tables_ok(in, in)) return -1;
-    const int64_t nb = in / 8;
-    memset(il, 0, (size_t)salomi_sign_tables_bytes(out, in));
+static int64_t tables_nv(int kind, int64_t in) { return kind == SALOMI_W_SIGN ? in / 4 : (in + 4) / 5; }
+
+int64_t salomi_tables_bytes(int kind, int64_t out, int64_t in) {
+    return (out + 31) / 32 * 32 * (kind == SALOMI_W_SIGN ? in / 8 : (in + 4) / 5);
+}
+
+int salomi_tables_layout(int kind, const void *data, int64_t out, int64_t in, uint8_t *il) {
+    if (!data || !il || out < 1 || !salomi_tables_ok(kind, in, in)) return -1;
+    const int sign = kind == SALOMI_W_SIGN;
+    const int64_t nb = sign ? in / 8 : (in + 4) / 5, nv = tables_nv(kind, in);
+    memset(il, 0, (size_t)salomi_tables_bytes(kind, out, in));
     for (int64_t o = 0; o < out; o++)
-        for (int64_t b = 0; b < nb; b++) il[il_index(o, 2 * b, out, in / 4, 1)] = ((const uint8_t *)bits)[o * nb + b];
+        for (int64_t b = 0; b < nb; b++)
+            il[il_index(o, sign ? 2 * b : b, out, nv, sign)] = ((const uint8_t *)data)[o * nb + b];
     return 0;
 }
 
-int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *il,
-                              const uint16_t *scale, float *y, int threads) {
-    if (!x || !il || !scale || !y || M < 0 || out < 1 || !salomi_sign_tables_ok(in, in)) return -1;
+int salomi_tables_matmul(int kind, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *il,
+                         const uint16_t *scale, float *y, int threads) {
+    if (!x || !il || !scale || !y || M < 0 || out < 1 || !salomi_tables_ok(kind, in, in)) return -1;
     if (M == 0) return 0;
     const int nt = threads < 1 ? 1 : threads > MAX_POOL ? MAX_POOL : threads;
-    weight_t W = {.w = {.kind = SALOMI_W_SIGN, .out = out, .in = in, .group = in, .scale = scale}, .il = (uint8_t *)il};
-    sign_tables_weight(&W);
-    const int64_t stride = vq8_scratch_floats(16, in / 4);
+    weight_t W = {.w = {.kind = kind, .out = out, .in = in, .group = in, .scale = scale}, .il = (uint8_t *)il};
+    float cbt[5 * TERN_K];
+    if (kind == SALOMI_W_SIGN) sign_tables_weight(&W);
+    else ternary_tables_weight(&W, cbt);
+    const int64_t stride = vq8_scratch_floats(W.tk, tables_nv(kind, in));
     float *lut = aligned_alloc(64, sizeof(float) * (size_t)(nt * stride));
     if (!lut) return -2;
     float *part = malloc(sizeof(float) * (size_t)(M * out));
@@ -1293,6 +1366,7 @@ static int matmul_base(salomi_engine *e, const weight_t *W, const float *x, int6
         rc = (w->act_i8 ? salomi_sign_matmul_i8 : salomi_sign_matmul)(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
         break;
     case SALOMI_W_TERNARY:
+        if (W->il) { run_vq(e, W, 1, x, M, &y); break; }
         rc = (w->act_i8 ? salomi_ternary_matmul_i8 : salomi_ternary_matmul)(x, M, w->in, w->out, w->data, w->scale, w->group, y, nt);
         break;
     case SALOMI_W_GRID:
@@ -1336,7 +1410,7 @@ static int matmul_group(salomi_engine *e, const weight_t *W, int n, const float 
         ops[i] = (salomi_matmul_op){.format = f, .bits = w->bits, .in = w->in, .out = w->out, .group = w->group,
                                     .data = w->data, .scale = w->scale, .zero = w->zero, .perm = w->perm, .y = y[i]};
     }
-    int all_vq = shared; /* table layers: vq (float or int8 tables) and sign with int8 tables */
+    int all_vq = shared; /* table layers: vq (float or int8 tables), sign and ternary with int8 tables */
     for (int i = 0; i < n; i++) all_vq &= W[i].w.kind == SALOMI_W_VQ || W[i].il != NULL;
     if (all_vq) {  /* one dispatch for all of them */
         const float *rx = rot ? rot_in(e, &W[0].w, x, M) : x;
@@ -1521,12 +1595,17 @@ salomi_engine *salomi_engine_create(const salomi_engine_config *cfg, const salom
         if (i == 0 && w->rot) { seterr(err, errlen, "embed_tokens: +rot embeddings are not supported; re-quantize without +rot on the embedding"); salomi_engine_free(e); return NULL; }
         e->w[i].w = *w;
         e->w[i].td = w->vq_d, e->w[i].tk = w->vq_k;
-        if (w->kind == SALOMI_W_SIGN && w->act_i8 && salomi_sign_tables_ok(in, w->group) && i != 0) {
-            e->w[i].il = malloc((size_t)salomi_sign_tables_bytes(out, in));
+        if ((w->kind == SALOMI_W_SIGN || w->kind == SALOMI_W_TERNARY) && w->act_i8 && i != 0 &&
+            salomi_tables_ok(w->kind, in, w->group)) {
+            e->w[i].il = malloc((size_t)salomi_tables_bytes(w->kind, out, in));
             if (!e->w[i].il) goto oom;
-            salomi_sign_tables_layout(w->data, out, in, e->w[i].il);
-            sign_tables_weight(&e->w[i]);
-            const int64_t s8 = vq8_scratch_floats(16, in / 4);
+            salomi_tables_layout(w->kind, w->data, out, in, e->w[i].il);
+            if (w->kind == SALOMI_W_SIGN) sign_tables_weight(&e->w[i]);
+            else {
+                if (!(e->w[i].cb = malloc(sizeof(float) * 5 * TERN_K))) goto oom;
+                ternary_tables_weight(&e->w[i], e->w[i].cb);
+            }
+            const int64_t s8 = vq8_scratch_floats(e->w[i].tk, tables_nv(w->kind, in));
             if (s8 > e->lut_stride) e->lut_stride = s8;
         }
         if (w->kind == SALOMI_W_VQ) {

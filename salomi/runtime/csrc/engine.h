@@ -99,24 +99,30 @@ int salomi_engine_forward(salomi_engine *e, const int32_t *tokens, int64_t n, in
 int64_t salomi_engine_length(const salomi_engine *e); /* positions held in the KV cache */
 const char *salomi_engine_error(const salomi_engine *e);
 
-/* Sign tables (T-MAC), the kernel the engine runs for sign layers with one scale per row
- * (group == in) and in % 8 == 0 when act_i8 is set. The row bytes are re-laid once
- * (salomi_sign_tables_layout; salomi_sign_tables_bytes(out, in) bytes). The in/4 vector
- * columns (4 weight columns each) form two halves, [0, h) and [h, in/4) with h = in/4/4*2;
- * each half is laid [ceil(out/32)][its bytes per row][32] (row o's byte b of the half at
- * [o/32][b][o%32], padding rows zero), half 1 after half 0. Per call, for each block of 32
- * vector columns counted from its half's start, the 16 sums +-x0 +-x1 +-x2 +-x3 of every 4
- * columns are built and quantized to int8 with one scale (max |sum| / 127, round to nearest
- * even; |error| <= scale / 2 per lookup), and 32 rows (64 on AVX-512) are looked up per
- * vpshufb; within a half, integer block sums enter each row's float sum with one FMA in block
- * order; y = (half 0 + half 1) * row scale. Two threads take one half each (both build only
- * their half's tables). Scalar, AVX2 and AVX-512 give identical bits for any thread count.
- * Returns 0, -1 (bad argument), -2 (out of memory). */
-int salomi_sign_tables_ok(int64_t in, int64_t group);
-int64_t salomi_sign_tables_bytes(int64_t out, int64_t in);
-int salomi_sign_tables_layout(const void *bits, int64_t out, int64_t in, uint8_t *il);
-int salomi_sign_tables_matmul(const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *il,
-                              const uint16_t *scale, float *y, int threads);
+/* Int8 tables (T-MAC), the kernel the engine runs when act_i8 is set for sign layers with one
+ * scale per row (group == in) and in % 8 == 0, and for ternary layers with one scale per row
+ * (kind = SALOMI_W_SIGN / SALOMI_W_TERNARY; salomi_tables_ok). The row bytes are re-laid once
+ * (salomi_tables_layout; salomi_tables_bytes(kind, out, in) bytes, as many bits per weight as
+ * the file). A code covers one vector column: sign, 4 weight columns (one nibble, two codes
+ * per byte; nv = in/4); ternary, 5 weight columns (the file's byte, five trits; nv =
+ * ceil(in/5), the last vector's missing columns read as zero). The nv vector columns form two
+ * halves, [0, h) and [h, nv) with h = nv/4*2; each half is laid [ceil(out/32)][its bytes per
+ * row][32] (row o's byte b of the half at [o/32][b][o%32], padding rows zero), half 1 after
+ * half 0. Per call, for each block of vector columns counted from its half's start (32
+ * vectors for sign, 8 for ternary), the table of every vector column (sign: the 16 sums
+ * +-x0 +-x1 +-x2 +-x3; ternary: the 243 sums of {-1,0,+1} x0..x4, trit j of the byte weighting
+ * x_j, zero-padded to 256 entries) is built in float32 (a mul, then one FMA per further column
+ * in order) and quantized to int8 with one scale (max |entry| / 127, round to nearest even;
+ * |error| <= scale / 2 per lookup), and 32 rows (64 on AVX-512; ternary needs VBMI for that)
+ * are looked up per instruction; within a half, integer block sums enter each row's float sum
+ * with one FMA in block order; y = (half 0 + half 1) * row scale. Two threads take one half
+ * each (both build only their half's tables). Scalar, AVX2 and AVX-512 give identical bits for
+ * any thread count. Returns 0, -1 (bad argument), -2 (out of memory). */
+int salomi_tables_ok(int kind, int64_t in, int64_t group);
+int64_t salomi_tables_bytes(int kind, int64_t out, int64_t in);
+int salomi_tables_layout(int kind, const void *data, int64_t out, int64_t in, uint8_t *il);
+int salomi_tables_matmul(int kind, const float *x, int64_t M, int64_t in, int64_t out, const uint8_t *il,
+                         const uint16_t *scale, float *y, int threads);
 
 /* Profile (only collected when SALOMI_ENGINE_PROFILE=1 at create): cumulative seconds
  * per stage into out[0..n): embed, norms, qkv, rope+attention, o_proj, gate/up, act,
