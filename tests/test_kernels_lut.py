@@ -196,6 +196,9 @@ GRID2_SHAPES = [
     (2, 1536, 768),
     (9, 384, 384),
     (5, 2560, 256),
+    (8, 256, 64),  # AVX-512: exactly one chunk pair
+    (5, 1536, 64),  # six pairs
+    (3, 272, 16),  # a last pair with one chunk of 16 columns
 ]
 
 

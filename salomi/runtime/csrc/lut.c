@@ -97,8 +97,8 @@
 
 enum { LFMT_SIGN, LFMT_TERNARY, LFMT_GRID2, LFMT_GRID4, LFMT_GRID8 };
 /* AVX-512 VNNI grid4 / grid8 kernel shapes (see k512_mode); K5_NONE = the AVX2 kernels.
- * grid4: G % 128 == 0, G == 64, G == 32; grid8: K5_G64 for any G % 64 == 0, G == 32. */
-enum { K5_NONE, K5_G128, K5_G64, K5_G32 };
+ * grid4: G % 128 == 0, G == 64, G == 32; grid8: K5_G64 for any G % 64 == 0, G == 32; grid2: K5_G2 for G <= 128. */
+enum { K5_NONE, K5_G128, K5_G64, K5_G32, K5_G2 };
 
 /* Where a group's weight bytes and activation slots are. */
 typedef struct {
@@ -474,12 +474,14 @@ static void sign_planes_row_scalar(const ljob_t *J, const int8_t *xs, const floa
     y[o] = hsum8_ref(yv);
 }
 
-/* grid2, portable: int32 lane l of chunk c = columns [128c + 16l, +16). */
+/* grid2, portable: int32 lane l of chunk c = columns [128c + 16l, +16). The float sums run
+ * on 16 lanes, even chunks on 0-7 and odd ones on 8-15 (the AVX-512 kernel's two chunks per
+ * zmm), added lane by lane at the end: every ISA follows this order. */
 static void grid2_row_scalar(const ljob_t *J, const int8_t *xs, const float *gsv, const float *xsv, int64_t o,
                              float *y) {
     const uint8_t *row = J->data + o * J->rb;
     const uint16_t *sc = J->scale + o * J->ng, *zr = J->zero + o * J->ng;
-    float yv[8] = {0};
+    float yv[16] = {0};
     for (int64_t c = 0; c < J->nchunk; c++) {
         const int8_t *ch = xs + c * GRID_CHUNK;
         for (int l = 0; l < 8; l++) {
@@ -491,11 +493,14 @@ static void grid2_row_scalar(const ljob_t *J, const int8_t *xs, const float *gsv
             const int64_t col = c * 128 + 16 * l;
             const float sw = col < J->in ? salomi_h2f(sc[col / J->G]) : 0.0f;
             const float z = col < J->in ? salomi_h2f(zr[col / J->G]) : 0.0f;
-            yv[l] = fmaf(sw * gsv[c * 8 + l], (float)a, yv[l]);
-            yv[l] = fmaf(-(sw * z), xsv[c * 8 + l], yv[l]);
+            float *v = yv + (c & 1) * 8 + l;
+            *v = fmaf(sw * gsv[c * 8 + l], (float)a, *v);
+            *v = fmaf(-(sw * z), xsv[c * 8 + l], *v);
         }
     }
-    y[o] = hsum8_ref(yv);
+    float t[8];
+    for (int l = 0; l < 8; l++) t[l] = yv[l] + yv[8 + l];
+    y[o] = hsum8_ref(t);
 }
 
 /* grid8 / grid4 correction sum_g s_g (z_g - zoff) xc_g (zoff 128 / 0), lanes as correction_ref;
@@ -808,8 +813,8 @@ A2I void grid2_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, co
     const int64_t rb = J->rb, ng = J->ng;
     const __m256i three8 = _mm256_set1_epi8(3), one16 = _mm256_set1_epi16(1);
     const uint8_t *row[4];
-    __m256 yv[4];
-    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm256_setzero_ps();
+    __m256 yv[4][2]; /* even / odd chunks (grid2_row_scalar) */
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r][0] = yv[r][1] = _mm256_setzero_ps();
     const int64_t cpg = J->G >= 128 ? J->G / 128 : 1;
     int64_t g0 = 0, cin = 0;
     for (int64_t c = 0; c < J->nchunk; c++) {
@@ -832,11 +837,12 @@ A2I void grid2_rows_avx2(const ljob_t *J, const int8_t *xs, const float *gsv, co
             acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), three8), x3));
             const __m256 sv = chunk_scales(J->scale + (o + r) * ng, J, g0);
             const __m256 zv = chunk_scales(J->zero + (o + r) * ng, J, g0);
-            yv[r] = _mm256_fmadd_ps(_mm256_mul_ps(sv, gv), _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, one16)), yv[r]);
-            yv[r] = _mm256_fnmadd_ps(_mm256_mul_ps(sv, zv), xv, yv[r]);
+            __m256 *yc = &yv[r][c & 1];
+            *yc = _mm256_fmadd_ps(_mm256_mul_ps(sv, gv), _mm256_cvtepi32_ps(_mm256_madd_epi16(acc, one16)), *yc);
+            *yc = _mm256_fnmadd_ps(_mm256_mul_ps(sv, zv), xv, *yc);
         }
     }
-    for (int r = 0; r < R; r++) y[o + r] = hsum8_avx2(yv[r]);
+    for (int r = 0; r < R; r++) y[o + r] = hsum8_avx2(_mm256_add_ps(yv[r][0], yv[r][1]));
 }
 
 /* correction8 with F16C, 8 groups per step: lane l takes the groups g = l (mod 8) in
@@ -961,7 +967,7 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
     }
 }
 
-/* ------------------------------------------------------------------ AVX-512 VNNI (grid4 / grid8)
+/* ------------------------------------------------------------------ AVX-512 VNNI (grid2 / grid4 / grid8)
  *
  * vpdpbusd sums 4 u8 x s8 products into an int32 lane, which is exactly the scalar path's
  * lane (grid4: bytes [4l, 4l+4) of a 32-byte chunk, low nibbles with the even columns and
@@ -974,7 +980,7 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
  * grid8 codes are u8, so dpbusd gives sum q xq; sum (q - 128) xq = that - 128 sum xq, and
  * the -128 sum xq per lane depends only on the activations: computed once per call (xz)
  * and used as the accumulator's starting value.
- * Shapes covered (others use AVX2): grid4 G % 128 == 0, 64 or 32; grid8 G % 64 == 0 or 32. */
+ * Shapes covered (others use AVX2): grid4 G % 128 == 0, 64 or 32; grid8 G % 64 == 0 or 32; grid2 G <= 128. */
 
 #define A5 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define A5I static inline __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"), always_inline))
@@ -1136,10 +1142,66 @@ A5I void grid4_rows_avx512(const ljob_t *J, const int8_t *xs, const float *gs, c
         y[o + r] = hsum8_avx2(yv[r]) - correction8_avx512(J->scale + (o + r) * ng, J->zero + (o + r) * ng, xc, ng, 0.0f);
 }
 
+/* grid2 with G <= 128 (K5_G2): a zmm holds the 64 code bytes of chunks 2p and 2p + 1, the
+ * activation planes of both side by side; per plane one shift + and, one dpbusd (the
+ * scalar lanes: bytes [4l, 4l + 4) of a chunk, all four codes). The float part runs on the
+ * 16 lanes of grid2_row_scalar (even chunk low, odd chunk high) with the same products: the
+ * lane scales of the pair's 256 / G groups by one masked load + permute each for s and z. */
+A5I void grid2_rows_avx512(const ljob_t *J, const int8_t *xs, const float *gsv, const float *xsv, int64_t o,
+                           const int R, float *y) {
+    const int64_t rb = J->rb, ng = J->ng, G = J->G, gpp = 256 / G, npair = (J->nchunk + 1) / 2;
+    const __m512i three = _mm512_set1_epi8(3);
+    __m512i lane = _mm512_setzero_si512();
+    {
+        int32_t li[16];
+        for (int l = 0; l < 16; l++) li[l] = (int32_t)(16 * l / G);
+        lane = _mm512_loadu_si512((const void *)li);
+    }
+    const uint8_t *row[4];
+    __m512 yv[4];
+    for (int r = 0; r < R; r++) row[r] = J->data + (o + r) * rb, yv[r] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < npair; p++) {
+        const int two = 2 * p + 1 < J->nchunk;
+        const __mmask16 fm = two ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+        const int8_t *xa = xs + GRID_CHUNK * 2 * p, *xb = xa + GRID_CHUNK;
+        __m512i xk[4];
+        for (int k = 0; k < 4; k++) {
+            const __m256i lo = _mm256_load_si256((const __m256i *)(xa + 32 * k));
+            xk[k] = two ? _mm512_inserti64x4(_mm512_castsi256_si512(lo), _mm256_load_si256((const __m256i *)(xb + 32 * k)), 1)
+                        : _mm512_zextsi256_si512(lo);
+        }
+        const __m512 gv = _mm512_maskz_loadu_ps(fm, gsv + 16 * p), xv = _mm512_maskz_loadu_ps(fm, xsv + 16 * p);
+        const int64_t g0 = p * gpp, left = ng - g0 < gpp ? ng - g0 : gpp;
+        const __mmask16 gm = (__mmask16)((1u << left) - 1u);
+        const int64_t b0 = 64 * p, nb = rb - b0 < 64 ? rb - b0 : 64; /* this row's bytes of the pair */
+        const __mmask64 bm = nb == 64 ? ~(__mmask64)0 : (((__mmask64)1 << nb) - 1);
+        for (int r = 0; r < R; r++) {
+            _mm_prefetch((const char *)(row[r] + b0) + PF5, _MM_HINT_T1);
+            const __m512i w = _mm512_maskz_loadu_epi8(bm, row[r] + b0);
+            __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(w, three), xk[0]);
+            a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(w, 2), three), xk[1]);
+            a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(w, 4), three), xk[2]);
+            a = _mm512_dpbusd_epi32(a, _mm512_and_si512(_mm512_srli_epi16(w, 6), three), xk[3]);
+            const uint16_t *sc = J->scale + (o + r) * ng + g0, *zr = J->zero + (o + r) * ng + g0;
+            const __m512 sv = _mm512_permutexvar_ps(lane, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, sc)));
+            const __m512 zv = _mm512_permutexvar_ps(lane, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(gm, zr)));
+            /* mask3: lanes of a missing odd chunk keep their sums, as in the scalar loop */
+            yv[r] = _mm512_mask3_fmadd_ps(_mm512_mul_ps(sv, gv), _mm512_cvtepi32_ps(a), yv[r], fm);
+            yv[r] = _mm512_mask3_fnmadd_ps(_mm512_mul_ps(sv, zv), xv, yv[r], fm);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        y[o + r] = hsum8_avx2(_mm256_add_ps(_mm512_castps512_ps256(yv[r]),
+                                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(yv[r]), 1))));
+}
+
 A5 static void rows_avx512(const ljob_t *J, const void *xs, const float *gs, const float *xc, const int32_t *xz,
                            int64_t o0, int64_t o1, float *y) {
     int64_t o = o0;
-    if (J->fmt == LFMT_GRID8) {
+    if (J->fmt == LFMT_GRID2) { /* gs / xc are the per-lane arrays gsv / xsv */
+        for (; o + 4 <= o1; o += 4) grid2_rows_avx512(J, xs, gs, xc, o, 4, y);
+        for (; o < o1; o++) grid2_rows_avx512(J, xs, gs, xc, o, 1, y);
+    } else if (J->fmt == LFMT_GRID8) {
         for (; o + 4 <= o1; o += 4) grid8_rows_avx512(J, xs, gs, xc, xz, o, 4, y);
         for (; o < o1; o++) grid8_rows_avx512(J, xs, gs, xc, xz, o, 1, y);
     } else {
@@ -1181,9 +1243,10 @@ static void lut_task(void *ctx, int tid, int nt) {
  * promises F/BW/VL only, so VNNI is checked here (cheap: a bit in libgcc's cpu model). */
 static int k512_mode(int fmt, int64_t G, int isa) {
 #if LUT_X86
-    if (isa < SALOMI_ISA_AVX512 || (fmt != LFMT_GRID4 && fmt != LFMT_GRID8)) return K5_NONE;
+    if (isa < SALOMI_ISA_AVX512 || (fmt != LFMT_GRID4 && fmt != LFMT_GRID8 && fmt != LFMT_GRID2)) return K5_NONE;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx512vnni")) return K5_NONE;
+    if (fmt == LFMT_GRID2) return G <= 128 ? K5_G2 : K5_NONE;
     if (fmt == LFMT_GRID4) return G % 128 == 0 ? K5_G128 : G == 64 ? K5_G64 : G == 32 ? K5_G32 : K5_NONE;
     return G % 64 == 0 ? K5_G64 : G == 32 ? K5_G32 : K5_NONE;
 #else
