@@ -469,7 +469,7 @@ def test_rot_on_the_default_models_widths(gpt2_tokenizer_dir: Path, tmp_path: Pa
         kernels.set_isa("auto")
 
 
-@pytest.mark.parametrize("method", ["ternary", "vq:d4:k128"])
+@pytest.mark.parametrize("method", ["ternary", "vq:d4:k64", "vq:d4:k128"])
 def test_int8_tables_at_the_default_models_widths(gpt2_tokenizer_dir: Path, austen_slice: Path, tmp_path: Path,
                                                   method: str) -> None:
     """int8 table layers at SmolLM2's widths: several table blocks per half (ternary at 1536: 154

@@ -866,6 +866,65 @@ A5VI void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, in
     vq8_flush64(lo16, hi16, scale, acc);
 }
 
+/* A vector column's table in registers (1, 2 or 4 zmm) and 64 lookups in it: vq8_lookup64
+ * with the loads hoisted. */
+typedef struct { __m512i t[4]; } vq8_treg;
+
+A5VI vq8_treg vq8_tload(const int8_t *t, const int64_t tsz) {
+    vq8_treg r;
+    if (tsz == 16) r.t[0] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t));
+    else if (tsz == 32) r.t[0] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t));
+    else r.t[0] = _mm512_loadu_si512(t);
+    r.t[1] = tsz >= 128 ? _mm512_loadu_si512(t + 64) : r.t[0];
+    r.t[2] = tsz == 256 ? _mm512_loadu_si512(t + 128) : r.t[0];
+    r.t[3] = tsz == 256 ? _mm512_loadu_si512(t + 192) : r.t[0];
+    return r;
+}
+
+A5VI __m512i vq8_tlookup(__m512i c, const vq8_treg *r, const int64_t tsz) {
+    if (tsz == 16) return _mm512_shuffle_epi8(r->t[0], c);
+    if (tsz <= 64) return _mm512_permutexvar_epi8(c, r->t[0]);
+    const __m512i a = _mm512_permutex2var_epi8(r->t[0], c, r->t[1]);
+    if (tsz == 128) return a;
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), a, _mm512_permutex2var_epi8(r->t[2], c, r->t[3]));
+}
+
+/* 8 groups (256 rows) per table read: il0 is the first group's codes, gs the bytes from one
+ * group to the next; the four group pairs share each column's table registers (a 256-entry
+ * table is 4 zmm, read once per 256 rows instead of once per 64). Each pair's sums are
+ * vq8_group2_body's, flushed in the same order. */
+A5VI void vq8_group8_body(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T, const int64_t tsz,
+                         float scale, float acc[256]) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i lo16[4], hi16[4];
+    for (int j = 0; j < 4; j++) lo16[j] = hi16[j] = _mm512_setzero_si512();
+    for (int64_t v = v0; v < v1; v += 2) {
+        const int has1 = v + 1 < v1;
+        const vq8_treg ta = vq8_tload(T + (v - v0) * tsz, tsz), tb = vq8_tload(T + (v + has1 - v0) * tsz, tsz);
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *g0 = il0 + 2 * j * gs, *g1 = g0 + gs;
+            _mm_prefetch((const char *)(g0 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
+            _mm_prefetch((const char *)(g1 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
+            const __m512i r0 = vq8_tlookup(vq8_codes64(g0, g1, v * 32), &ta, tsz);
+            const __m512i r1 = has1 ? vq8_tlookup(vq8_codes64(g0, g1, (v + 1) * 32), &tb, tsz) : _mm512_setzero_si512();
+            lo16[j] = _mm512_add_epi16(lo16[j], _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
+            hi16[j] = _mm512_add_epi16(hi16[j], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
+        }
+    }
+    for (int j = 0; j < 4; j++) vq8_flush64(lo16[j], hi16[j], scale, acc + 64 * j);
+}
+
+A5V static void vq8_group8_avx512(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T,
+                                 int64_t tsz, float scale, float acc[256]) {
+    switch (tsz) { /* a constant table size per loop */
+    case 16: vq8_group8_body(il0, gs, v0, v1, T, 16, scale, acc); break;
+    case 32: vq8_group8_body(il0, gs, v0, v1, T, 32, scale, acc); break;
+    case 64: vq8_group8_body(il0, gs, v0, v1, T, 64, scale, acc); break;
+    case 128: vq8_group8_body(il0, gs, v0, v1, T, 128, scale, acc); break;
+    default: vq8_group8_body(il0, gs, v0, v1, T, 256, scale, acc); break;
+    }
+}
+
 A5V static void vq8_group2_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
                                  int64_t tsz, float scale, float acc[64]) {
     switch (tsz) { /* a constant table size per loop */
@@ -943,7 +1002,20 @@ static void vq8_part(const vqjob_t *J, const weight_t *W, const float *x, float 
 #else
     const int wide = 0;
 #endif
-    for (int64_t g = g0; g < g1; g += wide ? 2 : 1) {
+    int64_t g = g0;
+#if ENG_X86
+    if (wide && !W->nib) /* 8 groups per table read while 8 full groups remain */
+        for (; g + 8 <= g1 && (g + 8) * 32 <= w->out; g += 8) {
+            const uint8_t *il = half + g * rowb * 32;
+            float acc[256] = {0};
+            for (int64_t v0 = va; v0 < vb; v0 += B) {
+                const int64_t a = v0 - va, b = min64(vb, v0 + B) - va;
+                vq8_group8_avx512(il, rowb * 32, a, b, T + a * tsz, tsz, S[a / B], acc);
+            }
+            memcpy(y + g * 32, acc, sizeof acc);
+        }
+#endif
+    for (; g < g1; g += wide ? 2 : 1) {
         const int pair = wide && g + 1 < g1; /* a lone last group runs beside itself */
         const int64_t o0 = g * 32, n = min64(pair ? 64 : 32, w->out - o0);
         const uint8_t *il = half + g * rowb * 32, *il1 = pair ? il + rowb * 32 : il;
