@@ -26,7 +26,7 @@ os.environ["SALOMI_ENGINE_PROFILE"] = "1"
 import torch  # noqa: E402
 
 from salomi.packing.model_file import load_quantized  # noqa: E402
-from salomi.runtime.engine import PROFILE_STAGES, Engine  # noqa: E402
+from salomi.runtime.engine import PROFILE_NESTED, PROFILE_STAGES, Engine  # noqa: E402
 
 STAGE_LAYERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                 "down": ("down_proj",)}
@@ -63,14 +63,15 @@ def profile_file(path: str, activations: str, tokens: int, threads: int, rounds:
             nxt = int(eng.forward([nxt]).argmax())
         wall = time.perf_counter() - t0
         after = eng.profile()
-        stages = {s: (after[s] - before[s]) / tokens * 1e3 for s in PROFILE_STAGES if s != "calls"}
+        stages = {s: (after[s] - before[s]) / tokens * 1e3 for s in PROFILE_STAGES if s not in PROFILE_NESTED}
         stages["other"] = wall / tokens * 1e3 - sum(stages.values())
+        rot = (after.get("rot", 0.0) - before.get("rot", 0.0)) / tokens * 1e3
         if best is None or wall < best[0]:
-            best = (wall, stages)
-    wall, stages = best
+            best = (wall, stages, rot)
+    wall, stages, rot = best
     return {"file": path, "activations": activations, "threads": threads, "tokens": tokens,
-            "decode_tok_s": tokens / wall, "ms_per_token": stages, "stage_bytes": stage_bytes(qf),
-            "int8_layers": eng.int8_layers}
+            "decode_tok_s": tokens / wall, "ms_per_token": stages, "rot_ms_inside_stages": rot,
+            "stage_bytes": stage_bytes(qf), "int8_layers": eng.int8_layers}
 
 
 def main() -> None:
@@ -93,6 +94,8 @@ def main() -> None:
         for s, t in ms.items():
             gbs = f"{nb[s] / (t * 1e-3) / 1e9:6.1f} GB/s of {nb[s] / 1e6:6.2f} MB" if nb.get(s) and t > 0 else ""
             print(f"  {s:8} {t:7.3f} ms {100 * t / sum(ms.values()):5.1f}%  {gbs}")
+        if r["rot_ms_inside_stages"]:
+            print(f"  (+rot transforms, inside the projection stages: {r['rot_ms_inside_stages']:.3f} ms)")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:

@@ -22,6 +22,7 @@ from salomi.runtime import kernels
 from salomi.runtime.engine import Engine, unsupported_reason
 
 REL_TOL = 1e-4
+ISAS = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(kernels.cpu_isa()) + 1]
 IDS = torch.tensor([464, 3290, 531, 262, 3931, 11, 290, 340, 373, 257, 922, 1110, 13, 50, 7, 9999])
 
 
@@ -388,7 +389,7 @@ def test_int8_tables_identical_on_every_isa(tiny_llama_dir: Path, austen_slice: 
     api.quantize(model=str(tiny_llama_dir), method=method, out=f, calib=str(austen_slice), segments=2, seg_len=64,
                  progress=False)
     qf = load_quantized(f)
-    isas = ["scalar", "avx2", "avx512"][: ["scalar", "avx2", "avx512"].index(kernels.cpu_isa()) + 1]
+    isas = ISAS
     outs = []
     try:
         for name in isas:
@@ -448,7 +449,8 @@ def test_billm_pbllm_kernels_runtime_matches_dequant(tiny_llama_dir: Path, auste
 
 def test_rot_on_the_default_models_widths(gpt2_tokenizer_dir: Path, tmp_path: Path) -> None:
     """+rot at SmolLM2's widths (576 = 12x12x4: a dense axis with inner stride 4; 1536 = 12x128; 192 = 12x16)
-    runs the register-blocked AVX2 axes; scalar and AVX2 engines both match the dequantized model."""
+    runs the register-blocked AVX2 / AVX-512 axes; every ISA's engine matches the dequantized model, and
+    AVX-512 gives AVX2's bits."""
     from transformers import LlamaConfig
 
     from tests.conftest import _save_tiny
@@ -461,12 +463,27 @@ def test_rot_on_the_default_models_widths(gpt2_tokenizer_dir: Path, tmp_path: Pa
     api.quantize(model=str(d), method="rtn:4:g64+rot", out=f, progress=False)
     qf = load_quantized(f)
     ref = reference_logits(qf, IDS[:6])
+    outs = {}
     try:
-        for name in ("scalar", kernels.cpu_isa()):
+        for name in ISAS:
             kernels.set_isa(name)
-            assert_close_logits(Engine.from_file(qf, max_seq=16).logits(IDS[:6]), ref)
+            outs[name] = Engine.from_file(qf, max_seq=16).logits(IDS[:6])
+            assert_close_logits(outs[name], ref)
     finally:
         kernels.set_isa("auto")
+    # int8 sign tables are bit-identical on AVX2 and AVX-512, so equal logits pin the rotations too
+    # (the zmm axes do the AVX2 axes' FMAs in the same order)
+    f2 = tmp_path / "rot8.salomi"
+    api.quantize(model=str(d), method="binary+rot", out=f2, progress=False)
+    outs = {}
+    try:
+        for name in ISAS[1:]:
+            kernels.set_isa(name)
+            outs[name] = Engine.from_file(load_quantized(f2), max_seq=16, activations="int8").logits(IDS[:6])
+    finally:
+        kernels.set_isa("auto")
+    if "avx512" in outs:
+        assert torch.equal(outs["avx512"], outs["avx2"])
 
 
 @pytest.mark.parametrize("method", ["ternary", "vq:d4:k64", "vq:d4:k128"])

@@ -50,7 +50,8 @@ ENGINE_ARCHS = ("llama", "mistral")
 ENGINE_FORMATS = ("sign", "ternary", "grid", "vq")
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-PROFILE_STAGES = ("embed", "norms", "qkv", "attention", "o_proj", "gate_up", "act", "down", "head", "calls")
+PROFILE_STAGES = ("embed", "norms", "qkv", "attention", "o_proj", "gate_up", "act", "down", "head", "calls", "rot")
+PROFILE_NESTED = ("calls", "rot")  # not stages of their own: a count, and time inside the projection stages
 
 ROT = "+rot"  # composite "BASE+rot": W = U^T BASE V (salomi/quantizers/rotation.py)
 LOWRANK = "+lowrank"  # composite "BASE+lowrank": W = BASE + U V, int8 factors (salomi/quantizers/lowrank.py)

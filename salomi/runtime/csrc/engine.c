@@ -43,10 +43,10 @@
 
 #define CHUNK 64          /* tokens per prefill chunk: bounds activation memory */
 #define MAX_POOL 64       /* matches kernels.c MAX_THREADS */
-#define NPROF 10
+#define NPROF 11
 #define KV16_MAX_HD 512   /* head_dim bound for a half KV cache (checked at create) */
 
-enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, P_CALLS };
+enum { P_EMBED, P_NORM, P_QKV, P_ATTN, P_O, P_GATEUP, P_ACT, P_DOWN, P_HEAD, P_CALLS, P_ROT }; /* P_ROT: inside the others */
 
 typedef struct {
     salomi_weight w;
@@ -1283,8 +1283,66 @@ A2 static int rot_axis_dense_avx2(float *y, int64_t outer, int64_t fa, int64_t i
 }
 #endif
 
+#if ENG_X86
+/* rot_axis_dense_avx2 on zmm for the same shapes: inner 4 puts four output rows in one FMA
+ * against a broadcast 4-vector of src_k; inner % 16 == 0 holds up to 4 x 16 floats of two
+ * output rows in registers across k. The same fma(c, src, acc) per element over k in order
+ * from 0: identical floats. */
+A5 static int rot_axis_dense_avx512(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
+                                    float *tmp) {
+#define RC(i, k) (inverse ? m[(k) * fa + (i)] : m[(i) * fa + (k)])
+    if (inner == 4 && fa % 4 == 0) {
+        for (int64_t o0 = 0; o0 < outer; o0 += 8) {
+            const int no = (int)min64(8, outer - o0);
+            for (int64_t i = 0; i < fa; i += 4) {
+                __m512 acc[8];
+                for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
+                for (int64_t k = 0; k < fa; k++) {
+                    const __m512 cv = _mm512_setr_ps(RC(i, k), RC(i, k), RC(i, k), RC(i, k), RC(i + 1, k), RC(i + 1, k),
+                                                     RC(i + 1, k), RC(i + 1, k), RC(i + 2, k), RC(i + 2, k), RC(i + 2, k),
+                                                     RC(i + 2, k), RC(i + 3, k), RC(i + 3, k), RC(i + 3, k), RC(i + 3, k));
+                    for (int t = 0; t < no; t++)
+                        acc[t] = _mm512_fmadd_ps(cv, _mm512_broadcast_f32x4(_mm_loadu_ps(y + ((o0 + t) * fa + k) * 4)), acc[t]);
+                }
+                for (int t = 0; t < no; t++) _mm512_storeu_ps(tmp + ((o0 + t) * fa + i) * 4, acc[t]);
+            }
+        }
+        memcpy(y, tmp, sizeof(float) * (size_t)(outer * fa * 4));
+        return 1;
+    }
+    if (inner % 16 == 0 && fa % 2 == 0) {
+        for (int64_t o = 0; o < outer; o++) {
+            float *base = y + o * fa * inner;
+            for (int64_t q0 = 0; q0 < inner; q0 += 64) {
+                const int nq = (int)min64(4, (inner - q0) / 16);
+                for (int64_t i = 0; i < fa; i += 2) {
+                    __m512 a[2][4];
+                    for (int qq = 0; qq < 4; qq++) a[0][qq] = a[1][qq] = _mm512_setzero_ps();
+                    for (int64_t k = 0; k < fa; k++) {
+                        const __m512 c0 = _mm512_set1_ps(RC(i, k)), c1 = _mm512_set1_ps(RC(i + 1, k));
+                        for (int qq = 0; qq < nq; qq++) {
+                            const __m512 src = _mm512_loadu_ps(base + k * inner + q0 + 16 * qq);
+                            a[0][qq] = _mm512_fmadd_ps(c0, src, a[0][qq]);
+                            a[1][qq] = _mm512_fmadd_ps(c1, src, a[1][qq]);
+                        }
+                    }
+                    for (int qq = 0; qq < nq; qq++) {
+                        _mm512_storeu_ps(tmp + i * inner + q0 + 16 * qq, a[0][qq]);
+                        _mm512_storeu_ps(tmp + (i + 1) * inner + q0 + 16 * qq, a[1][qq]);
+                    }
+                }
+            }
+            memcpy(base, tmp, sizeof(float) * (size_t)(fa * inner));
+        }
+        return 1;
+    }
+#undef RC
+    return 0;
+}
+#endif
+
 ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s,
-                               const float *mats, int inverse, float *tmp, int avx2) {
+                               const float *mats, int inverse, float *tmp, int simd) { /* 0 / 1 AVX2 / 2 AVX-512 */
     const float sc = 1.0f / sqrtf((float)n);
     for (int64_t r = 0; r < M; r++) {
         float *y = x + r * n;
@@ -1296,7 +1354,8 @@ ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int
             const int64_t fa = f[a], inner = n / (outer * fa);
             if (is_pow2(fa)) rot_axis_walsh(y, outer, fa, inner);
 #if ENG_X86
-            else if (avx2 && rot_axis_dense_avx2(y, outer, fa, inner, m, inverse, tmp)) {}
+            else if (simd == 2 && rot_axis_dense_avx512(y, outer, fa, inner, m, inverse, tmp)) {}
+            else if (simd && rot_axis_dense_avx2(y, outer, fa, inner, m, inverse, tmp)) {}
 #endif
             else rot_axis_dense(y, outer, fa, inner, m, inverse, tmp);
             outer *= fa;
@@ -1309,7 +1368,7 @@ ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int
     }
 }
 
-/* the same body compiled twice: for AVX2+FMA (8-wide, fused) and for the portable baseline */
+/* the same body compiled three times: AVX-512, AVX2+FMA (8-wide, fused) and the portable baseline */
 static void rot_apply_base(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s,
                            const float *mats, int inverse, float *tmp) {
     rot_apply_body(x, M, n, nb, f, s, mats, inverse, tmp, 0);
@@ -1319,24 +1378,33 @@ A2 static void rot_apply_avx2(float *x, int64_t M, int64_t n, int nb, const int3
                               const float *mats, int inverse, float *tmp) {
     rot_apply_body(x, M, n, nb, f, s, mats, inverse, tmp, 1);
 }
+A5 static void rot_apply_avx512(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s,
+                                const float *mats, int inverse, float *tmp) {
+    rot_apply_body(x, M, n, nb, f, s, mats, inverse, tmp, 2);
+}
 #endif
 
 static void rot_apply(float *x, int64_t M, int64_t n, int nb, const int32_t *f, const float *s, const float *mats,
                       int inverse, float *tmp) {
 #if ENG_X86
+    if (use_avx512()) { rot_apply_avx512(x, M, n, nb, f, s, mats, inverse, tmp); return; }
     if (use_avx2()) { rot_apply_avx2(x, M, n, nb, f, s, mats, inverse, tmp); return; }
 #endif
     rot_apply_base(x, M, n, nb, f, s, mats, inverse, tmp);
 }
 
 static const float *rot_in(salomi_engine *e, const salomi_weight *w, const float *x, int64_t M) {
+    const double t = e->profile ? now_s() : 0.0;
     memcpy(e->rx, x, sizeof(float) * (size_t)(M * w->in));
     rot_apply(e->rx, M, w->in, w->rot_nb_in, w->rot_f_in, w->rot_s_in, w->rot_m_in, 0, e->rtmp);
+    if (e->profile) e->prof[P_ROT] += now_s() - t;
     return e->rx;
 }
 
 static void rot_out(salomi_engine *e, const salomi_weight *w, float *y, int64_t M) {
+    const double t = e->profile ? now_s() : 0.0;
     rot_apply(y, M, w->out, w->rot_nb_out, w->rot_f_out, w->rot_s_out, w->rot_m_out, 1, e->rtmp);
+    if (e->profile) e->prof[P_ROT] += now_s() - t;
 }
 
 static int check_rot(const salomi_weight *w, const char *what, char *err, int errlen) {

@@ -126,7 +126,8 @@ int salomi_tables_matmul(int kind, const float *x, int64_t M, int64_t in, int64_
 
 /* Profile (only collected when SALOMI_ENGINE_PROFILE=1 at create): cumulative seconds
  * per stage into out[0..n): embed, norms, qkv, rope+attention, o_proj, gate/up, act,
- * down, head, calls. Returns how many were written. */
+ * down, head, calls, then the +rot transforms (time already inside the projection stages).
+ * Returns how many were written. */
 int salomi_engine_profile(const salomi_engine *e, double *out, int n);
 
 #ifdef __cplusplus
