@@ -659,7 +659,7 @@ static void tables_build_any(const weight_t *W, const float *x, int64_t v0, int6
     float pad[16];
     for (int64_t v = v0; v < v1; v++, F += k) {
         const float *xs = x + v * d;
-        if ((v + 1) * d > in) { /* d <= 16 (checked at create) */
+        if ((v + 1) * d > in) { /* only ternary (d = 5): vq rows are whole vectors (in % d == 0) */
             for (int64_t t = 0; t < d; t++) pad[t] = v * d + t < in ? xs[t] : 0.f;
             xs = pad;
         }
