@@ -825,15 +825,34 @@ A5I __m512i vq8_codes64(const uint8_t *il0, const uint8_t *il1, int64_t off) {
                               _mm256_loadu_si256((const __m256i *)(il1 + off)), 1);
 }
 
-/* 64 lookups of code bytes c in one vector column's table t of tsz bytes (a constant). */
-A5VI __m512i vq8_lookup64(__m512i c, const int8_t *t, const int64_t tsz) {
-    if (tsz == 16) return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t)), c);
-    if (tsz == 32) return _mm512_permutexvar_epi8(c, _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t)));
-    if (tsz == 64) return _mm512_permutexvar_epi8(c, _mm512_loadu_si512(t));
-    const __m512i a = _mm512_permutex2var_epi8(_mm512_loadu_si512(t), c, _mm512_loadu_si512(t + 64));
+/* A vector column's table of tsz bytes (a constant) in registers (1, 2 or 4 zmm), and 64
+ * lookups of code bytes c in it: vpshufb for 16 entries, VBMI's vpermb up to 64, vpermi2b for
+ * 128, two of them and a blend on code bit 7 for 256. */
+typedef struct { __m512i t[4]; } vq8_treg;
+
+A5VI vq8_treg vq8_tload(const int8_t *t, const int64_t tsz) {
+    vq8_treg r;
+    if (tsz == 16) r.t[0] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t));
+    else if (tsz == 32) r.t[0] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t));
+    else r.t[0] = _mm512_loadu_si512(t);
+    r.t[1] = tsz >= 128 ? _mm512_loadu_si512(t + 64) : r.t[0];
+    r.t[2] = tsz == 256 ? _mm512_loadu_si512(t + 128) : r.t[0];
+    r.t[3] = tsz == 256 ? _mm512_loadu_si512(t + 192) : r.t[0];
+    return r;
+}
+
+A5VI __m512i vq8_tlookup(__m512i c, const vq8_treg *r, const int64_t tsz) {
+    if (tsz == 16) return _mm512_shuffle_epi8(r->t[0], c);
+    if (tsz <= 64) return _mm512_permutexvar_epi8(c, r->t[0]);
+    const __m512i a = _mm512_permutex2var_epi8(r->t[0], c, r->t[1]);
     if (tsz == 128) return a;
-    const __m512i b = _mm512_permutex2var_epi8(_mm512_loadu_si512(t + 128), c, _mm512_loadu_si512(t + 192));
-    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), a, b); /* code bit 7 picks the upper half */
+    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), a, _mm512_permutex2var_epi8(r->t[2], c, r->t[3]));
+}
+
+/* 64 lookups in one vector column's table t (loaded for this column only). */
+A5VI __m512i vq8_lookup64(__m512i c, const int8_t *t, const int64_t tsz) {
+    const vq8_treg r = vq8_tload(t, tsz);
+    return vq8_tlookup(c, &r, tsz);
 }
 
 /* acc[r] = fma(scale, sum of row r, acc[r]) for 64 rows; 128-bit lane i of lo16 / hi16
@@ -864,29 +883,6 @@ A5VI void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, in
         hi16 = _mm512_add_epi16(hi16, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
     }
     vq8_flush64(lo16, hi16, scale, acc);
-}
-
-/* A vector column's table in registers (1, 2 or 4 zmm) and 64 lookups in it: vq8_lookup64
- * with the loads hoisted. */
-typedef struct { __m512i t[4]; } vq8_treg;
-
-A5VI vq8_treg vq8_tload(const int8_t *t, const int64_t tsz) {
-    vq8_treg r;
-    if (tsz == 16) r.t[0] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t));
-    else if (tsz == 32) r.t[0] = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t));
-    else r.t[0] = _mm512_loadu_si512(t);
-    r.t[1] = tsz >= 128 ? _mm512_loadu_si512(t + 64) : r.t[0];
-    r.t[2] = tsz == 256 ? _mm512_loadu_si512(t + 128) : r.t[0];
-    r.t[3] = tsz == 256 ? _mm512_loadu_si512(t + 192) : r.t[0];
-    return r;
-}
-
-A5VI __m512i vq8_tlookup(__m512i c, const vq8_treg *r, const int64_t tsz) {
-    if (tsz == 16) return _mm512_shuffle_epi8(r->t[0], c);
-    if (tsz <= 64) return _mm512_permutexvar_epi8(c, r->t[0]);
-    const __m512i a = _mm512_permutex2var_epi8(r->t[0], c, r->t[1]);
-    if (tsz == 128) return a;
-    return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), a, _mm512_permutex2var_epi8(r->t[2], c, r->t[3]));
 }
 
 /* 8 groups (256 rows) per table read: il0 is the first group's codes, gs the bytes from one
@@ -1124,15 +1120,14 @@ int salomi_tables_ok(int kind, int64_t in, int64_t group) {
 }
 
 static int64_t tables_nv(int kind, int64_t in) { return kind == SALOMI_W_SIGN ? in / 4 : (in + 4) / 5; }
+static int64_t tables_row_bytes(int kind, int64_t in) { return kind == SALOMI_W_SIGN ? in / 8 : (in + 4) / 5; }
 
-int64_t salomi_tables_bytes(int kind, int64_t out, int64_t in) {
-    return (out + 31) / 32 * 32 * (kind == SALOMI_W_SIGN ? in / 8 : (in + 4) / 5);
-}
+int64_t salomi_tables_bytes(int kind, int64_t out, int64_t in) { return (out + 31) / 32 * 32 * tables_row_bytes(kind, in); }
 
 int salomi_tables_layout(int kind, const void *data, int64_t out, int64_t in, uint8_t *il) {
     if (!data || !il || out < 1 || !salomi_tables_ok(kind, in, in)) return -1;
     const int sign = kind == SALOMI_W_SIGN;
-    const int64_t nb = sign ? in / 8 : (in + 4) / 5, nv = tables_nv(kind, in);
+    const int64_t nb = tables_row_bytes(kind, in), nv = tables_nv(kind, in);
     memset(il, 0, (size_t)salomi_tables_bytes(kind, out, in));
     for (int64_t o = 0; o < out; o++)
         for (int64_t b = 0; b < nb; b++)
