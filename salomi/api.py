@@ -95,6 +95,8 @@ def quantize(
     candidates: Sequence[str] | None = None,
     embed: str | None = None,
     damage: str = "damage",
+    table_segments: int | None = None,
+    table_seed: int | None = None,
 ) -> dict[str, Any]:
     """Quantize `model` with `method`, a per-layer `recipe`, or the best recipe for a bpw target.
 
@@ -105,14 +107,22 @@ def quantize(
     a recipe chosen whose stored bytes fit the target exactly; `method` is then only the
     default for layers the recipe does not name. `damage` is what the allocator minimises:
     "damage" (normalised Hessian proxy), "error" (raw proxy) or "kl" (measured single-layer KL).
+    The table is measured on `table_segments` calibration segments drawn with `table_seed` (default:
+    the same as the quantization's), so one cached table serves quantizations with more calibration
+    or another seed.
     """
+    table_calib: dict[str, int] = {}
     if target_linear_bpw is not None or target_model_bpw is not None:
         from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
 
+        table_calib = {"segments": segments if table_segments is None else table_segments,
+                       "seed": seed if table_seed is None else table_seed}
+
         reference = reference or load_reference(model)
         recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
-                             candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib, segments=segments,
-                             seg_len=seg_len, seed=seed, float_dtype=float_dtype, damage=damage, progress=progress,
+                             candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib,
+                             segments=table_calib["segments"], seg_len=seg_len, seed=table_calib["seed"],
+                             float_dtype=float_dtype, damage=damage, progress=progress,
                              embed=embed)
         label = label or (f"budget:{target_linear_bpw}bpw" if target_linear_bpw is not None
                           else f"budget:model{target_model_bpw}bpw")
@@ -152,6 +162,8 @@ def quantize(
         ids = _text_ids(ref.tokenizer, calib)
         segs = calibration_segments(ids, segments, seg_len, seed, calib)
         calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed}
+        if table_calib != {"segments": segments, "seed": seed} and table_calib:
+            calib_info["table"] = table_calib
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     done: dict[str, PackedLinear] = {}

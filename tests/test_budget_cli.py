@@ -30,3 +30,29 @@ def test_unreachable_target_names_the_range(tiny_llama_dir: Path, austen_slice: 
                        timeout=600)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "feasible" in p.stderr and ".." in p.stderr
+
+
+def test_table_calibration_is_separate(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path) -> None:
+    """--table-segments/--table-seed: the budget's table is measured (and cached) on its own calibration draw,
+    the quantization uses --calib-segments/--seed, and the file records both."""
+    import json
+    import os
+
+    env = {**os.environ, "SALOMI_CACHE": str(tmp_path / "cache")}
+
+    def run(out: Path, *extra: str) -> None:
+        p = subprocess.run([sys.executable, "-m", "salomi.cli", "quantize", "--model", str(tiny_llama_dir), "--bpw",
+                            "2.3", "--candidates", CANDS, "--calib", str(austen_slice), "--calib-len", "64",
+                            "--out", str(out), *extra], capture_output=True, text=True, timeout=600, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+
+    run(tmp_path / "a.salomi", "--calib-segments", "6", "--seed", "1", "--table-segments", "4", "--table-seed", "0")
+    tables = sorted((tmp_path / "cache" / "mixed").glob("sens-*.json"))
+    assert len(tables) == 1
+    info = json.loads(tables[0].read_text())["info"]
+    assert (info["segments"], info["seed"]) == (4, 0)
+    calib = load_quantized(tmp_path / "a.salomi").metadata["calibration"]
+    assert (calib["segments"], calib["seed"], calib["table"]) == (6, 1, {"segments": 4, "seed": 0})
+    run(tmp_path / "b.salomi", "--calib-segments", "4", "--seed", "0")  # the same table: reused, not re-made
+    assert sorted((tmp_path / "cache" / "mixed").glob("sens-*.json")) == tables
+    assert "table" not in load_quantized(tmp_path / "b.salomi").metadata["calibration"]

@@ -334,15 +334,7 @@ static inline int use_avx512(void) {
 #endif
 }
 
-static int cpu_vbmi(void) {
-#if ENG_X86
-    static int v = -1;
-    if (v < 0) { __builtin_cpu_init(); v = __builtin_cpu_supports("avx512vbmi") ? 1 : 0; }
-    return v;
-#else
-    return 0;
-#endif
-}
+static int cpu_vbmi(void) { return (salomi_cpu_ext() & SALOMI_EXT_VBMI) != 0; }
 
 static inline float dot(const float *a, const float *b, int64_t n, int avx2) {
 #if ENG_X86

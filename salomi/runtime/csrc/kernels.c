@@ -110,9 +110,15 @@ static inline unsigned code_at(const uint8_t *row, int64_t rb, int64_t j, int K)
 
 /* ------------------------------------------------------------------ ISA selection */
 
+/* The one place the CPU is probed: the ISA level, and the extensions a kernel of that level
+ * may use on top of it (salomi_cpu_ext). */
+static unsigned g_cpu_ext = 0;
+
 static int detect_isa(void) {
 #if SALOMI_X86
     __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vbmi")) g_cpu_ext |= SALOMI_EXT_VBMI;
+    if (__builtin_cpu_supports("avx512vnni")) g_cpu_ext |= SALOMI_EXT_VNNI;
     /* F16C converts the fp16 scales; every AVX2 CPU has it but check anyway. */
     int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -155,6 +161,7 @@ static void init_once(void) {
 static inline void ensure_init(void) { pthread_once(&g_once, init_once); }
 
 int salomi_cpu_isa(void) { ensure_init(); return g_best_isa; }
+unsigned salomi_cpu_ext(void) { ensure_init(); return g_cpu_ext; }
 int salomi_get_isa(void) { ensure_init(); return atomic_load(&g_isa); }
 int salomi_set_isa(int isa) {
     ensure_init();

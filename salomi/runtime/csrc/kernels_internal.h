@@ -8,6 +8,11 @@
 
 #include "kernels.h" /* salomi_run_parallel: the one thread pool of kernels.c */
 
+/* AVX-512 extensions beyond the ISA level "avx512" (F/BW/VL), probed once by kernels.c. */
+#define SALOMI_EXT_VBMI 1u /* vpermi2b / vpermb: the byte-table lookups */
+#define SALOMI_EXT_VNNI 2u /* vpdpbusd: the int8 grid dot products */
+unsigned salomi_cpu_ext(void);
+
 /* IEEE half -> float, portable and exact (the SIMD paths use F16C instead). */
 static inline float salomi_h2f(uint16_t h) {
     uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ffu, u;

@@ -1240,12 +1240,11 @@ static void lut_task(void *ctx, int tid, int nt) {
 }
 
 /* The AVX-512 kernel's shape for a job, K5_NONE where it has none. The ISA level avx512
- * promises F/BW/VL only, so VNNI is checked here (cheap: a bit in libgcc's cpu model). */
+ * promises F/BW/VL only, so VNNI is checked here (a bit kernels.c probed once). */
 static int k512_mode(int fmt, int64_t G, int isa) {
 #if LUT_X86
     if (isa < SALOMI_ISA_AVX512 || (fmt != LFMT_GRID4 && fmt != LFMT_GRID8 && fmt != LFMT_GRID2)) return K5_NONE;
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512vnni")) return K5_NONE;
+    if (!(salomi_cpu_ext() & SALOMI_EXT_VNNI)) return K5_NONE;
     if (fmt == LFMT_GRID2) return G <= 128 ? K5_G2 : K5_NONE;
     if (fmt == LFMT_GRID4) return G % 128 == 0 ? K5_G128 : G == 64 ? K5_G64 : G == 32 ? K5_G32 : K5_NONE;
     return G % 64 == 0 ? K5_G64 : G == 32 ? K5_G32 : K5_NONE;
