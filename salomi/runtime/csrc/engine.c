@@ -116,16 +116,20 @@ static inline unsigned code_at(const uint8_t *row, int64_t rb, int64_t v, int b)
     return (w >> (bit & 7)) & ((1u << b) - 1u);
 }
 
-static int64_t packed_row_bytes(const salomi_weight *w) {
-    switch (w->kind) {
-    case SALOMI_W_SIGN: return (w->in + 7) / 8;
-    case SALOMI_W_TERNARY: return (w->in + 4) / 5;
-    case SALOMI_W_GRID: return (w->in * w->bits + 7) / 8;
-    case SALOMI_W_VQ: return (w->in / w->vq_d * w->bits + 7) / 8;
-    case SALOMI_W_F16: return w->in * 2;
-    default: return w->in * 4;
+/* Bytes of one stored row of `in` weights: the file's packing, the one place it is spelled out
+ * (bits: grid/vq code bits; d: vq vector length). */
+static int64_t row_bytes(int kind, int64_t in, int bits, int64_t d) {
+    switch (kind) {
+    case SALOMI_W_SIGN: return (in + 7) / 8;
+    case SALOMI_W_TERNARY: return (in + 4) / 5;
+    case SALOMI_W_GRID: return (in * bits + 7) / 8;
+    case SALOMI_W_VQ: return (in / d * bits + 7) / 8;
+    case SALOMI_W_F16: return in * 2;
+    default: return in * 4;
     }
 }
+
+static int64_t packed_row_bytes(const salomi_weight *w) { return row_bytes(w->kind, w->in, w->bits, w->vq_d); }
 
 /* ------------------------------------------------------------------ AVX2 pieces */
 #if ENG_X86
@@ -1111,8 +1115,9 @@ int salomi_tables_ok(int kind, int64_t in, int64_t group) {
     return kind == SALOMI_W_TERNARY && in > 0 && group == in;
 }
 
+/* Table columns per row: a sign table covers 4 weights (two per file byte), a ternary one the 5 of a byte. */
 static int64_t tables_nv(int kind, int64_t in) { return kind == SALOMI_W_SIGN ? in / 4 : (in + 4) / 5; }
-static int64_t tables_row_bytes(int kind, int64_t in) { return kind == SALOMI_W_SIGN ? in / 8 : (in + 4) / 5; }
+static int64_t tables_row_bytes(int kind, int64_t in) { return row_bytes(kind, in, 0, 1); }
 
 int64_t salomi_tables_bytes(int kind, int64_t out, int64_t in) { return (out + 31) / 32 * 32 * tables_row_bytes(kind, in); }
 
