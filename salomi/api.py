@@ -111,17 +111,16 @@ def quantize(
     the same as the quantization's), so one cached table serves quantizations with more calibration
     or another seed.
     """
-    table_calib: dict[str, int] = {}
-    if target_linear_bpw is not None or target_model_bpw is not None:
+    table_segments = segments if table_segments is None else table_segments
+    table_seed = seed if table_seed is None else table_seed
+    budget = target_linear_bpw is not None or target_model_bpw is not None
+    if budget:
         from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
-
-        table_calib = {"segments": segments if table_segments is None else table_segments,
-                       "seed": seed if table_seed is None else table_seed}
 
         reference = reference or load_reference(model)
         recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
                              candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib,
-                             segments=table_calib["segments"], seg_len=seg_len, seed=table_calib["seed"],
+                             segments=table_segments, seg_len=seg_len, seed=table_seed,
                              float_dtype=float_dtype, damage=damage, progress=progress,
                              embed=embed)
         label = label or (f"budget:{target_linear_bpw}bpw" if target_linear_bpw is not None
@@ -162,8 +161,8 @@ def quantize(
         ids = _text_ids(ref.tokenizer, calib)
         segs = calibration_segments(ids, segments, seg_len, seed, calib)
         calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed}
-        if table_calib != {"segments": segments, "seed": seed} and table_calib:
-            calib_info["table"] = table_calib
+        if budget and (table_segments, table_seed) != (segments, seed):
+            calib_info["table"] = {"segments": table_segments, "seed": table_seed}
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     done: dict[str, PackedLinear] = {}

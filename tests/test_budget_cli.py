@@ -53,6 +53,8 @@ def test_table_calibration_is_separate(tiny_llama_dir: Path, austen_slice: Path,
     assert (info["segments"], info["seed"]) == (4, 0)
     calib = load_quantized(tmp_path / "a.salomi").metadata["calibration"]
     assert (calib["segments"], calib["seed"], calib["table"]) == (6, 1, {"segments": 4, "seed": 0})
+    made = tables[0].stat().st_mtime_ns
     run(tmp_path / "b.salomi", "--calib-segments", "4", "--seed", "0")  # the same table: reused, not re-made
     assert sorted((tmp_path / "cache" / "mixed").glob("sens-*.json")) == tables
+    assert tables[0].stat().st_mtime_ns == made
     assert "table" not in load_quantized(tmp_path / "b.salomi").metadata["calibration"]
