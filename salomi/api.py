@@ -97,6 +97,7 @@ def quantize(
     damage: str = "damage",
     table_segments: int | None = None,
     table_seed: int | None = None,
+    true_sequential: bool = True,
 ) -> dict[str, Any]:
     """Quantize `model` with `method`, a per-layer `recipe`, or the best recipe for a bpw target.
 
@@ -109,7 +110,8 @@ def quantize(
     "damage" (normalised Hessian proxy), "error" (raw proxy) or "kl" (measured single-layer KL).
     The table is measured on `table_segments` calibration segments drawn with `table_seed` (default:
     the same as the quantization's), so one cached table serves quantizations with more calibration
-    or another seed.
+    or another seed. `true_sequential` takes each group of a block's linears (q/k/v, o, gate/up, down)
+    with the groups before it already quantized; False takes a block's Hessians in one float pass.
     """
     table_segments = segments if table_segments is None else table_segments
     table_seed = seed if table_seed is None else table_seed
@@ -160,7 +162,8 @@ def quantize(
 
         ids = _text_ids(ref.tokenizer, calib)
         segs = calibration_segments(ids, segments, seg_len, seed, calib)
-        calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed}
+        calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed,
+                      "true_sequential": true_sequential}
         if budget and (table_segments, table_seed) != (segments, seed):
             calib_info["table"] = {"segments": table_segments, "seed": table_seed}
     out = Path(out)
@@ -175,7 +178,8 @@ def quantize(
 
     from salomi.calibration.sequential import quantize_sequential
 
-    packed = quantize_sequential(ref.model, choose, segs, progress=progress, on_block_done=checkpoint, done=done)
+    packed = quantize_sequential(ref.model, choose, segs, progress=progress, on_block_done=checkpoint, done=done,
+                                 true_sequential=true_sequential)
     embeddings = None
     if embed_q is not None:
         from salomi.quantizers.embedding import quantize_embeddings

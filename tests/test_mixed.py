@@ -222,3 +222,27 @@ def test_kl_damage_table(tiny_ref, austen_slice: Path, tmp_path: Path, monkeypat
     costs = table_costs(t, "kl")
     assert plan.damage == pytest.approx(sum(costs[n][c][1] for n, c in plan.recipe.items()))
     assert plan.predicted_linear_bpw <= 2.5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kl_probe_from_the_block_equals_the_full_pass(arch: str, tiny_llama_dir: Path, tiny_gpt2_dir: Path) -> None:
+    """A probe that replays the kept input of the layer's block gives the full pass's KL, and puts the
+    model back as it was."""
+    from salomi.loading.models import decoder_blocks, linear_weight
+    from salomi.mixed.sensitivity import KLProbe
+
+    ref = load_reference(str(tiny_llama_dir if arch == "llama" else tiny_gpt2_dir))
+    model = ref.model
+    segs = torch.randint(0, 50000, (3, 24), generator=torch.Generator().manual_seed(2))
+    probe = KLProbe(model, segs, batch=2)
+    blocks = list(decoder_blocks(model))
+    for name, mod in linear_names(model)[1].items():
+        w = linear_weight(mod).detach().clone()
+        q = torch.randn(w.shape, generator=torch.Generator().manual_seed(3)) * float(w.abs().max()) * 20
+        full = probe.kl_with(mod, q)
+        fast = probe.kl_with(mod, q, block=1)
+        assert full > 1e-5, name
+        assert fast == pytest.approx(full, rel=1e-5), name
+        assert torch.equal(linear_weight(mod), w)
+    assert list(decoder_blocks(model)) == blocks
+    assert probe.kl_with(mod, w, block=1) == pytest.approx(0.0, abs=1e-6)

@@ -6,6 +6,12 @@ from the block's current inputs; each linear is then quantized with its method a
 its float weight replaced by the dequantized one, and the block is run again to give
 the next block its (quantized) inputs. Peak memory: the model, one block's
 Hessians, and the calibration activations.
+
+Within a block the linears go in groups that read the same input, in the order the
+block calls them (Llama: q/k/v, o, gate/up, down), and each group's Hessians are taken
+with the groups before it already quantized ("true sequential"): o_proj and down_proj
+are fitted to the inputs the quantized model will really give them. `true_sequential=False`
+takes every Hessian of a block in one pass from the float block (the older scheme).
 """
 
 from __future__ import annotations
@@ -62,14 +68,41 @@ def block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
+def input_groups(block: nn.Module, layer: dict[str, nn.Module], args: tuple, kwargs: dict) -> list[list[str]]:
+    """The linears of `layer` grouped by shared input, in the order one forward pass of
+    `block` calls them (linears it never calls come last, one group each)."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: calls.append((n, a[0]))) for n, m in layer.items()]
+    try:
+        with torch.no_grad():
+            block(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    last: torch.Tensor | None = None
+    for n, x in calls:
+        if any(n in g for g in groups):
+            continue
+        if groups and last is not None and x is last:
+            groups[-1].append(n)
+        else:
+            groups.append([n])
+        last = x
+    seen = {n for g in groups for n in g}
+    return groups + [[n] for n in layer if n not in seen]
+
+
 @contextmanager
 def accumulate_hessians(layer: dict[str, nn.Module], stop: bool = False,
                         dtype: torch.dtype = torch.float32) -> Iterator[dict[str, torch.Tensor]]:
     """H = 2/n * sum(x x^T) of each linear's input over the forward passes run inside the
-    `with`; the dict is complete (normalised) once the block exits. With `stop`, the
-    forward pass ends at the (single) layer's input (e.g. the head: no logits computed)."""
+    `with`; the dict is complete (normalised) once the block exits. With `stop`, a forward
+    pass ends (StopForward) once every linear of `layer` has seen its input, e.g. the head:
+    no logits computed."""
     hessians: dict[str, torch.Tensor] = {}
     counts = {n: 0 for n in layer}
+    seen: set[str] = set()
     hooks = []
     for n, m in layer.items():
         cols = linear_weight(m).shape[1]
@@ -79,7 +112,9 @@ def accumulate_hessians(layer: dict[str, nn.Module], stop: bool = False,
             x = args[0].reshape(-1, args[0].shape[-1]).to(dtype)
             h.addmm_(x.t(), x)
             counts[n] += x.shape[0]
-            if stop:
+            seen.add(n)
+            if stop and len(seen) == len(layer):
+                seen.clear()
                 raise StopForward
 
         hooks.append(m.register_forward_pre_hook(acc))
@@ -101,6 +136,7 @@ def quantize_sequential(
     progress: bool = True,
     on_block_done: Callable[[int, dict[str, PackedLinear]], None] | None = None,
     done: dict[str, PackedLinear] | None = None,
+    true_sequential: bool = True,
 ) -> dict[str, PackedLinear]:
     """Quantize every block linear of `model` in place; returns name -> PackedLinear.
 
@@ -119,25 +155,33 @@ def quantize_sequential(
     inputs = capture_block_inputs(model, blocks, segments, batch) if need_h and segments is not None else None
     for i, block in enumerate(blocks):
         layer = names[i]
-        hessians: dict[str, torch.Tensor] = {}
-        todo = [n for n in layer if n not in packed]
-        if inputs is not None and any(choose(n).needs_hessian for n in todo):
-            with accumulate_hessians(layer) as hessians:
-                for args, kwargs in inputs:
-                    block(*args, **kwargs)
-        for n, m in layer.items():
-            if n in packed:
-                _set_weight(m, packed[n].dequantize().to(m.weight.device))
+        groups = [list(layer)]
+        if inputs is not None and true_sequential:
+            groups = input_groups(block, layer, *inputs[0])
+        for group in groups:
+            for n in group:  # layers of an interrupted run first: later Hessians see them quantized
+                if n in packed:
+                    _set_weight(layer[n], packed[n].dequantize().to(layer[n].weight.device))
+                    bar.update(1)
+            todo = [n for n in group if n not in packed]
+            hessians: dict[str, torch.Tensor] = {}
+            if inputs is not None and any(choose(n).needs_hessian for n in todo):
+                with accumulate_hessians({n: layer[n] for n in todo}, stop=True) as hessians:
+                    for args, kwargs in inputs:
+                        try:
+                            block(*args, **kwargs)
+                        except StopForward:
+                            pass
+            for n in todo:
+                m = layer[n]
+                q = choose(n)
+                w = linear_weight(m).float()
+                p = q.quantize(w, hessians.get(n) if q.needs_hessian else None)
+                packed[n] = p
+                _set_weight(m, p.dequantize().to(w.device))
+                bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {p.bpw:.2f}bpw", refresh=False)
                 bar.update(1)
-                continue
-            q = choose(n)
-            w = linear_weight(m).float()
-            p = q.quantize(w, hessians.get(n) if q.needs_hessian else None)
-            packed[n] = p
-            _set_weight(m, p.dequantize().to(w.device))
-            bar.set_postfix_str(f"{n.rsplit('.', 2)[-2]}.{n.rsplit('.', 1)[-1]} {p.bpw:.2f}bpw", refresh=False)
-            bar.update(1)
-        hessians.clear()
+            hessians.clear()
         if inputs is not None and i + 1 < len(blocks):
             inputs = [((block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
         if on_block_done is not None:
