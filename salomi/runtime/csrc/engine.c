@@ -1226,6 +1226,44 @@ ROT_INLINE void rot_axis_walsh(float *y, int64_t outer, int64_t fa, int64_t inne
 static int is_pow2(int64_t f) { return f > 1 && (f & (f - 1)) == 0; }
 
 #if ENG_X86
+/* One butterfly level at distance h < 16 inside a zmm of 16 consecutive floats: the partner
+ * lane (index xor h) by an in-lane permute or a 128-bit lane shuffle; lanes with bit h clear
+ * get lo + hi, the others lo - hi - walsh_level's a + c and a - c, the same floats. */
+A5I __m512 walsh_lanes(__m512 v, int64_t h) {
+    __m512 p;
+    __mmask16 hi;
+    if (h == 1) p = _mm512_permute_ps(v, 0xB1), hi = 0xAAAA;
+    else if (h == 2) p = _mm512_permute_ps(v, 0x4E), hi = 0xCCCC;
+    else if (h == 4) p = _mm512_shuffle_f32x4(v, v, 0xB1), hi = 0xF0F0;
+    else p = _mm512_shuffle_f32x4(v, v, 0x4E), hi = 0xFF00;
+    return _mm512_mask_sub_ps(_mm512_add_ps(v, p), hi, p, v);
+}
+
+/* rot_axis_walsh's levels h = inner, 2 inner, .. < fa * inner over a row of n % 16 == 0 floats,
+ * in the same order: the levels below 16 in registers in one pass, the others 16 lanes at a time. */
+A5 static void rot_axis_walsh_avx512(float *y, int64_t n, int64_t inner, int64_t fa) {
+    const int64_t top = fa * inner;
+    int64_t h = inner;
+    if (h < 16) {
+        const int64_t hs = top < 16 ? top : 16;
+        for (int64_t i = 0; i < n; i += 16) {
+            __m512 v = _mm512_loadu_ps(y + i);
+            for (int64_t l = h; l < hs; l *= 2) v = walsh_lanes(v, l);
+            _mm512_storeu_ps(y + i, v);
+        }
+        h = hs;
+    }
+    for (; h < top; h *= 2)
+        for (int64_t b = 0; b < n; b += 2 * h)
+            for (int64_t j = 0; j < h; j += 16) {
+                const __m512 a = _mm512_loadu_ps(y + b + j), c = _mm512_loadu_ps(y + b + h + j);
+                _mm512_storeu_ps(y + b + j, _mm512_add_ps(a, c));
+                _mm512_storeu_ps(y + b + h + j, _mm512_sub_ps(a, c));
+            }
+}
+#endif
+
+#if ENG_X86
 /* Dense axes of the shapes the default model has (576 = 12x12x4, 1536 = 12x128, 192 = 12x16), with
  * the accumulators in registers (the plain loop reloads and stores dst for every k): inner 4 puts
  * two output rows side by side in one 8-wide FMA, coefficients [m_ik x4 | m_i+1,k x4] against a
@@ -1283,16 +1321,20 @@ A2 static int rot_axis_dense_avx2(float *y, int64_t outer, int64_t fa, int64_t i
 A5 static int rot_axis_dense_avx512(float *y, int64_t outer, int64_t fa, int64_t inner, const float *m, int inverse,
                                     float *tmp) {
 #define RC(i, k) (inverse ? m[(k) * fa + (i)] : m[(i) * fa + (k)])
-    if (inner == 4 && fa % 4 == 0) {
+    if (inner == 4 && fa % 4 == 0 && fa <= 20) { /* the Paley orders 12 and 20 */
+        __m512 cvs[5][20]; /* [i / 4][k]: coefficients of rows i..i+3, each repeated 4 times, built once per call */
+        for (int64_t i = 0; i < fa; i += 4)
+            for (int64_t k = 0; k < fa; k++)
+                cvs[i / 4][k] = _mm512_setr_ps(RC(i, k), RC(i, k), RC(i, k), RC(i, k), RC(i + 1, k), RC(i + 1, k),
+                                               RC(i + 1, k), RC(i + 1, k), RC(i + 2, k), RC(i + 2, k), RC(i + 2, k),
+                                               RC(i + 2, k), RC(i + 3, k), RC(i + 3, k), RC(i + 3, k), RC(i + 3, k));
         for (int64_t o0 = 0; o0 < outer; o0 += 8) {
             const int no = (int)min64(8, outer - o0);
             for (int64_t i = 0; i < fa; i += 4) {
                 __m512 acc[8];
                 for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
                 for (int64_t k = 0; k < fa; k++) {
-                    const __m512 cv = _mm512_setr_ps(RC(i, k), RC(i, k), RC(i, k), RC(i, k), RC(i + 1, k), RC(i + 1, k),
-                                                     RC(i + 1, k), RC(i + 1, k), RC(i + 2, k), RC(i + 2, k), RC(i + 2, k),
-                                                     RC(i + 2, k), RC(i + 3, k), RC(i + 3, k), RC(i + 3, k), RC(i + 3, k));
+                    const __m512 cv = cvs[i / 4][k];
                     for (int t = 0; t < no; t++)
                         acc[t] = _mm512_fmadd_ps(cv, _mm512_broadcast_f32x4(_mm_loadu_ps(y + ((o0 + t) * fa + k) * 4)), acc[t]);
                 }
@@ -1344,6 +1386,10 @@ ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int
         int64_t outer = 1;
         for (int a = 0; a < nb; a++) {
             const int64_t fa = f[a], inner = n / (outer * fa);
+#if ENG_X86
+            if (is_pow2(fa) && simd == 2 && n % 16 == 0) rot_axis_walsh_avx512(y, n, inner, fa);
+            else
+#endif
             if (is_pow2(fa)) rot_axis_walsh(y, outer, fa, inner);
 #if ENG_X86
             else if (simd == 2 && rot_axis_dense_avx512(y, outer, fa, inner, m, inverse, tmp)) {}
