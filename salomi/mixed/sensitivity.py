@@ -288,6 +288,7 @@ class KLProbe:
         try:
             with torch.no_grad():
                 self.ref_logp = [F.log_softmax(self._logits(i), -1) for i in range(0, len(segments), batch)]
+                self.ref_p = [lp.exp() for lp in self.ref_logp]  # the same values every probe would recompute
         finally:
             for h in hooks:
                 h.remove()
@@ -318,7 +319,7 @@ class KLProbe:
                     stand_in.batch = j
                 rl = self.ref_logp[j]
                 lq = F.log_softmax(self._logits(i), -1)
-                total += float((rl.exp() * (rl - lq)).sum())
+                total += float((self.ref_p[j] * (rl - lq)).sum())
                 n += rl.shape[0]
         finally:
             for j, b in enumerate(kept):
