@@ -97,7 +97,7 @@ def quantize(
     damage: str = "damage",
     table_segments: int | None = None,
     table_seed: int | None = None,
-    true_sequential: bool = True,
+    true_sequential: bool = False,
 ) -> dict[str, Any]:
     """Quantize `model` with `method`, a per-layer `recipe`, or the best recipe for a bpw target.
 

@@ -35,7 +35,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                        seg_len=a.calib_len, seed=a.seed, float_dtype=a.float_dtype, resume=a.resume,
                        target_linear_bpw=a.bpw, target_model_bpw=a.model_bpw, candidates=cands, embed=a.embed,
                        damage=a.damage, table_segments=a.table_segments, table_seed=a.table_seed,
-                       true_sequential=not a.block_hessians)
+                       true_sequential=a.true_sequential)
     print(f"wrote {res['file']}: {res['file_bytes']:,} bytes, linear {res['linear_bpw']:.4f} bpw, "
           f"model {res['model_bpw']:.4f} bpw, {res['seconds']:.0f}s, peak {res['peak_rss_mb']:.0f} MB")
 
@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --calib-segments)")
     q.add_argument("--table-seed", type=int, default=None,
                    help="budget only: seed of the sensitivity table's calibration draw (default: --seed)")
-    q.add_argument("--block-hessians", action="store_true",
-                   help="take all of a block's Hessians in one pass of the float block (before: each group of "
-                        "linears sharing an input - q/k/v, o, gate/up, down - sees the groups before it quantized)")
+    q.add_argument("--true-sequential", action="store_true",
+                   help="each group of a block's linears sharing an input (q/k/v, o, gate/up, down) takes its Hessians "
+                        "with the groups before it quantized (default: all of a block's Hessians from one float pass)")
     q.set_defaults(fn=cmd_quantize)
 
     m = sub.add_parser("embed", help="pack the embedding table (= tied head) of a packed file; linears unchanged")
