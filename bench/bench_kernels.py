@@ -101,29 +101,6 @@ def copy_bandwidth(threads: int, nbytes: int = 512 << 20) -> dict[str, float]:
     return {"copy_gbs_1thread": 2 * nbytes / t1 / 1e9, f"copy_gbs_{threads}threads": 2 * nbytes / tn / 1e9}
 
 
-def read_bandwidth(threads: int, nbytes: int = 512 << 20) -> float:
-    """Read-only stream, GB/s = bytes / time: a bitwise-or reduction of 512 MB split over `threads`
-    threads (numpy releases the GIL inside it). A GEMV only reads its weights; the copy figure above
-    counts a read and a write per byte, so where a core's outstanding misses, not the bus, set the
-    limit the two differ. Printed beside the copy figure; %copy stays against the copy."""
-    src = np.ones(nbytes // 8, dtype=np.uint64)
-    bounds = [(c[0], c[-1] + 1) for c in np.array_split(np.arange(src.size), threads) if c.size]
-    out = [0] * len(bounds)
-
-    def part(k: int, a: int, b: int) -> None:
-        out[k] = int(np.bitwise_or.reduce(src[a:b]))
-
-    def par() -> None:
-        ts = [threading.Thread(target=part, args=(k, a, b)) for k, (a, b) in enumerate(bounds)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    par()
-    return nbytes / min(_time_once(par) for _ in range(5)) / 1e9
-
-
 def _time_once(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -348,9 +325,7 @@ def main() -> None:
         f"isa={kernels.isa()} (cpu best {kernels.cpu_isa()})  threads={args.threads}  torch {torch.__version__}  "
         f"load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
     )
-    read_gbs = read_bandwidth(args.threads)
-    print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items())
-          + f"; read-only stream, {args.threads} threads: {read_gbs:.1f} GB/s")
+    print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items()))
     rows = run_main_table(args, copy_ref, l3) if args.only != "int8" else []
     int8_rows = run_int8_table(args, copy_ref, l3) if args.only != "float" else []
     if args.json:
@@ -363,7 +338,6 @@ def main() -> None:
             "loadavg": os.getloadavg(),
             **bw,
             "copy_ref_gbs": copy_ref,
-            f"read_gbs_{args.threads}threads": read_gbs,
         }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": rows, "int8": int8_rows}, f, indent=2)
