@@ -1240,7 +1240,9 @@ A5I __m512 walsh_lanes(__m512 v, int64_t h) {
 }
 
 /* rot_axis_walsh's levels h = inner, 2 inner, .. < fa * inner over a row of n % 16 == 0 floats,
- * in the same order: the levels below 16 in registers in one pass, the others 16 lanes at a time. */
+ * in the same order: the levels below 16 in registers in one pass, the others 16 lanes at a time.
+ * inner must be a power of two (a file may order a power-of-two block before a Paley one, e.g.
+ * 48 = 4 x 12 gives inner 12: rot_axis_walsh runs those). */
 A5 static void rot_axis_walsh_avx512(float *y, int64_t n, int64_t inner, int64_t fa) {
     const int64_t top = fa * inner;
     int64_t h = inner;
@@ -1387,7 +1389,8 @@ ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int
         for (int a = 0; a < nb; a++) {
             const int64_t fa = f[a], inner = n / (outer * fa);
 #if ENG_X86
-            if (is_pow2(fa) && simd == 2 && n % 16 == 0) rot_axis_walsh_avx512(y, n, inner, fa);
+            if (is_pow2(fa) && simd == 2 && n % 16 == 0 && (inner & (inner - 1)) == 0)
+                rot_axis_walsh_avx512(y, n, inner, fa); /* every level a power of two: lanes or whole zmm */
             else
 #endif
             if (is_pow2(fa)) rot_axis_walsh(y, outer, fa, inner);
