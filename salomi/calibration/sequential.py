@@ -85,7 +85,7 @@ def input_groups(block: nn.Module, layer: dict[str, nn.Module], args: tuple, kwa
     for n, x in calls:
         if any(n in g for g in groups):
             continue
-        if groups and last is not None and x is last:
+        if groups and x is last:
             groups[-1].append(n)
         else:
             groups.append([n])

@@ -1389,7 +1389,7 @@ ROT_INLINE void rot_apply_body(float *x, int64_t M, int64_t n, int nb, const int
         for (int a = 0; a < nb; a++) {
             const int64_t fa = f[a], inner = n / (outer * fa);
 #if ENG_X86
-            if (is_pow2(fa) && simd == 2 && n % 16 == 0 && (inner & (inner - 1)) == 0)
+            if (is_pow2(fa) && simd == 2 && n % 16 == 0 && (inner == 1 || is_pow2(inner)))
                 rot_axis_walsh_avx512(y, n, inner, fa); /* every level a power of two: lanes or whole zmm */
             else
 #endif
