@@ -5,8 +5,10 @@ time; effective bandwidth of the packed weight bytes (codes + fp16 scales/zeros)
 GEMV; the same product with torch float32 matmul on the dequantized weight; and, for
 reference, a STREAM-style copy bandwidth measured in the same run (numpy copy of a
 512 MB array, 1 thread and --threads threads, bytes counted as read + write like
-STREAM's Copy). Matrices larger than the caches are rotated through enough copies that
-every GEMV call reads its weights from DRAM.
+STREAM's Copy) and a read-only pass in C with 1 and 8 streams per thread (what a kernel that
+only reads can stream here). Matrices larger than the caches are rotated through enough
+copies that every GEMV call reads its weights from DRAM; for those the int8 table also
+times a copy and an 8-stream read in the same interleaved rounds ("paired").
 
 A second table compares the float kernels with the int8-activation kernels (csrc/lut.c,
 packed_matmul(..., activations="int8")) on GEMV for sign, ternary and 2-, 4- and 8-bit grid (g64) at
@@ -81,24 +83,48 @@ def timeit(fn, min_time: float = 0.3, reps: int = 5) -> float:
     return statistics.median(samples)
 
 
-def copy_bandwidth(threads: int, nbytes: int = 512 << 20) -> dict[str, float]:
-    """STREAM Copy style: GB/s = 2 * bytes / time (read + write)."""
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    t1 = min(_time_once(lambda: np.copyto(dst, src)) for _ in range(5))
-    chunks = np.array_split(np.arange(src.size), threads)
-    bounds = [(c[0], c[-1] + 1) for c in chunks if c.size]
+class MemoryProbes:
+    """The bandwidth figures a GEMV is held against, on one pair of 512 MB buffers: a STREAM
+    Copy (numpy, GB/s = 2 * bytes / time, read + write) and a read-only pass in C
+    (kernels.read_stream) with 1 or 8 streams per thread, the most a kernel that only reads
+    could stream here."""
 
-    def par():  # numpy releases the GIL inside large copies
-        ts = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in bounds]
-        for t in ts:
+    def __init__(self, threads: int, nbytes: int = 512 << 20) -> None:
+        self.threads, self.nbytes = threads, nbytes
+        self.src = np.ones(nbytes // 8, dtype=np.float64)
+        self.dst = np.empty_like(self.src)
+        np.copyto(self.dst, self.src)
+        chunks = np.array_split(np.arange(self.src.size), threads)
+        self.bounds = [(c[0], c[-1] + 1) for c in chunks if c.size]
+        self.raw = self.src.view(np.uint8)
+
+    def copy(self, threads: int | None = None) -> None:
+        if threads == 1:
+            np.copyto(self.dst, self.src)
+            return
+        ts = [threading.Thread(target=np.copyto, args=(self.dst[a:b], self.src[a:b])) for a, b in self.bounds]
+        for t in ts:  # numpy releases the GIL inside large copies
             t.start()
         for t in ts:
             t.join()
 
-    tn = min(_time_once(par) for _ in range(5))
-    return {"copy_gbs_1thread": 2 * nbytes / t1 / 1e9, f"copy_gbs_{threads}threads": 2 * nbytes / tn / 1e9}
+    def read(self, streams: int) -> None:
+        kernels.read_stream(self.raw, streams, self.threads)
+
+    def copy_gbs(self, t: float) -> float:
+        return 2 * self.nbytes / t / 1e9
+
+    def read_gbs(self, t: float, streams: int) -> float:
+        return kernels.read_stream_bytes(self.nbytes, streams, self.threads) / t / 1e9
+
+    def measure(self) -> dict[str, float]:
+        n = self.threads
+        t1 = min(_time_once(lambda: self.copy(1)) for _ in range(5))
+        tn = min(_time_once(self.copy) for _ in range(5))
+        r1 = min(_time_once(lambda: self.read(1)) for _ in range(5))
+        r8 = min(_time_once(lambda: self.read(8)) for _ in range(5))
+        return {"copy_gbs_1thread": self.copy_gbs(t1), f"copy_gbs_{n}threads": self.copy_gbs(tn),
+                f"read_gbs_1stream_{n}threads": self.read_gbs(r1, 1), f"read_gbs_8streams_{n}threads": self.read_gbs(r8, 8)}
 
 
 def _time_once(fn) -> float:
@@ -185,7 +211,8 @@ def best_interleaved(fns: dict[str, Callable[[], object]], rounds: int = 7, min_
 
 
 def bench_int8(
-    fmt: str, bits: int, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int
+    fmt: str, bits: int, group: int, o: int, i: int, threads: int, rng: np.random.Generator, l3_bytes: int,
+    probes: MemoryProbes | None = None,
 ) -> dict:
     tab = fmt.endswith("-tab")
     group = group or i
@@ -213,6 +240,10 @@ def bench_int8(
         "int8": lambda: int8(nxt("q", len(preps))),
         "torch": lambda: torch.matmul(x1, wcopies[nxt("t", len(wcopies))].T),
     }
+    cold = len(layers) > 1
+    if cold and probes is not None:  # from DRAM: the copy and read figures of the same minutes
+        fns["copy"] = probes.copy
+        fns["read8"] = lambda: probes.read(8)
     t = best_interleaved(fns)
     y8 = int8(0)
     yf = kernels.packed_matmul(x1, preps[0], threads)
@@ -229,14 +260,17 @@ def bench_int8(
         "float_gbs": nbytes / t["float"] / 1e9,
         "int8_gbs": nbytes / t["int8"] / 1e9,
         "int8_rel_err": ((y8 - yf).norm() / yf.norm()).item(),
+        **({"copy_gbs_paired": probes.copy_gbs(t["copy"]), "read8_gbs_paired": probes.read_gbs(t["read8"], 8)}
+           if "copy" in t else {}),
     }
 
 
-def run_int8_table(args: argparse.Namespace, copy_ref: float, l3: int) -> list[dict]:
+def run_int8_table(args: argparse.Namespace, copy_ref: float, l3: int, probes: MemoryProbes | None = None) -> list[dict]:
     print(f"\nGEMV, float vs int8 activations (threads={args.threads}, best of 7 interleaved batches)")
     hdr = (
         f"{'format':8} {'out x in':>11} {'MB':>6} {'cold':>4} | {'float us':>9} {'GB/s':>6} {'%copy':>6} "
-        f"{'x torch':>7} | {'int8 us':>9} {'GB/s':>6} {'%copy':>6} {'x torch':>7} | {'int8/float':>10} {'rel err':>8}"
+        f"{'x torch':>7} | {'int8 us':>9} {'GB/s':>6} {'%copy':>6} {'x torch':>7} | {'int8/float':>10} {'rel err':>8} | "
+        f"{'paired:':>7} {'%copy':>6} {'%read8':>6}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -246,24 +280,30 @@ def run_int8_table(args: argparse.Namespace, copy_ref: float, l3: int) -> list[d
         if args.quick and o * i > 4_000_000:
             continue
         for fmt, bits, group in INT8_FORMATS:
-            r = bench_int8(fmt, bits, group, o, i, args.threads, rng, l3)
+            r = bench_int8(fmt, bits, group, o, i, args.threads, rng, l3, probes)
             r["float_vs_copy"] = r["float_gbs"] / copy_ref
             r["int8_vs_copy"] = r["int8_gbs"] / copy_ref
             r["float_speedup_vs_torch"] = r["torch_us"] / r["float_us"]
             r["int8_speedup_vs_torch"] = r["torch_us"] / r["int8_us"]
             r["int8_speedup_vs_float"] = r["float_us"] / r["int8_us"]
+            paired = ""
+            if "copy_gbs_paired" in r:
+                r["int8_vs_copy_paired"] = r["int8_gbs"] / r["copy_gbs_paired"]
+                r["int8_vs_read8_paired"] = r["int8_gbs"] / r["read8_gbs_paired"]
+                paired = f"{'':7} {100 * r['int8_vs_copy_paired']:5.1f}% {100 * r['int8_vs_read8_paired']:5.1f}%"
             rows.append(r)
             print(
                 f"{r['format']:8} {f'{o}x{i}':>11} {r['weight_bytes'] / 1e6:6.2f} {'yes' if r['cold_copies'] > 1 else 'no':>4} | "
                 f"{r['float_us']:9.1f} {r['float_gbs']:6.1f} {100 * r['float_vs_copy']:5.1f}% "
                 f"{r['float_speedup_vs_torch']:6.1f}x | {r['int8_us']:9.1f} {r['int8_gbs']:6.1f} "
                 f"{100 * r['int8_vs_copy']:5.1f}% {r['int8_speedup_vs_torch']:6.1f}x | "
-                f"{r['int8_speedup_vs_float']:9.2f}x {r['int8_rel_err']:8.4f}",
+                f"{r['int8_speedup_vs_float']:9.2f}x {r['int8_rel_err']:8.4f} | {paired}",
                 flush=True,
             )
     print(
         f"%copy = packed bytes (codes + fp16 scales) per GEMV over the best copy bandwidth ({copy_ref:.1f} GB/s); "
-        f"rel err = ||y_int8 - y_float|| / ||y_float|| on one Gaussian row."
+        f"rel err = ||y_int8 - y_float|| / ||y_float|| on one Gaussian row; paired (cold rows): the int8 GB/s over a "
+        f"copy and over an 8-streams-per-thread read measured in the same interleaved rounds."
     )
     return rows
 
@@ -319,15 +359,19 @@ def main() -> None:
         l3 = int(os.sysconf("SC_LEVEL3_CACHE_SIZE")) or l3
     except (ValueError, OSError):
         pass
-    bw = copy_bandwidth(args.threads)
-    copy_ref = max(bw.values())
+    probes = MemoryProbes(args.threads)
+    bw = probes.measure()
+    copy_ref = max(v for k, v in bw.items() if k.startswith("copy"))
     print(
         f"isa={kernels.isa()} (cpu best {kernels.cpu_isa()})  threads={args.threads}  torch {torch.__version__}  "
         f"load avg {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
     )
-    print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items()))
+    print("copy bandwidth (STREAM Copy, read+write): " + ", ".join(f"{k}={v:.1f} GB/s" for k, v in bw.items()
+                                                                 if k.startswith("copy")))
+    print("read-only bandwidth (C, xor of 64-byte lines): " + ", ".join(
+        f"{k}={v:.1f} GB/s ({100 * v / copy_ref:.0f}% of copy)" for k, v in bw.items() if k.startswith("read")))
     rows = run_main_table(args, copy_ref, l3) if args.only != "int8" else []
-    int8_rows = run_int8_table(args, copy_ref, l3) if args.only != "float" else []
+    int8_rows = run_int8_table(args, copy_ref, l3, probes) if args.only != "float" else []
     if args.json:
         meta = {
             "isa": kernels.isa(),

@@ -306,3 +306,16 @@ def test_c_driver_under_address_and_ub_sanitizers():
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "OK:" in r.stdout and "0 failures" in r.stdout
+
+
+@pytest.mark.parametrize("n,streams,threads", [(1_000_003, 1, 1), (1_000_003, 3, 2), (4096, 8, 3), (63, 1, 1), (200_000, 8, 2)])
+def test_read_probe_reads_what_it_says(isa, n, streams, threads):
+    """The benchmark's read-bandwidth probe reads exactly read_stream_bytes bytes: its xor equals
+    numpy's over that prefix (a probe that skipped lines would report a bandwidth it never read)."""
+    b = np.random.default_rng(n + streams).integers(0, 256, size=n, dtype=np.uint8)
+    m = kernels.read_stream_bytes(n, streams, threads)
+    assert m % 64 == 0 and n - m < 64 * streams * threads
+    want = int(np.bitwise_xor.reduce(b[:m].view(np.uint64))) if m else 0
+    assert kernels.read_stream(b, streams, threads) == want
+    with pytest.raises(ValueError):
+        kernels.read_stream(b.view(np.int8), streams, threads)

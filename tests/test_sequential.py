@@ -83,3 +83,42 @@ def test_down_proj_hessian_sees_the_quantized_block(tiny_llama_dir: Path, true_s
         torch.testing.assert_close(got, quantized_block, rtol=1e-5, atol=1e-6)
     else:
         torch.testing.assert_close(got, from_float, rtol=1e-5, atol=1e-6)
+
+
+class _Shared(torch.nn.Module):
+    """a and b read the same tensor (as q/k/v do), c another; `split` feeds b a copy from call 2 on."""
+
+    def __init__(self, split: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.c = torch.nn.Linear(6, 3), torch.nn.Linear(6, 2), torch.nn.Linear(3, 4)
+        self.split, self.calls = split, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.a(x)
+        self.b(x.clone() if self.split and self.calls > 1 else x)
+        return self.c(y)
+
+
+def test_hessians_of_linears_on_one_tensor_are_shared_exactly() -> None:
+    torch.manual_seed(0)
+    m, xs = _Shared(), [torch.randn(5, 6) for _ in range(3)]
+    with accumulate_hessians({"a": m.a, "b": m.b, "c": m.c}) as hs, torch.no_grad():
+        for x in xs:
+            m(x)
+    want_ab, want_c = torch.zeros(6, 6), torch.zeros(3, 3)
+    for x in xs:
+        want_ab.addmm_(x.t(), x)
+        y = m.a(x).detach()
+        want_c.addmm_(y.t(), y)
+    assert torch.equal(hs["a"], want_ab * (2.0 / 15)) and torch.equal(hs["b"], hs["a"])
+    assert hs["b"].data_ptr() != hs["a"].data_ptr()  # a copy: a quantizer may damp one in place
+    torch.testing.assert_close(hs["c"], want_c * (2.0 / 15))
+
+
+def test_hessian_sharing_that_breaks_between_passes_raises() -> None:
+    m = _Shared(split=True)
+    with pytest.raises(RuntimeError, match="cannot be shared"), torch.no_grad():
+        with accumulate_hessians({"a": m.a, "b": m.b}):
+            for _ in range(2):
+                m(torch.randn(4, 6))

@@ -97,6 +97,8 @@ def _load() -> ctypes.CDLL:
     lib.salomi_tables_layout.restype = cint
     lib.salomi_tables_matmul.argtypes = [cint, c_f, i64, i64, i64, c_u8, c_u16, c_f, cint]
     lib.salomi_tables_matmul.restype = cint
+    lib.salomi_read_stream.argtypes = [c_u8, i64, cint, cint]
+    lib.salomi_read_stream.restype = ctypes.c_uint64
     _lib = lib
     return lib
 
@@ -338,3 +340,19 @@ def tables_matmul(x: torch.Tensor, t: Tables, threads: int = 2) -> torch.Tensor:
     if rc != 0:
         raise SalomiError(f"tables_matmul kernel failed: {_ERRORS.get(rc, rc)}")
     return y
+
+
+def read_stream(buf: np.ndarray, streams: int = 1, threads: int = 2) -> int:
+    """xor of the bytes a read-only pass over `buf` reads (the benchmark's read-bandwidth
+    probe): each thread reads its slice as `streams` parts in lockstep, 64 bytes of each per
+    step; what is read is the first len(buf) // threads // streams // 64 * 64 * streams * threads bytes."""
+    if buf.dtype != np.uint8 or not buf.flags.c_contiguous:
+        raise ValueError("buf must be a contiguous uint8 array")
+    if int(streams) < 1 or int(threads) < 1:
+        raise ValueError("streams and threads must be >= 1")
+    return int(_load().salomi_read_stream(buf.ctypes.data, buf.size, int(streams), int(threads)))
+
+
+def read_stream_bytes(n: int, streams: int = 1, threads: int = 2) -> int:
+    """How many bytes read_stream reads of an n-byte buffer."""
+    return n // threads // streams // 64 * 64 * streams * threads

@@ -58,6 +58,11 @@ int salomi_matmul_batch(const salomi_matmul_op *ops, int n, const float *x, int6
 typedef void (*salomi_task_fn)(void *ctx, int tid, int nt);
 void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads);
 
+/* Read-bandwidth probe for the benchmark: xor of the first n / threads / streams / 64 * 64
+ * * streams * threads bytes of buf, each thread reading its slice as `streams` parts in
+ * lockstep. */
+uint64_t salomi_read_stream(const uint8_t *buf, int64_t n, int streams, int threads);
+
 /* ---------------------------------------------------------------- int8-activation kernels (lut.c)
  * Same arguments, layouts and return codes as salomi_sign_matmul / salomi_ternary_matmul,
  * but each activation row is first quantized to int8 per weight scale group
