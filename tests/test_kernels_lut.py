@@ -490,7 +490,7 @@ def tables_ref(x: torch.Tensor, p: PackedLinear) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize(
     "fmt,o,i",
     [("sign", 1, 8), ("sign", 33, 64), ("sign", 45, 136), ("sign", 64, 576), ("sign", 7, 1536), ("sign", 96, 1024), ("sign", 5, 8200),
-     ("sign", 300, 576), ("sign", 520, 64),
+     ("sign", 300, 576), ("sign", 520, 64), ("sign", 264, 2048), ("sign", 300, 4104),
      ("ternary", 1, 1), ("ternary", 1, 7), ("ternary", 33, 64), ("ternary", 65, 576), ("ternary", 7, 1536),
      ("ternary", 96, 1000), ("ternary", 130, 41), ("ternary", 300, 576), ("ternary", 256, 100)],
 )
