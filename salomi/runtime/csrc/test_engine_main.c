@@ -345,10 +345,39 @@ static void check_f2h(void) {
 #endif
 }
 
+/* The int8 table kernel on rows wide and tall enough for its 8-group (256-row) paths, sign
+ * (nibble codes, a page or more per group half) and ternary: every ISA gives the scalar bits, and
+ * the exact-size il buffer is never read past (ASan). */
+static void check_tables_wide(void) {
+    static const int64_t shapes[][3] = {{SALOMI_W_SIGN, 264, 2048}, {SALOMI_W_SIGN, 300, 4104},
+                                        {SALOMI_W_TERNARY, 300, 2050}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        const int kind = (int)shapes[s][0];
+        const int64_t out = shapes[s][1], in = shapes[s][2], rb = kind == SALOMI_W_SIGN ? in / 8 : (in + 4) / 5;
+        uint8_t *data = malloc((size_t)(out * rb)), *il = malloc((size_t)salomi_tables_bytes(kind, out, in));
+        uint16_t *scale = malloc(sizeof(uint16_t) * (size_t)out);
+        float *x = malloc(sizeof(float) * (size_t)in), *ref = malloc(sizeof(float) * (size_t)out),
+              *y = malloc(sizeof(float) * (size_t)out);
+        for (int64_t i = 0; i < out * rb; i++) data[i] = (uint8_t)(kind == SALOMI_W_SIGN ? rnd() : rnd() % 243);
+        for (int64_t i = 0; i < out; i++) scale[i] = salomi_f2h(0.5f + 0.5f * frand());
+        for (int64_t i = 0; i < in; i++) x[i] = frand();
+        CHECK(salomi_tables_ok(kind, in, in) && salomi_tables_layout(kind, data, out, in, il) == 0, "tables %zu", s);
+        for (int isa = 0; isa <= salomi_cpu_isa(); isa++) {
+            salomi_set_isa(isa);
+            float *dst = isa ? y : ref;
+            CHECK(salomi_tables_matmul(kind, x, 1, in, out, il, scale, dst, 1 + isa % 2) == 0, "tables %zu isa %d", s, isa);
+            if (isa) CHECK(memcmp(ref, y, sizeof(float) * (size_t)out) == 0, "tables %zu: isa %d differs from scalar", s, isa);
+        }
+        salomi_set_isa(-1);
+        free(data), free(il), free(scale), free(x), free(ref), free(y);
+    }
+}
+
 int main(int argc, char **argv) {
     int cases = argc > 1 ? atoi(argv[1]) : 40;
     g_rng = argc > 2 ? (uint64_t)atoll(argv[2]) * 2654435761u + 1 : 1;
     check_f2h();
+    check_tables_wide();
     for (int i = 0; i < cases; i++) run_case(i);
     printf("%s: %d cases, %d failures\n", failures ? "FAILED" : "OK", cases, failures);
     return failures ? 1 : 0;
