@@ -259,7 +259,7 @@ def test_grid8_extreme_codes_do_not_saturate():
 # Every shape of the AVX-512 VNNI grid kernels (grid4 g32 / g64 / g128, grid8 g32 / g64 and
 # beyond): a 128-column pair split over groups, a last single 64-column chunk (in % 128 == 64)
 # or 32-column group (grid8, odd group count), 1 row and row counts that leave a remainder
-# after the 8- and 4-row blocks, with extreme codes against +-127 activations.
+# after the strided 8-row passes and the 4-row blocks, with extreme codes against +-127 activations.
 GRID_ISA_SHAPES = [
     (4, 32, 64), (4, 32, 576), (4, 32, 1536), (4, 64, 64), (4, 64, 576), (4, 64, 1536), (4, 128, 128),
     (4, 128, 640), (4, 128, 1536), (4, 256, 1536), (8, 32, 32), (8, 32, 96), (8, 32, 576), (8, 64, 64),
@@ -276,7 +276,7 @@ def test_grid_int8_isas_agree_extremes(bits, g, i):
         np.full(i, top), np.zeros(i, np.int64), np.where(ramp % 2, top, 0), np.where(ramp % 5 < 2, 0, top),
         ramp % (top + 1), rng.integers(0, top + 1, i), rng.integers(0, top + 1, i),
     ]).astype(np.int64)
-    codes = np.concatenate([codes, codes[::-1]])  # 14 rows: the 8-row AVX-512 grid4 pass, then 4 and 1
+    codes = np.concatenate([codes, codes[::-1], codes[3:], codes[:3], codes[1::-1], codes[:1:-1]])  # 28 rows
     o, ng = codes.shape[0], i // g
     scale = (rng.uniform(0.01, 2.0, (o, ng)) * rng.choice([-1.0, 1.0], (o, ng))).astype(np.float16)
     zero = rng.uniform(-0.5, top + 0.5, (o, ng)).astype(np.float16)
@@ -284,7 +284,7 @@ def test_grid_int8_isas_agree_extremes(bits, g, i):
         np.full(i, 1.0), np.full(i, -1.0), np.where(ramp % 2, 1.0, -1.0), np.where(ramp % 7 < 3, -1.0, 1.0),
         rng.standard_normal(i), np.where(ramp % 61 == 0, 50.0, rng.standard_normal(i)),
     ]).astype(np.float32)
-    for rows in (o, 1, 5, 13):
+    for rows in (o, 1, 5, 13, 27):  # AVX-512 passes of 8 rows strided by q = rows per thread // 8, then 4 and 1
         p = PackedLinear("t", "grid", (rows, i), {"codes": pack_rows(codes[:rows], bits), "scale": scale[:rows],
                                                   "zero": zero[:rows]}, {"bits": bits, "group": g})
         p.validate()
