@@ -15,6 +15,9 @@ by the BiLLM, PB-LLM and VQ quantizers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from salomi.errors import SalomiError
@@ -38,6 +41,19 @@ def weighted_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> 
 def check_hessian(hessian: torch.Tensor | None, n_in: int, spec: str) -> None:
     if hessian is not None and tuple(hessian.shape) != (n_in, n_in):
         raise SalomiError(f"{spec}: Hessian is {list(hessian.shape)}, expected [{n_in}, {n_in}] for this layer")
+
+
+@contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """LAPACK's blocked Cholesky rounds differently on 1 and 2 threads (seen as ~1e-13 in U), and a
+    quantizer's later choices can amplify that into other codes: the factorisations run on one
+    thread so a file does not depend on torch's thread count (at <= 1536 columns it costs ~0.1 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def prepare_hessian(
@@ -66,14 +82,15 @@ def prepare_hessian(
         h = h[perm][:, perm]
     damp = percdamp * float(torch.diag(h).mean())
     eye = torch.eye(n, dtype=torch.float64, device=dev)
-    for attempt in range(8):
-        hd = h + (damp * (10**attempt) if attempt else damp) * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info2) == 0:
-                return w, u.float(), perm, hd
+    with _one_cpu_thread():
+        for attempt in range(8):
+            hd = h + (damp * (10**attempt) if attempt else damp) * eye
+            chol, info = torch.linalg.cholesky_ex(hd)
+            if int(info) == 0:
+                hinv = torch.cholesky_inverse(chol)
+                u, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+                if int(info2) == 0:
+                    return w, u.float(), perm, hd
     raise SalomiError("Hessian is not positive definite even after heavy damping; recompute the calibration statistics")
 
 

@@ -207,7 +207,8 @@ class VQQuantizer(Quantizer):
         xn = w / scale[:, None]
         hdiag = torch.diag(hd).float()
         wx = (scale[:, None] ** 2 * hdiag[None, :]).reshape(o * nv, d)
-        wx = wx / wx.mean()
+        # numpy's pairwise mean is one fixed order; torch's parallel mean rounds by thread count
+        wx = wx / float(np.mean(wx.cpu().numpy(), dtype=np.float64))
         cb = weighted_kmeans(xn.reshape(o * nv, d), wx, k, self.iters, self.seed, sample=max(1 << 15, 64 * k))
         cb = cb.to(torch.float16).float()
         if not self.feedback:
