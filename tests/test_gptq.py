@@ -124,3 +124,24 @@ def test_learned_scales_never_hurt_and_keep_bpw(spec: str) -> None:
     assert q.nbytes == p.nbytes and q.format == p.format
     e0, e1 = weighted_error(W, p.dequantize(), H), weighted_error(W, q.dequantize(), H)
     assert e1 <= e0 + 1e-9 * e0
+
+
+def test_hessian_factor_does_not_depend_on_the_thread_count() -> None:
+    """LAPACK's Cholesky of a 1536-wide Hessian rounds differently on 1 and 2 threads (1e-13-1e-9 in
+    U before the fix); prepare_hessian factorises on one thread, so U and the files do not differ."""
+    from salomi.quantizers.gptq import prepare_hessian
+
+    n = torch.get_num_threads()
+    try:
+        for seed in range(2):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(2048, 1536, generator=g) @ (torch.randn(1536, 1536, generator=g) / 1536**0.5 + torch.eye(1536))
+            h, w = 2 * x.T @ x / 2048, torch.randn(8, 1536, generator=g)
+            us = []
+            for th in (1, 2):
+                torch.set_num_threads(th)
+                us.append(prepare_hessian(w, h)[1])
+            assert torch.equal(us[0], us[1])
+            assert torch.get_num_threads() == 2  # restored after the factorisation
+    finally:
+        torch.set_num_threads(n)

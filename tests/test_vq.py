@@ -94,3 +94,22 @@ def test_validate_rejects_corruption() -> None:
         PackedLinear(
             p.method, p.format, p.shape, dict(p.tensors, scale=p.tensors["scale"].astype(np.float32)), p.params
         ).validate()
+
+
+def test_k_means_weights_do_not_depend_on_the_thread_count() -> None:
+    """torch's float32 mean of a 1536x576 layer's weights differs by thread count; the normaliser
+    must not (a one-ulp change gave a budget file other codes)."""
+    from salomi.quantizers.vq import unit_mean
+
+    g = torch.Generator().manual_seed(0)
+    wx = (torch.rand(884_736, generator=g) * torch.rand(884_736, generator=g) * 3).reshape(-1, 4)
+    n = torch.get_num_threads()
+    try:
+        outs = []
+        for th in (1, 2):
+            torch.set_num_threads(th)
+            outs.append(unit_mean(wx))
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], wx / float(np.mean(wx.numpy(), dtype=np.float64)))

@@ -121,6 +121,13 @@ def _argmin_rows(dist: torch.Tensor) -> torch.Tensor:
     return dist.argmin(dim=1)
 
 
+def unit_mean(wx: torch.Tensor) -> torch.Tensor:
+    """wx / mean(wx), the mean taken by numpy's pairwise sum in float64: one fixed order, where
+    torch's parallel mean rounds differently on 1 and 2 threads (from ~10^6 elements), and a
+    one-ulp change of the k-means weights was enough to give a budget file other codes."""
+    return wx / float(np.mean(wx.detach().cpu().numpy(), dtype=np.float64))
+
+
 def _kmeanspp(x: torch.Tensor, wx: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """Weighted k-means++ seeding on x [m >= k, d]: each new centre drawn with probability
     proportional to its (weighted) distance to the nearest centre so far."""
@@ -207,8 +214,7 @@ class VQQuantizer(Quantizer):
         xn = w / scale[:, None]
         hdiag = torch.diag(hd).float()
         wx = (scale[:, None] ** 2 * hdiag[None, :]).reshape(o * nv, d)
-        # numpy's pairwise mean is one fixed order; torch's parallel mean rounds by thread count
-        wx = wx / float(np.mean(wx.cpu().numpy(), dtype=np.float64))
+        wx = unit_mean(wx)
         cb = weighted_kmeans(xn.reshape(o * nv, d), wx, k, self.iters, self.seed, sample=max(1 << 15, 64 * k))
         cb = cb.to(torch.float16).float()
         if not self.feedback:
