@@ -162,8 +162,8 @@ def quantize(
 
         ids = _text_ids(ref.tokenizer, calib)
         segs = calibration_segments(ids, segments, seg_len, seed, calib)
-        # torch's thread count is recorded because it changes the bits: the same seed on 1 and 2
-        # threads gave different VQ layers from block 2 on (docs/RESULTS.md, session 17)
+        # torch's thread count is recorded: before 851745a it changed the bits (the same seed on 1 and
+        # 2 threads gave different VQ layers from block 2 on; docs/RESULTS.md, session 17)
         calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed,
                       "true_sequential": true_sequential, "torch_threads": torch.get_num_threads()}
         if budget and (table_segments, table_seed) != (segments, seed):

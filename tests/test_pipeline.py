@@ -62,7 +62,7 @@ def test_gptq_style_sequential_path_runs(tiny: Path, austen_slice: Path, tmp_pat
                  progress=False)
     qf = load_quantized(out)
     assert qf.metadata["calibration"]["segments"] == 4
-    assert qf.metadata["calibration"]["torch_threads"] == torch.get_num_threads()  # it changes the bits
+    assert qf.metadata["calibration"]["torch_threads"] == torch.get_num_threads()  # recorded with the file
 
 
 def test_eval_export_generate(tiny: Path, brown_slice: Path, tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def accumulate_hessians(layer: dict[str, nn.Module], stop: bool = False,
         hessians[n] = torch.zeros(cols, cols, device=m.weight.device, dtype=dtype)
 
         def acc(_mod: nn.Module, args: tuple, n: str = n, h: torch.Tensor = hessians[n]) -> None:
-            same = args[0] is last["x"] and h.shape == hessians[last["name"]].shape
+            same = args[0] is last["x"]
             if passes[n] == 0 and same:
                 alias[n] = last["name"]
             passes[n] += 1

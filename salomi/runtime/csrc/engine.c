@@ -951,7 +951,7 @@ A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int
 /* vq8_group2_nib_avx512 for 8 groups (256 rows) at once, il0 the first group's codes and gs the
  * bytes from one group to the next: each column pair's two 16-entry tables are read once for the
  * four group pairs, and the thread reads 8 code streams at once (a memory-level-parallelism
- * lever: on Ice Lake one read stream per thread reaches ~55% of the copy bandwidth, eight ~75%).
+ * lever: on Ice Lake one read stream per thread reaches ~50% of the copy bandwidth, eight ~70%).
  * Each pair's sums and flush are vq8_group2_nib_avx512's: the same bits. */
 A5 static void vq8_group8_nib_avx512(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T,
                                      float scale, float acc[256]) {

@@ -883,8 +883,8 @@ void salomi_run_parallel(salomi_task_fn fn, void *ctx, int threads) {
 /* What a read-only kernel can stream on this machine (the benchmark's ceiling next to the
  * STREAM copy figure): each thread xors its slice of buf, read as `streams` equal parts in
  * lockstep, one 64-byte line of each per step. Several streams per thread give the hardware
- * prefetchers more pages to work ahead in (on an Ice Lake VM: 1 stream ~55% of the copy
- * bandwidth, 8 streams ~75%). */
+ * prefetchers more pages to work ahead in (on an Ice Lake VM: 1 stream ~50% of the copy
+ * bandwidth, 8 streams ~70%). */
 typedef struct {
     const uint8_t *buf;
     int64_t n;

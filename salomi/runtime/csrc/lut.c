@@ -989,9 +989,7 @@ A2 static void rows_avx2(const ljob_t *J, const void *xs, const float *gs, const
  * AVX2 ones, so 2 KB ahead (AVX2) is less than one DRAM latency; 8 KB into L2 (T1: more misses
  * in flight than L1 allows) measured best on the head shape (Zen 4: grid8 ~8 -> ~17-21 GB/s). */
 #define PF5 8192
-#ifndef RMAX5
-#define RMAX5 8 /* rows per AVX-512 grid pass, each from its own stretch of the thread's rows (rows_avx512) */
-#endif
+#define RMAX5 8 /* grid4 / grid8 rows per AVX-512 pass, each from its own stretch of the thread's rows (rows_avx512) */
 
 /* out[i] = scale[g + i] * gs[g + i] for the 16 groups from g, 0 past ng (masked loads: gs
  * is padded to 8 only). Same product as scales8 and the scalar path. */
@@ -1160,8 +1158,8 @@ A5I void grid2_rows_avx512(const ljob_t *J, const int8_t *xs, const float *gsv, 
         for (int l = 0; l < 16; l++) li[l] = (int32_t)(16 * l / G);
         lane = _mm512_loadu_si512((const void *)li);
     }
-    const uint8_t *row[RMAX5];
-    __m512 yv[RMAX5];
+    const uint8_t *row[4]; /* rows_avx512 runs grid2 at most 4 rows at a time */
+    __m512 yv[4];
     for (int r = 0; r < R; r++) row[r] = J->data + (o + r * rs) * rb, yv[r] = _mm512_setzero_ps();
     for (int64_t p = 0; p < npair; p++) {
         const int two = 2 * p + 1 < J->nchunk;
@@ -1198,6 +1196,13 @@ A5I void grid2_rows_avx512(const ljob_t *J, const int8_t *xs, const float *gsv, 
                                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(yv[r]), 1))));
 }
 
+/* R rows of grid4 or grid8 from row o, rs rows apart. */
+A5I void grid48_rows_avx512(const ljob_t *J, const void *xs, const float *gs, const float *xc, const int32_t *xz,
+                            int64_t o, int64_t rs, const int R, float *y) {
+    if (J->fmt == LFMT_GRID8) grid8_rows_avx512(J, xs, gs, xc, xz, o, rs, R, y);
+    else grid4_rows_avx512(J, xs, gs, xc, o, rs, R, y);
+}
+
 A5 static void rows_avx512(const ljob_t *J, const void *xs, const float *gs, const float *xc, const int32_t *xz,
                            int64_t o0, int64_t o1, float *y) {
     int64_t o = o0;
@@ -1213,18 +1218,9 @@ A5 static void rows_avx512(const ljob_t *J, const void *xs, const float *gs, con
      * DRAM 70-71% -> 74-78%, head shape 59-60% -> 72-74% in an A/B). Rows are independent: the
      * same bits in any order. What is left (< RMAX5 rows) runs 4 and 1 at a time. */
     const int64_t q = (o1 - o0) / RMAX5;
-    for (int64_t t = 0; t < q; t++) {
-        if (J->fmt == LFMT_GRID8) grid8_rows_avx512(J, xs, gs, xc, xz, o0 + t, q, RMAX5, y);
-        else grid4_rows_avx512(J, xs, gs, xc, o0 + t, q, RMAX5, y);
-    }
-    for (o = o0 + q * RMAX5; o + 4 <= o1; o += 4) {
-        if (J->fmt == LFMT_GRID8) grid8_rows_avx512(J, xs, gs, xc, xz, o, 1, 4, y);
-        else grid4_rows_avx512(J, xs, gs, xc, o, 1, 4, y);
-    }
-    for (; o < o1; o++) {
-        if (J->fmt == LFMT_GRID8) grid8_rows_avx512(J, xs, gs, xc, xz, o, 1, 1, y);
-        else grid4_rows_avx512(J, xs, gs, xc, o, 1, 1, y);
-    }
+    for (int64_t t = 0; t < q; t++) grid48_rows_avx512(J, xs, gs, xc, xz, o0 + t, q, RMAX5, y);
+    for (o = o0 + q * RMAX5; o + 4 <= o1; o += 4) grid48_rows_avx512(J, xs, gs, xc, xz, o, 1, 4, y);
+    for (; o < o1; o++) grid48_rows_avx512(J, xs, gs, xc, xz, o, 1, 1, y);
 }
 #endif /* LUT_X86 */
 
