@@ -116,6 +116,7 @@ def quantize(
     table_segments = segments if table_segments is None else table_segments
     table_seed = seed if table_seed is None else table_seed
     budget = target_linear_bpw is not None or target_model_bpw is not None
+    own_reference = reference is None  # loaded here, so quantized in place: no second copy of the weights
     if budget:
         from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
 
@@ -139,7 +140,7 @@ def quantize(
     fdtype = _float_dtype(float_dtype)
     torch.manual_seed(seed)
     ref = reference or load_reference(model)
-    if reference is not None:  # the caller keeps its copy pristine; quantize a clone
+    if not own_reference:  # the caller keeps its copy pristine; quantize a clone
         import copy
 
         ref = copy.copy(reference)

@@ -171,3 +171,25 @@ def test_every_format_loads_in_a_fresh_process(tiny_llama_dir: Path, austen_slic
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-1500:]
     assert float(p.stdout) == pytest.approx(load_quantized(out).linear_bpw)
+
+
+def test_budget_quantizes_its_own_reference_in_place_with_the_same_bits(tiny_llama_dir: Path, austen_slice: Path,
+                                                                         tmp_path: Path) -> None:
+    """A budget loads the reference once and quantizes it in place (no second float copy); a reference the caller
+    passes in is cloned and left untouched. Both give the same file."""
+    from salomi.loading.models import linear_names, linear_weight, load_reference
+
+    kw = dict(model=str(tiny_llama_dir), target_linear_bpw=3.5, candidates=["gptq:2:g32", "gptq:3:g32"],
+              calib=str(austen_slice), segments=2, seg_len=32, progress=False)
+    ref = load_reference(str(tiny_llama_dir))
+    before = {n: linear_weight(m).detach().clone() for layer in linear_names(ref.model).values() for n, m in layer.items()}
+    api.quantize(out=tmp_path / "a.salomi", reference=ref, **kw)
+    for layer in linear_names(ref.model).values():
+        for n, m in layer.items():
+            assert torch.equal(linear_weight(m), before[n]), n
+    api.quantize(out=tmp_path / "b.salomi", **kw)
+    a, b = load_quantized(tmp_path / "a.salomi"), load_quantized(tmp_path / "b.salomi")
+    assert a.packed.keys() == b.packed.keys()
+    for n, p in a.packed.items():
+        for t, v in p.tensors.items():
+            assert np.array_equal(np.asarray(v), np.asarray(b.packed[n].tensors[t])), (n, t)

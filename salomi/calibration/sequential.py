@@ -205,7 +205,8 @@ def quantize_sequential(
                 bar.update(1)
             hessians.clear()
         if inputs is not None and i + 1 < len(blocks):
-            inputs = [((block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+            for j, (args, kwargs) in enumerate(inputs):  # in place: one batch's old and new states alive, not all
+                inputs[j] = ((block_output(block(*args, **kwargs)),) + tuple(args[1:]), kwargs)
         if on_block_done is not None:
             on_block_done(i, packed)
     bar.close()

@@ -209,8 +209,9 @@ def sensitivity_table(
         except (OSError, ValueError):
             stored = {"info": info, "layers": {}}
     names = linear_names(model)
+    need_kl = kl_segments > 0
     kl_probe = None
-    if kl_segments > 0:
+    if need_kl:
         kl_segs = calibration_tokens(reference.tokenizer, calib, kl_segments, kl_seg_len, seed + 1)
         kl_key = hashlib.blake2b(kl_segs.numpy().tobytes(), digest_size=12).hexdigest()
         if stored.get("kl_tokens") != kl_key:  # KLs measured on other segments are not comparable
@@ -218,16 +219,17 @@ def sensitivity_table(
                 for ch in e.get("choices", {}).values():
                     ch.pop("kl", None)
             stored["kl_tokens"] = kl_key
-        kl_probe = KLProbe(model, kl_segs)
 
     def missing(n: str) -> list[str]:
         e = stored["layers"].get(n, {})
         have = e.get("choices", {})
-        return [c for c in cands if c not in e.get("unfit", []) and (c not in have or (kl_probe and "kl" not in have[c]))]
+        return [c for c in cands if c not in e.get("unfit", []) and (c not in have or (need_kl and "kl" not in have[c]))]
 
     todo = {i: {n: missing(n) for n in layer} for i, layer in names.items()}
     total = sum(len(v) for layer in todo.values() for v in layer.values())
     if total:
+        if need_kl:  # only when something is measured: its reference logits and block inputs are ~150 MB
+            kl_probe = KLProbe(model, kl_segs)
         bar = progress_bar(total, "sensitivity", "fit", disable=not progress)
         last = max(i for i, layer in todo.items() if any(layer.values()))
         for i, layer in block_hessians(model, segs, batch, skip=lambda i: not any(todo[i].values())):
@@ -253,7 +255,7 @@ def sensitivity_table(
             if i >= last:
                 break
         bar.close()
-    return _select(stored, names, cands, key_s, info, need_kl=kl_probe is not None)
+    return _select(stored, names, cands, key_s, info, need_kl=need_kl)
 
 
 class KLProbe:
