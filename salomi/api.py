@@ -94,7 +94,7 @@ def quantize(
     target_model_bpw: float | None = None,
     candidates: Sequence[str] | None = None,
     embed: str | None = None,
-    damage: str = "damage",
+    damage: str = "kl",
     table_segments: int | None = None,
     table_seed: int | None = None,
     true_sequential: bool = False,
@@ -117,8 +117,9 @@ def quantize(
     table_seed = seed if table_seed is None else table_seed
     budget = target_linear_bpw is not None or target_model_bpw is not None
     own_reference = reference is None  # loaded here, so quantized in place: no second copy of the weights
+    from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
+
     if budget:
-        from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
 
         reference = reference or load_reference(model)
         recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
@@ -195,7 +196,9 @@ def quantize(
         "model": {"id": model, "name": ref.name, "source": ref.source},
         "recipe": {"label": label or (method if not recipe else f"recipe({method})"), "default": method,
                    "layers": {n: p.method for n, p in packed.items()},
-                   **({"embeddings": embed_q.spec} if embed_q is not None else {})},
+                   **({"embeddings": embed_q.spec} if embed_q is not None else {}),
+                   **({"budget": {"damage": damage, "candidates": list(candidates or DEFAULT_CANDIDATES)}}
+                      if budget else {})},
         "calibration": calib_info,
         "quantize": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()), "seed": seed,
                      "git_commit": git_commit(), "torch": torch.__version__},

@@ -173,10 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bpw", type=float, default=None,
                    help="mixed precision: best recipe whose measured linear bpw is <= this (within 0.01)")
     q.add_argument("--model-bpw", type=float, default=None, help="mixed precision: target for the whole file")
-    q.add_argument("--candidates", default=None, help="comma-separated methods the budget may choose from")
-    q.add_argument("--damage", default="damage", choices=("damage", "error", "kl"),
-                   help="what the budget minimises: normalised Hessian error proxy (default), raw proxy, or the "
-                        "measured KL when each layer alone is quantized (one forward pass per layer and candidate)")
+    q.add_argument("--candidates", default=None,
+                   help="comma-separated methods the budget may choose from (default: vq:d4:kK+ls+rot for K = "
+                        "16..256 and gptq:3:g64+rot, gptq:4:g64+rot; salomi.mixed.DEFAULT_CANDIDATES)")
+    q.add_argument("--damage", default="kl", choices=("damage", "error", "kl"),
+                   help="what the budget minimises: the measured KL when each layer alone is quantized (default; "
+                        "one forward pass per layer and candidate, cached), the normalised Hessian error proxy "
+                        "(damage: no forward passes, but it misjudges VQ layers), or the raw proxy (error)")
     q.add_argument("--embed", default=None,
                    help="also pack the token embedding table (= tied head) with rtn:K:gG or gptq:K:gG[+ls], "
                         "e.g. gptq:4:g64; default: stored as --float-dtype")
@@ -233,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     w = sub.add_parser("sweep", help="quantize with many methods, evaluate on the same windows, plot vs bpw")
-    w.add_argument("--methods", required=True, help="comma-separated method specs")
+    w.add_argument("--methods", required=True,
+                   help="comma-separated method specs; budget:B[:c1/c2/...][:kl|damage|error] is a mixed-precision "
+                        "file at B linear bpw (candidates / damage as quantize --bpw)")
     w.add_argument("--model", default="smollm2")
     w.add_argument("--out-dir", default="runs/sweep")
     w.add_argument("--text", default="brown")

@@ -21,6 +21,7 @@ def test_bpw_target_met_from_the_file(tiny_llama_dir: Path, austen_slice: Path, 
     assert 2.29 <= qf.linear_bpw <= 2.3
     assert len(set(qf.metadata["recipe"]["layers"].values())) > 1  # really mixed
     assert qf.method == "budget:2.3bpw"
+    assert qf.metadata["recipe"]["budget"] == {"damage": "kl", "candidates": CANDS.split(",")}  # kl: the default
 
 
 def test_unreachable_target_names_the_range(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def test_sensitivity_cache_reuses_and_extends(tiny_ref, austen_slice: Path, tmp_
 @pytest.mark.parametrize("target", [1.3, 2.2, 3.1])
 def test_end_to_end_linear_budget(tiny_ref, tiny_llama_dir: Path, table: dict, austen_slice: Path,
                                   tmp_path: Path, target: float) -> None:
-    plan = make_plan(tiny_ref, target_linear_bpw=target, table=table, progress=False)
+    plan = make_plan(tiny_ref, target_linear_bpw=target, table=table, damage="damage", progress=False)
     assert plan.predicted_linear_bpw <= target
     out = tmp_path / "m.salomi"
     api.quantize(model=str(tiny_llama_dir), method="gptq:2:g32", recipe=plan.recipe, out=out,
@@ -149,7 +149,7 @@ def test_end_to_end_model_budget(tiny_ref, tiny_llama_dir: Path, table: dict, au
     lo, hi = byte_range({n: {c: (ch["bytes"], 0.0) for c, ch in e["choices"].items()}
                          for n, e in table["layers"].items()})
     target = round((fixed + (lo + hi) / 2) * 8 / params, 4)
-    plan = make_plan(tiny_ref, target_model_bpw=target, table=table, progress=False, calib=str(austen_slice),
+    plan = make_plan(tiny_ref, target_model_bpw=target, table=table, damage="damage", progress=False, calib=str(austen_slice),
                      **CALIB)
     out = tmp_path / "m.salomi"
     api.quantize(model=str(tiny_llama_dir), method="gptq:2:g32", recipe=plan.recipe, out=out,
@@ -161,14 +161,14 @@ def test_end_to_end_model_budget(tiny_ref, tiny_llama_dir: Path, table: dict, au
 
 def test_unreachable_targets_name_the_range(tiny_ref, table: dict) -> None:
     with pytest.raises(SalomiError, match=r"feasible linear bpw range is 1\.\d{4}\.\.5\.0000") as e:
-        make_plan(tiny_ref, target_linear_bpw=0.9, table=table, progress=False)
+        make_plan(tiny_ref, target_linear_bpw=0.9, table=table, damage="damage", progress=False)
     assert "\n" not in str(e.value)
     with pytest.raises(SalomiError, match="feasible linear bpw range"):
-        make_plan(tiny_ref, target_linear_bpw=9.0, table=table, progress=False)
+        make_plan(tiny_ref, target_linear_bpw=9.0, table=table, damage="damage", progress=False)
     with pytest.raises(SalomiError, match="feasible model bpw range"):
-        make_plan(tiny_ref, target_model_bpw=1.0, table=table, progress=False)
+        make_plan(tiny_ref, target_model_bpw=1.0, table=table, damage="damage", progress=False)
     with pytest.raises(SalomiError, match="exactly one target"):
-        make_plan(tiny_ref, table=table, progress=False)
+        make_plan(tiny_ref, table=table, damage="damage", progress=False)
 
 
 def test_proxy_tracks_true_kl(tiny_ref, austen_slice: Path, brown_slice: Path) -> None:

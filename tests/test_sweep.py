@@ -5,13 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from salomi.reports.sweep import pareto, run_sweep
+from salomi.reports.sweep import pareto, quantize_args, run_sweep
 
 
 def test_pareto_front() -> None:
     rows = [{"linear_bpw": b, "ratio": r, "id": i} for i, (b, r) in
             enumerate([(1.0, 50.0), (1.5, 60.0), (2.0, 3.0), (2.5, 2.0), (3.0, 2.5), (1.2, 10.0)])]
     assert [r["id"] for r in pareto(rows)] == [0, 5, 2, 3]
+
+
+def test_budget_specs_become_quantize_arguments() -> None:
+    assert quantize_args("gptq:2:g64+rot") == ["--method", "gptq:2:g64+rot"]
+    assert quantize_args("budget:1.6") == ["--bpw", "1.6"]
+    assert quantize_args("budget:1.6:kl") == ["--bpw", "1.6", "--damage", "kl"]
+    assert quantize_args("budget:2.1:binary/gptq:3:g64:damage") == [
+        "--bpw", "2.1", "--damage", "damage", "--candidates", "binary,gptq:3:g64"]
+    assert quantize_args("budget:2.1:vq:d4:k64+ls+rot/gptq:4:g64+rot") == [
+        "--bpw", "2.1", "--candidates", "vq:d4:k64+ls+rot,gptq:4:g64+rot"]
 
 
 def test_sweep_tiny(tiny_llama_dir: Path, brown_slice: Path, austen_slice: Path, tmp_path: Path) -> None:

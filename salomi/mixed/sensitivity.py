@@ -40,19 +40,17 @@ from salomi.errors import SalomiError
 from salomi.loading.models import linear_names
 from salomi.quantizers.base import PackedLinear, Quantizer
 
-# Ordered roughly by bits/weight; every spec must parse with salomi.quantizers.spec.parse_method.
+# What `--bpw` chooses from when no --candidates are given: the best set measured on the default model
+# (docs/RESULTS.md, "budget-kl", session 18: at 1.60 bpw ratio 7.45 against 9.26 without k16/k32). Ordered by
+# bits/weight; every spec must parse with salomi.quantizers.spec.parse_method.
 DEFAULT_CANDIDATES: tuple[str, ...] = (
-    "binary",
-    "gptq:binary",
-    "gptq:binary+lowrank:r8",
-    "vq:d2:k8",
-    "gptq:ternary",
-    "gptq:ternary+lowrank:r8",
-    "billm",
-    "vq:d4:k256",
-    "gptq:2:g64",
-    "gptq:3:g64",
-    "gptq:4:g64",
+    "vq:d4:k16+ls+rot",
+    "vq:d4:k32+ls+rot",
+    "vq:d4:k64+ls+rot",
+    "vq:d4:k128+ls+rot",
+    "vq:d4:k256+ls+rot",
+    "gptq:3:g64+rot",
+    "gptq:4:g64+rot",
 )
 
 TABLE_VERSION = 1

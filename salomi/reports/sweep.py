@@ -32,12 +32,25 @@ def _file_for(out_dir: Path, spec: str) -> Path:
     return out_dir / f"{safe}.salomi"
 
 
+def quantize_args(spec: str) -> list[str]:
+    """`salomi quantize` arguments for a sweep spec: a method, or budget:B[:c1/c2/...][:kl|damage|error]
+    (mixed precision at B linear bpw over those candidates, allocated on that damage)."""
+    if not spec.startswith("budget:"):
+        return ["--method", spec]
+    _, target, *rest = spec.split(":", 2)
+    how = ["--bpw", target]
+    body = rest[0] if rest else ""
+    for damage in ("kl", "damage", "error"):  # no method spec ends in one of these words
+        if body == damage or body.endswith(":" + damage):
+            how += ["--damage", damage]
+            body = body[: -len(damage)].rstrip(":")
+            break
+    return how + (["--candidates", body.replace("/", ",")] if body else [])
+
+
 def quantize_in_subprocess(model: str, spec: str, path: Path, calib: str, segments: int, seg_len: int,
                            seed: int) -> dict[str, Any]:
-    how = ["--method", spec]
-    if spec.startswith("budget:"):  # budget:B[:cand1/cand2/...] -> mixed precision at B linear bpw
-        _, target, *cands = spec.split(":", 2)
-        how = ["--bpw", target] + (["--candidates", cands[0].replace("/", ",")] if cands else [])
+    how = quantize_args(spec)
     cmd = [sys.executable, "-m", "salomi.cli", "quantize", "--model", model, *how, "--out", str(path),
            "--calib", calib, "--calib-segments", str(segments), "--calib-len", str(seg_len), "--seed", str(seed),
            "--resume"]
