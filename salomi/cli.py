@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model-bpw", type=float, default=None, help="mixed precision: target for the whole file")
     q.add_argument("--candidates", default=None,
                    help="comma-separated methods the budget may choose from (default: vq:d4:kK+ls+rot for K = "
-                        "16..256 and gptq:3:g64+rot, gptq:4:g64+rot; salomi.mixed.DEFAULT_CANDIDATES)")
+                        "16..256, vq:d2:k32/k64+ls+rot, gptq:3:g64+rot, gptq:4:g64+rot; salomi.mixed.DEFAULT_CANDIDATES)")
     q.add_argument("--damage", default="kl", choices=("damage", "error", "kl"),
                    help="what the budget minimises: the measured KL when each layer alone is quantized (default; "
                         "one forward pass per layer and candidate, cached), the normalised Hessian error proxy "

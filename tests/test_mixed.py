@@ -246,3 +246,14 @@ def test_kl_probe_from_the_block_equals_the_full_pass(arch: str, tiny_llama_dir:
         assert torch.equal(linear_weight(mod), w)
     assert list(decoder_blocks(model)) == blocks
     assert probe.kl_with(mod, w, block=1) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_default_candidates_parse_and_fit_the_default_models_shapes() -> None:
+    from salomi.mixed import DEFAULT_CANDIDATES
+    from salomi.quantizers.spec import parse_method
+
+    assert len(set(DEFAULT_CANDIDATES)) == len(DEFAULT_CANDIDATES) >= 2
+    for spec in DEFAULT_CANDIDATES:
+        q = parse_method(spec)
+        for shape in ((576, 576), (192, 576), (1536, 576), (576, 1536)):  # SmolLM2-135M's q/o, k/v, gate/up, down
+            q.check_shape(shape)

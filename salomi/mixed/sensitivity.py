@@ -41,14 +41,17 @@ from salomi.loading.models import linear_names
 from salomi.quantizers.base import PackedLinear, Quantizer
 
 # What `--bpw` chooses from when no --candidates are given: the best set measured on the default model
-# (docs/RESULTS.md, "budget-kl", session 18: at 1.60 bpw ratio 7.45 against 9.26 without k16/k32). Ordered by
-# bits/weight; every spec must parse with salomi.quantizers.spec.parse_method.
+# (docs/RESULTS.md, "budget-kl", session 18: k16/k32 took the 1.60 budget from 9.26 to 7.2-7.4; the 2-D
+# codebooks at 2.5 and 3 bpw, between k256 and 3-bit GPTQ, took 2.10 from 2.94-3.01 to 2.86-2.91). Ordered
+# by bits/weight; every spec must parse with salomi.quantizers.spec.parse_method.
 DEFAULT_CANDIDATES: tuple[str, ...] = (
     "vq:d4:k16+ls+rot",
     "vq:d4:k32+ls+rot",
     "vq:d4:k64+ls+rot",
     "vq:d4:k128+ls+rot",
     "vq:d4:k256+ls+rot",
+    "vq:d2:k32+ls+rot",
+    "vq:d2:k64+ls+rot",
     "gptq:3:g64+rot",
     "gptq:4:g64+rot",
 )
