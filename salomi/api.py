@@ -76,6 +76,9 @@ def _float_dtype(name: str) -> torch.dtype:
         raise SalomiError(f"--float-dtype must be float16, bfloat16 or float32 (got {name!r})") from None
 
 
+TABLE_SEGMENTS = 16  # a budget table's default calibration segments, at most (every measured budget since session 15 used 16)
+
+
 def quantize(
     model: str = DEFAULT_MODEL,
     method: str = "rtn:2:g64",
@@ -108,12 +111,13 @@ def quantize(
     a recipe chosen whose stored bytes fit the target exactly; `method` is then only the
     default for layers the recipe does not name. `damage` is what the allocator minimises:
     "damage" (normalised Hessian proxy), "error" (raw proxy) or "kl" (measured single-layer KL).
-    The table is measured on `table_segments` calibration segments drawn with `table_seed` (default:
-    the same as the quantization's), so one cached table serves quantizations with more calibration
-    or another seed. `true_sequential` takes each group of a block's linears (q/k/v, o, gate/up, down)
+    The table is measured on `table_segments` calibration segments drawn with `table_seed` (defaults:
+    min(segments, 16), the set-up every measured budget in docs/RESULTS.md used since session 15, and
+    the quantization's seed), so one cached table serves quantizations with more calibration or
+    another seed. `true_sequential` takes each group of a block's linears (q/k/v, o, gate/up, down)
     with the groups before it already quantized; False takes a block's Hessians in one float pass.
     """
-    table_segments = segments if table_segments is None else table_segments
+    table_segments = min(segments, TABLE_SEGMENTS) if table_segments is None else table_segments
     table_seed = seed if table_seed is None else table_seed
     budget = target_linear_bpw is not None or target_model_bpw is not None
     own_reference = reference is None  # loaded here, so quantized in place: no second copy of the weights

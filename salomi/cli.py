@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. gptq:4:g64; default: stored as --float-dtype")
     q.add_argument("--table-segments", type=int, default=None,
                    help="budget only: calibration segments of the (cached) sensitivity table "
-                        "(default: --calib-segments)")
+                        "(default: --calib-segments, at most 16)")
     q.add_argument("--table-seed", type=int, default=None,
                    help="budget only: seed of the sensitivity table's calibration draw (default: --seed)")
     q.add_argument("--true-sequential", action="store_true",

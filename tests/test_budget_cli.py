@@ -59,3 +59,21 @@ def test_table_calibration_is_separate(tiny_llama_dir: Path, austen_slice: Path,
     assert sorted((tmp_path / "cache" / "mixed").glob("sens-*.json")) == tables
     assert tables[0].stat().st_mtime_ns == made
     assert "table" not in load_quantized(tmp_path / "b.salomi").metadata["calibration"]
+
+
+def test_table_segments_default_to_at_most_16(tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path) -> None:
+    """Without --table-segments a budget's table is measured on min(--calib-segments, 16) segments: the set-up of
+    every measured budget in docs/RESULTS.md, and one cached table for every larger calibration."""
+    import json
+    import os
+
+    env = {**os.environ, "SALOMI_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "c.salomi"
+    p = subprocess.run([sys.executable, "-m", "salomi.cli", "quantize", "--model", str(tiny_llama_dir), "--bpw", "2.3",
+                        "--candidates", CANDS, "--calib", str(austen_slice), "--calib-len", "32", "--calib-segments",
+                        "20", "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (table,) = (tmp_path / "cache" / "mixed").glob("sens-*.json")
+    assert json.loads(table.read_text())["info"]["segments"] == 16
+    calib = load_quantized(out).metadata["calibration"]
+    assert (calib["segments"], calib["table"]) == (20, {"segments": 16, "seed": 0})
