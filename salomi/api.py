@@ -121,13 +121,14 @@ def quantize(
     table_seed = seed if table_seed is None else table_seed
     budget = target_linear_bpw is not None or target_model_bpw is not None
     own_reference = reference is None  # loaded here, so quantized in place: no second copy of the weights
-    from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
-
+    budget_info: dict[str, Any] = {}  # how the recipe was chosen, recorded in the file
     if budget:
+        from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
 
+        budget_info = {"damage": damage, "candidates": list(candidates or DEFAULT_CANDIDATES)}
         reference = reference or load_reference(model)
         recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
-                             candidates=list(candidates or DEFAULT_CANDIDATES), calib=calib,
+                             candidates=budget_info["candidates"], calib=calib,
                              segments=table_segments, seg_len=seg_len, seed=table_seed,
                              float_dtype=float_dtype, damage=damage, progress=progress,
                              embed=embed)
@@ -201,8 +202,7 @@ def quantize(
         "recipe": {"label": label or (method if not recipe else f"recipe({method})"), "default": method,
                    "layers": {n: p.method for n, p in packed.items()},
                    **({"embeddings": embed_q.spec} if embed_q is not None else {}),
-                   **({"budget": {"damage": damage, "candidates": list(candidates or DEFAULT_CANDIDATES)}}
-                      if budget else {})},
+                   **({"budget": budget_info} if budget else {})},
         "calibration": calib_info,
         "quantize": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()), "seed": seed,
                      "git_commit": git_commit(), "torch": torch.__version__},
