@@ -146,8 +146,9 @@ def cmd_recover(a: argparse.Namespace) -> None:
     from salomi.recovery import format_report, run_recover
 
     res = run_recover(a.file, a.out, steps=a.steps, budget_minutes=a.budget_minutes, resume=a.resume,
-                      block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, code_lr=a.code_lr, train_codes=a.train_codes,
-                      calib=a.calib, segments=a.calib_segments, seg_len=a.calib_len, batch=a.batch, seed=a.seed,
+                      block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, code_lr=a.code_lr,
+                      code_flip=a.code_flip, train_codes=a.train_codes, calib=a.calib, segments=a.calib_segments,
+                      seg_len=a.calib_len, batch=a.batch, seed=a.seed,
                       ckpt_every=a.ckpt_every, eval_text=a.eval_text, eval_windows=a.eval_windows, model=a.model)
     print(format_report(res))
     _write_json(a.json, res)
@@ -279,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--block-lr", type=float, default=2e-3)
     r.add_argument("--code-lr", type=float, default=5e-3,
-                   help="learning rate of the latent codes with --train-codes (code units per step)")
+                   help="learning rate of the latent codes with --train-codes (code units per step; for VQ, "
+                        "units of the codebook's median nearest-centroid distance)")
+    r.add_argument("--code-flip", type=float, default=1e-3,
+                   help="with --train-codes, the largest share of a VQ layer's codes moved per step")
     r.add_argument("--calib", default="austen", help="calibration text (never the eval text)")
     r.add_argument("--calib-segments", type=int, default=64)
     r.add_argument("--calib-len", type=int, default=256)

@@ -103,6 +103,75 @@ def test_train_codes_ste_keeps_layout(packed: Path, austen_slice: Path, tmp_path
     assert res["views"]["grid"]["latent_codes"] > 0
 
 
+def test_vq_codes_follow_their_latent_to_the_nearest_centroid() -> None:
+    """--train-codes on VQ: the gradient reaches the latents (straight through) and the codebook;
+    update_codes moves a code only when its latent has entered another centroid's cell, at most
+    max_flip of the codes per call, furthest-in first; the repacked layer holds the new codes
+    and computes the view's weight."""
+    from salomi.quantizers.spec import parse_method
+    from salomi.quantizers.vq import VQFormat
+    from salomi.recovery.trainable import VQView
+
+    g = torch.Generator().manual_seed(1)
+    p = parse_method("vq:d2:k16").quantize(torch.randn(8, 32, generator=g))  # 128 codes
+    v = make_view(p, train_codes=True)
+    assert isinstance(v, VQView)
+    codes0 = torch.from_numpy(VQFormat()._codes(p).astype(np.int64)).reshape(-1)
+    cb = torch.from_numpy(np.asarray(p.tensors["codebook"], np.float32))
+    w = v.weight()
+    (w * torch.randn(w.shape, generator=g)).sum().backward()
+    assert v.latent.grad is not None and v.latent.grad.abs().sum() > 0
+    assert v.codebook.delta.grad is not None and v.codebook.delta.grad.abs().sum() > 0
+    assert v.update_codes() == 0 and torch.equal(v.codes, codes0)  # latents at their centroids: nothing moves
+
+    def other(i: int) -> int:
+        return int((codes0[i] + 1) % 16)
+
+    with torch.no_grad():  # vectors 0 and 1 deep into another cell, 2 barely, 3 a little way towards one
+        for i, t in ((0, 0.95), (1, 0.9), (2, 0.55), (3, 0.1)):
+            v.latent[i] = ((1 - t) * cb[codes0[i]] + t * cb[other(i)]) / v.unit
+    want = [int(((v.latent[i].detach() * v.unit - cb) ** 2).sum(1).argmin()) for i in range(4)]
+    assert want[3] == codes0[3] and all(want[i] != codes0[i] for i in range(2))
+    v.max_flip = 2 / 128
+    assert v.update_codes() == 2  # the cap: the two furthest in move first
+    assert [int(c) for c in v.codes[:2]] == want[:2] and torch.equal(v.codes[2:], codes0[2:])
+    v.max_flip = 1.0
+    assert v.update_codes() == int(want[2] != codes0[2])
+    assert int(v.codes[3]) == int(codes0[3]) and torch.equal(v.codes[4:], codes0[4:])
+    moved = v.pack()
+    moved.validate()
+    assert np.array_equal(VQFormat()._codes(moved).reshape(-1), v.codes.numpy())
+    torch.testing.assert_close(v.weight().detach(), moved.dequantize(), rtol=1e-6, atol=1e-6)
+
+
+def test_vq_train_codes_recovery_moves_codes_and_resumes(tiny_llama_dir: Path, austen_slice: Path,
+                                                          tmp_path: Path) -> None:
+    from salomi import api
+
+    src = tmp_path / "vq.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="vq:d2:k16", out=src, progress=False)
+    kw = dict(steps=4, block_steps=2, train_codes=True, code_lr=0.2, calib=str(austen_slice), ckpt_every=100,
+              **SMALL)
+    full = run_recover(src, tmp_path / "full.salomi", **kw)
+    assert full["views"]["vq"]["latent_codes"] > 0
+    a, b = container.load(src), container.load(tmp_path / "full.salomi")
+    codes = [n for n in a.entries if n.endswith("/codes")]
+    assert any(not np.array_equal(a.tensors[n], b.tensors[n]) for n in codes)
+    assert full["linear_bpw_after"] == full["linear_bpw_before"]
+    assert any(h.get("vq_codes_moved") for h in full["history"])
+    from salomi.errors import SalomiError
+
+    with pytest.raises(SalomiError, match="code-flip"):
+        run_recover(src, tmp_path / "bad.salomi", **{**kw, "code_flip": 0.0})
+    out = tmp_path / "part.salomi"
+    run_recover(src, out, stop_after=5, **kw)
+    r = run_recover(src, out, resume=True, **kw)
+    np.testing.assert_allclose(r["losses"], full["losses"], rtol=0, atol=1e-6)
+    c = container.load(out)
+    for n in codes:
+        assert np.array_equal(b.tensors[n], c.tensors[n]), n
+
+
 def _formats() -> list[str]:
     return ["binary:g32", "ternary:g32", "rtn:2:g32", "gptq:2:g32:act", "vq:d2:k16", "billm", "pbllm:0.1",
             "pbllm:0.1:fp16", "rtn:2:g32+lowrank:r4", "binary:g32+lowrank:r4", "vq:d2:k16+rot", "gptq:binary+rot"]
@@ -191,3 +260,18 @@ def test_reused_weights_follow_in_place_updates() -> None:
     with torch.no_grad():
         lin(x), lin(x)
     assert len(calls) == 5
+
+
+def test_nearest_from_a_guess_equals_the_full_search() -> None:
+    from salomi.quantizers.vq import _nearest
+    from salomi.recovery.trainable import nearest_from
+
+    g = torch.Generator().manual_seed(3)
+    for k, d in ((16, 2), (256, 4), (2, 1)):
+        cb = torch.randn(k, d, generator=g)
+        x = torch.randn(5000, d, generator=g)
+        full = _nearest(x, cb)
+        for guess in (full, torch.randint(0, k, (5000,), generator=g), torch.zeros(5000, dtype=torch.long)):
+            near = cb[full] + 0.01 * torch.randn(5000, d, generator=g)  # rows near a centroid pass the test
+            assert torch.equal(nearest_from(x, cb, guess), full)
+            assert torch.equal(nearest_from(near, cb, guess), _nearest(near, cb))

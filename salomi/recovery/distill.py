@@ -40,12 +40,12 @@ from torch import nn
 
 from salomi.calibration.sequential import block_output, capture_block_inputs
 from salomi.errors import SalomiError
-from salomi.recovery.trainable import TrainableLinear, describe_views, reused_weights
+from salomi.recovery.trainable import TrainableLinear, VQView, describe_views, reused_weights
 
 CKPT_VERSION = 1
 # Settings that must match for --resume (steps may grow: the schedule is extension-safe).
-RESUME_KEYS = ("block_steps", "lr", "block_lr", "code_lr", "train_codes", "calib", "segments", "seg_len", "batch",
-               "seed")
+RESUME_KEYS = ("block_steps", "lr", "block_lr", "code_lr", "code_flip", "train_codes", "calib", "segments", "seg_len",
+               "batch", "seed")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -246,6 +246,9 @@ class Recovery:
             if not isinstance(old, QuantLinear):
                 raise SalomiError(f"{qf.path}: layer {name} did not load as a quantized linear")
             mod = TrainableLinear(packed, old.bias, cfg["train_codes"]).to(device)
+            for v in mod.view.modules():
+                if isinstance(v, VQView):
+                    v.max_flip = cfg["code_flip"]
             _set_module(self.model, name, mod)
             self.views[name] = mod
         self.blocks = decoder_blocks(self.model)
@@ -275,6 +278,10 @@ class Recovery:
         if codes:
             groups.append({"params": codes, "lr": self.cfg["code_lr"]})
         return [g for g in groups if g["params"]]
+
+    def update_codes(self, kind: str, b: int) -> int:
+        names = self.block_views[b] if kind == "block" else list(self.views)
+        return sum(self.views[n].view.update_codes() for n in names)
 
     def optimizer(self, kind: str, b: int) -> torch.optim.Optimizer | None:
         groups = self.params(kind, b)
@@ -348,6 +355,7 @@ def run_recover(
     lr: float = 1e-3,
     block_lr: float = 2e-3,
     code_lr: float = 5e-3,
+    code_flip: float = 1e-3,
     train_codes: bool = False,
     calib: str = "austen",
     segments: int = 64,
@@ -371,7 +379,8 @@ def run_recover(
     steps: end-to-end (KL) steps; block_steps: steps per block in the block stage before it.
     budget_minutes: stop cleanly after the step that crosses the budget (checkpoint + result
     written; `resume=True` continues). stop_after: stop after this global step (as if
-    interrupted). train_codes: also train the discrete codes by straight-through rounding.
+    interrupted). train_codes: also train the discrete codes by straight-through rounding (VQ codes:
+    by latent vectors, at most `code_flip` of a layer's codes moved per step).
     eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
     calibration KL before/after, byte counts and (if evaluated) the before/after rows.
     """
@@ -393,6 +402,8 @@ def run_recover(
             raise SalomiError(f"{name} must be >= 0 (got {v})")
     if batch < 1 or segments < batch:
         raise SalomiError(f"need segments >= batch >= 1 (got segments={segments}, batch={batch})")
+    if not 0 < code_flip <= 1:
+        raise SalomiError(f"--code-flip is a share of a layer's codes per step, in (0, 1] (got {code_flip})")
     if ckpt_every < 1:
         raise SalomiError(f"checkpoint interval must be >= 1 (got {ckpt_every})")
     if budget_minutes is not None and budget_minutes <= 0:
@@ -402,7 +413,7 @@ def run_recover(
     segments -= segments % batch
     dev = _default_device(device)
     cfg = {"steps": steps, "block_steps": block_steps, "lr": lr, "block_lr": block_lr, "code_lr": code_lr,
-           "train_codes": bool(train_codes), "calib": calib, "segments": segments, "seg_len": seg_len,
+           "code_flip": code_flip, "train_codes": bool(train_codes), "calib": calib, "segments": segments, "seg_len": seg_len,
            "batch": batch, "seed": seed}
     torch.manual_seed(seed)
 
@@ -424,7 +435,8 @@ def run_recover(
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
         if ck.get("version") != CKPT_VERSION or ck["source"]["sha256"] != src_sha:
             raise SalomiError(f"{ckpt}: checkpoint is for another input file; delete it or drop --resume")
-        diff = [k for k in RESUME_KEYS if ck["config"].get(k) != cfg[k]]
+        added = {"code_flip": 1e-3}  # settings newer than some checkpoints: absent means the old behaviour
+        diff = [k for k in RESUME_KEYS if ck["config"].get(k, added.get(k)) != cfg[k]]
         if diff:
             raise SalomiError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
                               f"use the same settings or drop --resume")
@@ -470,15 +482,20 @@ def run_recover(
             if kind == "block":
                 rec.prepare_block(b)
         loss = rec.loss(kind, b, s)
+        flips = 0
         if opt is not None and loss.requires_grad:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if cfg["train_codes"]:
+                flips = rec.update_codes(kind, b)
         lv = float(loss.detach())
         if not math.isfinite(lv):
             raise SalomiError(f"recovery diverged at step {g} ({kind}); lower the learning rate")
         history.append({"step": g, "stage": kind, "block": b, "loss": lv,
                         "t": round(prev_seconds + time.perf_counter() - t0, 2)})
+        if flips:
+            history[-1]["vq_codes_moved"] = flips
         stage_done = s + 1 == rec.stage_len(kind)
         if stage_done:
             if kind == "block":
@@ -508,7 +525,7 @@ def run_recover(
     record = {
         "source": file.name, "source_sha256": src_sha[:16], "steps_done": done, "total_steps": rec.total,
         "complete": done >= rec.total, **{k: cfg[k] for k in ("steps", "block_steps", "lr", "block_lr", "code_lr",
-                                                              "train_codes", "segments", "seg_len", "batch", "seed")},
+                                                              "code_flip", "train_codes", "segments", "seg_len", "batch", "seed")},
         "calib": calib, "calib_kl": [round(kl_before, 6), round(kl_after, 6)], "seconds": round(train_seconds, 1),
         "git_commit": git_commit(),
     }

@@ -16,8 +16,9 @@ What is trainable, per format:
     grid      scale (relative), zero (code units); codes by STE
     sign      scale (relative); signs by STE
     ternary   scale (relative); trits by STE
-    vq        codebook (in units of its RMS), row scale (relative); codes frozen (no STE:
-              re-assignment is a nearest-centroid search, not a rounding)
+    vq        codebook (in units of its RMS), row scale (relative); codes by STE through a latent
+              vector per code, moved to the centroid nearest it between steps (a capped share per
+              step: VQView.update_codes)
     billm     the four row scales (relative); both bit planes and the salient-column mask frozen
     pbllm     row scale of the binary part and the int8 row scale (or the fp16 salient
               values) (relative); signs, salient positions and int8 codes frozen
@@ -28,6 +29,7 @@ What is trainable, per format:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -124,6 +126,11 @@ class View(nn.Module):
     def snap_(self) -> None:
         for c in self.conts():
             c.snap_()
+
+    def update_codes(self) -> int:
+        """Move codes that follow their latents only between optimizer steps (VQ, also inside
+        +rot / +lowrank views); returns how many moved."""
+        return sum(m.update_codes() for m in self.children() if isinstance(m, View))
 
 
 def _expand(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -225,27 +232,92 @@ class TernaryView(View):
         return t
 
 
-class VQView(View):
-    trainable, frozen = "codebook, scale", "codes (no STE for VQ)"
+def nearest_from(x: torch.Tensor, cb: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
+    """Index of the centroid nearest each row of x, searching only the rows that may have left
+    their guessed centroid's cell: a row closer to centroid c than half the distance from c to
+    any other centroid has c as its nearest (a 0.1% margin keeps float rounding out of it).
+    Latents move slowly, so most rows pass the test and the full search stays small."""
+    from salomi.quantizers.vq import _nearest
 
-    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+    guess = guess.to(x.device)
+    d2 = torch.cdist(cb, cb).pow(2).fill_diagonal_(float("inf"))
+    radius2 = d2.min(dim=1).values * (0.5 * (1 - 1e-3)) ** 2
+    far = ((x - cb[guess]) ** 2).sum(1) >= radius2[guess]
+    out = guess.clone()
+    if bool(far.any()):
+        out[far] = _nearest(x[far], cb).to(out.device)
+    return out
+
+
+class VQView(View):
+    """With train_codes, each code gets a latent vector (starting at its centroid) that takes the
+    weight's gradient straight through (STE). After each optimizer step, update_codes() moves a
+    code to the centroid nearest its latent -- but at most `max_flip` of the layer's codes per
+    step, those whose latent is furthest into the other cell (PV-tuning-style: Adam moves every
+    latent about lr per step, so uncapped, whole crowds of codes cross at once and the loss
+    jumped; measured on the 2.10 budget file, see RESULTS "recover", session 19). The current
+    codes are a buffer in the state dict, so a checkpoint holds them."""
+
+    def __init__(self, p: PackedLinear, train_codes: bool, max_flip: float = 1e-3) -> None:
         super().__init__(p)
         from salomi.quantizers.base import storage_format
 
-        codes = storage_format("vq")._codes(p).astype(np.int64)
-        self.register_buffer("codes", torch.from_numpy(codes), persistent=False)
+        codes = torch.from_numpy(storage_format("vq")._codes(p).astype(np.int64)).reshape(-1)
         cb = np.asarray(p.tensors["codebook"], dtype=np.float32)
         rms = float(np.sqrt((cb * cb).mean())) or 1.0
         self.codebook = Cont(p.tensors["codebook"], relative=False, mag=rms)
         self.scale = Cont(p.tensors["scale"], relative=True)
+        self.max_flip = max_flip
+        if train_codes:
+            self.trainable = "codebook, scale, codes (STE latent vectors, a capped share moved per step)"
+            self.frozen = ""
+            self.register_buffer("codes", codes)
+            # Latent unit: the codebook's median distance to a nearest other centroid, so a cell
+            # boundary is about half a unit away, as for grid codes, whatever k and d.
+            c = _f32(cb)
+            nn_dist = torch.cdist(c, c).fill_diagonal_(float("inf")).min(dim=1).values
+            unit = float(nn_dist.median()) if len(c) > 1 else 0.0
+            self.unit = unit if math.isfinite(unit) and unit > 0 else rms
+            self.latent = nn.Parameter(c[codes] / self.unit)
+        else:
+            self.trainable, self.frozen = "codebook, scale", "codes (train them with --train-codes)"
+            self.register_buffer("codes", codes, persistent=False)
+
+    @torch.no_grad()
+    def update_codes(self) -> int:
+        """Move up to max_flip of the codes to the centroid nearest their latent; returns how many moved."""
+        if not hasattr(self, "latent"):
+            return 0
+        x, cb = self.latent.detach() * self.unit, self.codebook.value().detach()
+        near = nearest_from(x, cb, self.codes)
+        moved = (near != self.codes).nonzero().flatten()
+        if not len(moved):
+            return 0
+        cap = max(1, int(self.max_flip * self.codes.numel()))
+        if len(moved) > cap:
+            xm = x[moved]
+            gain = ((xm - cb[self.codes[moved]]) ** 2).sum(1) - ((xm - cb[near[moved]]) ** 2).sum(1)
+            moved = moved[torch.argsort(gain, descending=True, stable=True)[:cap]]
+        self.codes[moved] = near[moved]
+        return len(moved)
 
     def weight(self) -> torch.Tensor:
         o, i = self.p.shape
-        return F.embedding(self.codes, self.codebook.value()).reshape(o, i) * self.scale.value()[:, None]
+        v = F.embedding(self.codes, self.codebook.value())
+        if hasattr(self, "latent"):
+            lat = self.latent * self.unit
+            v = v + (lat - lat.detach())
+        return v.reshape(o, i) * self.scale.value()[:, None]
 
     def new_tensors(self) -> dict[str, np.ndarray]:
+        from salomi.quantizers.vq import code_bits, pack_codes
+
         t = dict(self.p.tensors)
         t["codebook"], t["scale"] = self.codebook.stored(), self.scale.stored()
+        if hasattr(self, "latent"):
+            o, i = self.p.shape
+            codes = self.codes.cpu().numpy().reshape(o, i // int(self.p.params["d"]))
+            t["codes"] = pack_codes(codes, code_bits(int(self.p.params["k"])))
         return t
 
 
