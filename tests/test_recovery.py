@@ -114,8 +114,8 @@ def test_vq_codes_follow_their_latent_to_the_nearest_centroid() -> None:
 
     g = torch.Generator().manual_seed(1)
     p = parse_method("vq:d2:k16").quantize(torch.randn(8, 32, generator=g))  # 128 codes
-    v = make_view(p, train_codes=True)
-    assert isinstance(v, VQView)
+    v = make_view(p, train_codes=True, code_flip=1e-3)
+    assert isinstance(v, VQView) and v.code_params()
     codes0 = torch.from_numpy(VQFormat()._codes(p).astype(np.int64)).reshape(-1)
     cb = torch.from_numpy(np.asarray(p.tensors["codebook"], np.float32))
     w = v.weight()
@@ -150,7 +150,7 @@ def test_vq_train_codes_recovery_moves_codes_and_resumes(tiny_llama_dir: Path, a
 
     src = tmp_path / "vq.salomi"
     api.quantize(model=str(tiny_llama_dir), method="vq:d2:k16", out=src, progress=False)
-    kw = dict(steps=4, block_steps=2, train_codes=True, code_lr=0.2, calib=str(austen_slice), ckpt_every=100,
+    kw = dict(steps=4, block_steps=2, train_codes=True, code_lr=0.2, code_flip=0.01, calib=str(austen_slice), ckpt_every=100,
               **SMALL)
     full = run_recover(src, tmp_path / "full.salomi", **kw)
     assert full["views"]["vq"]["latent_codes"] > 0
@@ -162,7 +162,7 @@ def test_vq_train_codes_recovery_moves_codes_and_resumes(tiny_llama_dir: Path, a
     from salomi.errors import SalomiError
 
     with pytest.raises(SalomiError, match="code-flip"):
-        run_recover(src, tmp_path / "bad.salomi", **{**kw, "code_flip": 0.0})
+        run_recover(src, tmp_path / "bad.salomi", **{**kw, "code_flip": 1.5})
     out = tmp_path / "part.salomi"
     run_recover(src, out, stop_after=5, **kw)
     r = run_recover(src, out, resume=True, **kw)
@@ -189,8 +189,8 @@ def test_views_start_exact_and_repack_identically(spec: str) -> None:
     x = torch.randn(256, 64, generator=g)
     h = 2 * x.T @ x / 256
     p = q.quantize(w, h if q.needs_hessian else None)
-    for codes in (False, True):
-        v = make_view(p, train_codes=codes)
+    for codes, flip in ((False, 0.0), (True, 0.0), (True, 1e-3)):
+        v = make_view(p, train_codes=codes, code_flip=flip)
         torch.testing.assert_close(v.weight().detach(), p.dequantize(), rtol=1e-6, atol=1e-6)
         same = v.pack()
         for t, a in p.tensors.items():

@@ -40,7 +40,7 @@ from torch import nn
 
 from salomi.calibration.sequential import block_output, capture_block_inputs
 from salomi.errors import SalomiError
-from salomi.recovery.trainable import TrainableLinear, VQView, describe_views, reused_weights
+from salomi.recovery.trainable import TrainableLinear, describe_views, reused_weights
 
 CKPT_VERSION = 1
 # Settings that must match for --resume (steps may grow: the schedule is extension-safe).
@@ -245,10 +245,7 @@ class Recovery:
             old = self.model.get_submodule(name)
             if not isinstance(old, QuantLinear):
                 raise SalomiError(f"{qf.path}: layer {name} did not load as a quantized linear")
-            mod = TrainableLinear(packed, old.bias, cfg["train_codes"]).to(device)
-            for v in mod.view.modules():
-                if isinstance(v, VQView):
-                    v.max_flip = cfg["code_flip"]
+            mod = TrainableLinear(packed, old.bias, cfg["train_codes"], cfg["code_flip"]).to(device)
             _set_module(self.model, name, mod)
             self.views[name] = mod
         self.blocks = decoder_blocks(self.model)
@@ -355,7 +352,7 @@ def run_recover(
     lr: float = 1e-3,
     block_lr: float = 2e-3,
     code_lr: float = 5e-3,
-    code_flip: float = 1e-3,
+    code_flip: float = 0.0,
     train_codes: bool = False,
     calib: str = "austen",
     segments: int = 64,
@@ -379,8 +376,8 @@ def run_recover(
     steps: end-to-end (KL) steps; block_steps: steps per block in the block stage before it.
     budget_minutes: stop cleanly after the step that crosses the budget (checkpoint + result
     written; `resume=True` continues). stop_after: stop after this global step (as if
-    interrupted). train_codes: also train the discrete codes by straight-through rounding (VQ codes:
-    by latent vectors, at most `code_flip` of a layer's codes moved per step).
+    interrupted). train_codes: also train the discrete codes by straight-through rounding; VQ codes
+    only if code_flip > 0 (latent vectors, at most `code_flip` of a layer's codes moved per step).
     eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
     calibration KL before/after, byte counts and (if evaluated) the before/after rows.
     """
@@ -402,8 +399,8 @@ def run_recover(
             raise SalomiError(f"{name} must be >= 0 (got {v})")
     if batch < 1 or segments < batch:
         raise SalomiError(f"need segments >= batch >= 1 (got segments={segments}, batch={batch})")
-    if not 0 < code_flip <= 1:
-        raise SalomiError(f"--code-flip is a share of a layer's codes per step, in (0, 1] (got {code_flip})")
+    if not 0 <= code_flip <= 1:
+        raise SalomiError(f"--code-flip is a share of a layer's codes per step, in [0, 1] (got {code_flip})")
     if ckpt_every < 1:
         raise SalomiError(f"checkpoint interval must be >= 1 (got {ckpt_every})")
     if budget_minutes is not None and budget_minutes <= 0:
@@ -435,7 +432,7 @@ def run_recover(
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
         if ck.get("version") != CKPT_VERSION or ck["source"]["sha256"] != src_sha:
             raise SalomiError(f"{ckpt}: checkpoint is for another input file; delete it or drop --resume")
-        added = {"code_flip": 1e-3}  # settings newer than some checkpoints: absent means the old behaviour
+        added = {"code_flip": 0.0}  # settings newer than some checkpoints: absent means the old behaviour
         diff = [k for k in RESUME_KEYS if ck["config"].get(k, added.get(k)) != cfg[k]]
         if diff:
             raise SalomiError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "

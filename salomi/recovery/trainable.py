@@ -16,9 +16,9 @@ What is trainable, per format:
     grid      scale (relative), zero (code units); codes by STE
     sign      scale (relative); signs by STE
     ternary   scale (relative); trits by STE
-    vq        codebook (in units of its RMS), row scale (relative); codes by STE through a latent
-              vector per code, moved to the centroid nearest it between steps (a capped share per
-              step: VQView.update_codes)
+    vq        codebook (in units of its RMS), row scale (relative); with code_flip > 0, codes by STE
+              through a latent vector per code, moved to the centroid nearest it between steps (a
+              capped share per step: VQView.update_codes)
     billm     the four row scales (relative); both bit planes and the salient-column mask frozen
     pbllm     row scale of the binary part and the int8 row scale (or the fp16 salient
               values) (relative); signs, salient positions and int8 codes frozen
@@ -250,15 +250,15 @@ def nearest_from(x: torch.Tensor, cb: torch.Tensor, guess: torch.Tensor) -> torc
 
 
 class VQView(View):
-    """With train_codes, each code gets a latent vector (starting at its centroid) that takes the
-    weight's gradient straight through (STE). After each optimizer step, update_codes() moves a
-    code to the centroid nearest its latent -- but at most `max_flip` of the layer's codes per
-    step, those whose latent is furthest into the other cell (PV-tuning-style: Adam moves every
-    latent about lr per step, so uncapped, whole crowds of codes cross at once and the loss
-    jumped; measured on the 2.10 budget file, see RESULTS "recover", session 19). The current
-    codes are a buffer in the state dict, so a checkpoint holds them."""
+    """With train_codes and max_flip > 0, each code gets a latent vector (starting at its centroid)
+    that takes the weight's gradient straight through (STE). After each optimizer step,
+    update_codes() moves a code to the centroid nearest its latent -- at most `max_flip` of the
+    layer's codes per step, those whose latent is furthest into the other cell (Adam moves every
+    latent about lr per step, so uncapped, crowds of codes cross at once). The current codes are
+    a buffer in the state dict, so a checkpoint holds them. Off by default: on the 2.10 budget
+    file both the uncapped and the capped rule raised the KL (RESULTS "recover", session 19)."""
 
-    def __init__(self, p: PackedLinear, train_codes: bool, max_flip: float = 1e-3) -> None:
+    def __init__(self, p: PackedLinear, train_codes: bool, max_flip: float = 0.0) -> None:
         super().__init__(p)
         from salomi.quantizers.base import storage_format
 
@@ -268,7 +268,7 @@ class VQView(View):
         self.codebook = Cont(p.tensors["codebook"], relative=False, mag=rms)
         self.scale = Cont(p.tensors["scale"], relative=True)
         self.max_flip = max_flip
-        if train_codes:
+        if train_codes and max_flip > 0:
             self.trainable = "codebook, scale, codes (STE latent vectors, a capped share moved per step)"
             self.frozen = ""
             self.register_buffer("codes", codes)
@@ -280,7 +280,7 @@ class VQView(View):
             self.unit = unit if math.isfinite(unit) and unit > 0 else rms
             self.latent = nn.Parameter(c[codes] / self.unit)
         else:
-            self.trainable, self.frozen = "codebook, scale", "codes (train them with --train-codes)"
+            self.trainable, self.frozen = "codebook, scale", "codes (train them with --train-codes --code-flip F)"
             self.register_buffer("codes", codes, persistent=False)
 
     @torch.no_grad()
@@ -390,12 +390,12 @@ class PBLLMView(View):
 class LowRankView(View):
     """BASE+lowrank: the base's view plus (u * u_scale) @ (v * v_scale)."""
 
-    def __init__(self, p: PackedLinear, train_codes: bool) -> None:
+    def __init__(self, p: PackedLinear, train_codes: bool, code_flip: float = 0.0) -> None:
         super().__init__(p)
         from salomi.quantizers.lowrank import split_lowrank
 
         base, lr = split_lowrank(p)
-        self.base = make_view(base, train_codes)
+        self.base = make_view(base, train_codes, code_flip)
         self.trainable = f"{self.base.trainable}; lowrank u_scale, v_scale" + (", u, v (STE)" if train_codes else "")
         self.frozen = "; ".join(x for x in (self.base.frozen, "" if train_codes else "lowrank u, v") if x)
         self.u_scale = Cont(lr["u_scale"], relative=True)
@@ -460,11 +460,11 @@ VIEWS: dict[str, type[View]] = {
 class RotView(View):
     """BASE+rot: the base's view in the rotated basis; W = U^T W' V is differentiable in W'."""
 
-    def __init__(self, p: PackedLinear, train_codes: bool = False) -> None:
+    def __init__(self, p: PackedLinear, train_codes: bool = False, code_flip: float = 0.0) -> None:
         from salomi.quantizers.rotation import split_rot
 
         super().__init__(p)
-        self.inner = make_view(split_rot(p), train_codes)
+        self.inner = make_view(split_rot(p), train_codes, code_flip)
         self.seed = int(p.params["rot_seed"])
         self.trainable, self.frozen = self.inner.trainable, self.inner.frozen
 
@@ -477,20 +477,25 @@ class RotView(View):
         return self.inner.new_tensors()
 
 
-def make_view(p: PackedLinear, train_codes: bool = False) -> View:
+def make_view(p: PackedLinear, train_codes: bool = False, code_flip: float = 0.0) -> View:
+    """The view of packed layer p; train_codes: discrete codes by STE (VQ codes only if code_flip > 0:
+    the largest share of a VQ layer's codes moved per step)."""
     if p.format.endswith("+rot"):
-        return RotView(p, train_codes)
+        return RotView(p, train_codes, code_flip)
     if p.format.endswith("+lowrank"):
-        return LowRankView(p, train_codes)
+        return LowRankView(p, train_codes, code_flip)
+    if p.format == "vq":
+        return VQView(p, train_codes, code_flip)
     return VIEWS.get(p.format, FrozenView)(p, train_codes)
 
 
 class TrainableLinear(nn.Module):
     """A linear layer computing its weight from a View on every forward."""
 
-    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, train_codes: bool = False) -> None:
+    def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, train_codes: bool = False,
+                 code_flip: float = 0.0) -> None:
         super().__init__()
-        self.view = make_view(packed, train_codes)
+        self.view = make_view(packed, train_codes, code_flip)
         self.out_features, self.in_features = packed.shape
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.reuse_weight = False  # set by reused_weights()
