@@ -80,6 +80,9 @@ def test_resume_reproduces_uninterrupted_run(packed: Path, austen_slice: Path, t
 
     with pytest.raises(SalomiError, match="other settings"):
         run_recover(packed, out, resume=True, **{**kw, "block_lr": 1e-2})
+    # Code settings have no effect without --train-codes, so they do not block a resume.
+    r4 = run_recover(packed, out, resume=True, stop_after=3, **{**kw, "code_flip": 0.5, "code_lr": 0.1})
+    assert r4["steps_done"] == 3 and r4["losses"][:2] == full["losses"][:2]
 
 
 def test_budget_stops_cleanly(packed: Path, austen_slice: Path, tmp_path: Path) -> None:

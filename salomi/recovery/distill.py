@@ -433,7 +433,8 @@ def run_recover(
         if ck.get("version") != CKPT_VERSION or ck["source"]["sha256"] != src_sha:
             raise SalomiError(f"{ckpt}: checkpoint is for another input file; delete it or drop --resume")
         added = {"code_flip": 0.0}  # settings newer than some checkpoints: absent means the old behaviour
-        diff = [k for k in RESUME_KEYS if ck["config"].get(k, added.get(k)) != cfg[k]]
+        unused = set() if cfg["train_codes"] else {"code_lr", "code_flip"}  # no latent codes: no effect
+        diff = [k for k in RESUME_KEYS if k not in unused and ck["config"].get(k, added.get(k)) != cfg[k]]
         if diff:
             raise SalomiError(f"{ckpt}: checkpoint was made with other settings ({', '.join(diff)}); "
                               f"use the same settings or drop --resume")
