@@ -232,6 +232,11 @@ class TernaryView(View):
         return t
 
 
+def nearest_other(cb: torch.Tensor) -> torch.Tensor:
+    """Distance from each centroid to the nearest other one (inf for a lone centroid)."""
+    return torch.cdist(cb, cb).fill_diagonal_(float("inf")).min(dim=1).values
+
+
 def nearest_from(x: torch.Tensor, cb: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
     """Index of the centroid nearest each row of x, searching only the rows that may have left
     their guessed centroid's cell: a row closer to centroid c than half the distance from c to
@@ -240,8 +245,7 @@ def nearest_from(x: torch.Tensor, cb: torch.Tensor, guess: torch.Tensor) -> torc
     from salomi.quantizers.vq import _nearest
 
     guess = guess.to(x.device)
-    d2 = torch.cdist(cb, cb).pow(2).fill_diagonal_(float("inf"))
-    radius2 = d2.min(dim=1).values * (0.5 * (1 - 1e-3)) ** 2
+    radius2 = (nearest_other(cb) * (0.5 * (1 - 1e-3))) ** 2
     far = ((x - cb[guess]) ** 2).sum(1) >= radius2[guess]
     out = guess.clone()
     if bool(far.any()):
@@ -275,8 +279,7 @@ class VQView(View):
             # Latent unit: the codebook's median distance to a nearest other centroid, so a cell
             # boundary is about half a unit away, as for grid codes, whatever k and d.
             c = _f32(cb)
-            nn_dist = torch.cdist(c, c).fill_diagonal_(float("inf")).min(dim=1).values
-            unit = float(nn_dist.median()) if len(c) > 1 else 0.0
+            unit = float(nearest_other(c).median()) if len(c) > 1 else 0.0
             self.unit = unit if math.isfinite(unit) and unit > 0 else rms
             self.latent = nn.Parameter(c[codes] / self.unit)
         else:
@@ -451,7 +454,6 @@ VIEWS: dict[str, type[View]] = {
     "grid": GridView,
     "sign": SignView,
     "ternary": TernaryView,
-    "vq": VQView,
     "billm": BiLLMView,
     "pbllm": PBLLMView,
 }
@@ -484,7 +486,7 @@ def make_view(p: PackedLinear, train_codes: bool = False, code_flip: float = 0.0
         return RotView(p, train_codes, code_flip)
     if p.format.endswith("+lowrank"):
         return LowRankView(p, train_codes, code_flip)
-    if p.format == "vq":
+    if p.format == "vq":  # the one format whose codes also need code_flip
         return VQView(p, train_codes, code_flip)
     return VIEWS.get(p.format, FrozenView)(p, train_codes)
 
