@@ -147,7 +147,7 @@ def cmd_recover(a: argparse.Namespace) -> None:
 
     res = run_recover(a.file, a.out, steps=a.steps, budget_minutes=a.budget_minutes, resume=a.resume,
                       block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, code_lr=a.code_lr,
-                      code_flip=a.code_flip, train_codes=a.train_codes, calib=a.calib, segments=a.calib_segments,
+                      code_flip=a.code_flip, train_codes=a.train_codes, train_embed=not a.freeze_embed, calib=a.calib, segments=a.calib_segments,
                       seg_len=a.calib_len, batch=a.batch, seed=a.seed,
                       ckpt_every=a.ckpt_every, eval_text=a.eval_text, eval_windows=a.eval_windows, model=a.model)
     print(format_report(res))
@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop cleanly after this long (result + OUT.ckpt written)")
     r.add_argument("--resume", action="store_true", help="continue from OUT.ckpt")
     r.add_argument("--train-codes", action="store_true", help="also train the discrete codes (straight-through)")
+    r.add_argument("--freeze-embed", action="store_true",
+                   help="keep a packed embedding table (and the head tied to it) as it is; by default it trains "
+                        "in the end-to-end stage like a linear of its format")
     r.add_argument("--lr", type=float, default=1e-3)
     r.add_argument("--block-lr", type=float, default=2e-3)
     r.add_argument("--code-lr", type=float, default=5e-3,

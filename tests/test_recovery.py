@@ -278,3 +278,57 @@ def test_nearest_from_a_guess_equals_the_full_search() -> None:
             near = cb[full] + 0.01 * torch.randn(5000, d, generator=g)  # rows near a centroid pass the test
             assert torch.equal(nearest_from(x, cb, guess), full)
             assert torch.equal(nearest_from(near, cb, guess), _nearest(near, cb))
+
+
+@pytest.fixture(scope="module")
+def untied_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) -> Path:
+    from transformers import LlamaConfig
+
+    from tests.conftest import _save_tiny
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=50257, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256)
+    return _save_tiny(cfg, gpt2_tokenizer_dir, tmp_path_factory.mktemp("untied-llama"))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_embeddings_train_keep_layout_and_resume(tied: bool, tiny_llama_dir: Path, untied_llama_dir: Path,
+                                                        austen_slice: Path, tmp_path: Path) -> None:
+    """A packed embedding table (tied head or not) trains in the end-to-end stage: its scales
+    change, its layout and the file's model bpw do not, the starting point is the file's exact
+    model, --freeze-embed keeps its bytes, and an interrupted run resumes to the same curve."""
+    from salomi import api
+
+    src = tmp_path / "e.salomi"
+    api.quantize(model=str(tiny_llama_dir if tied else untied_llama_dir), method="rtn:2:g32", embed="rtn:3:g32",
+                 out=src, progress=False)
+    a = load_quantized(src)
+    assert len(a.embeddings) == (1 if tied else 2)
+    kw = dict(steps=5, block_steps=0, calib=str(austen_slice), lr=3e-3, ckpt_every=100, **SMALL)
+    frozen = run_recover(src, tmp_path / "frozen.salomi", train_embed=False, **kw)
+    full = run_recover(src, tmp_path / "full.salomi", **kw)
+    assert full["calib_kl_before"] == pytest.approx(frozen["calib_kl_before"], rel=1e-6, abs=1e-9)
+    assert full["calib_kl_after"] < full["calib_kl_before"]
+    assert full["views"]["embedding table"]["grid"]["layers"] == len(a.embeddings)
+    ca, cf, cb = (container.load(p) for p in (src, tmp_path / "frozen.salomi", tmp_path / "full.salomi"))
+    table = [n for n in ca.entries if any(n.startswith(f"q/{e}/") for e in a.embeddings)]
+    assert table and all(np.array_equal(ca.tensors[n], cf.tensors[n]) for n in table)
+    assert any(not np.array_equal(ca.tensors[n], cb.tensors[n]) for n in table if n.endswith("/scale"))
+    for n, e in ca.entries.items():
+        assert (e["dtype"], e["shape"], e["offsets"]) == (cb.entries[n]["dtype"], cb.entries[n]["shape"],
+                                                          cb.entries[n]["offsets"])
+    b = load_quantized(tmp_path / "full.salomi")
+    assert b.linear_bpw == a.linear_bpw and sorted(b.embeddings) == sorted(a.embeddings)
+    # model bpw grows only by the JSON header's recovery record; the data section is identical in size
+    assert (tmp_path / "full.salomi").stat().st_size - _header(tmp_path / "full.salomi") == src.stat().st_size - _header(src)
+    # The written file computes what training ended at (the KL after is measured on the repacked file).
+    rows = api.evaluate_files([tmp_path / "full.salomi"], text=str(austen_slice), seq_len=32, windows=1, progress=False)
+    assert rows[0]["ppl"] > 0
+    out = tmp_path / "part.salomi"
+    run_recover(src, out, stop_after=3, **kw)
+    r = run_recover(src, out, resume=True, **kw)
+    np.testing.assert_allclose(r["losses"], full["losses"], rtol=0, atol=1e-6)
+    cr = container.load(out)
+    for n in table:
+        assert np.array_equal(cb.tensors[n], cr.tensors[n]), n

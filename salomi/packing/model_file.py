@@ -191,7 +191,7 @@ def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch
         _set_module(model, name, QuantLinear(p, bias, runtime))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if qf.embeddings:
-        _install_embeddings(model, qf, runtime)
+        install_packed_embeddings(model, qf.embeddings, runtime, path=qf.path)
     meta_buffers = {name for name, b in model.named_buffers() if b.is_meta}
     model.to_empty(device=device)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=False)
@@ -206,23 +206,37 @@ def build_model(qf: QuantizedFile, runtime: str = "dequant", device: str | torch
     return model.eval()
 
 
-def _install_embeddings(model: nn.Module, qf: QuantizedFile, runtime: str) -> None:
+def install_packed_embeddings(model: nn.Module, embeddings: dict[str, PackedLinear], runtime: str,
+                              device: str | torch.device | None = None, path: str | Path = "") -> None:
     """QuantEmbedding for a packed input table; the head becomes a QuantLinear over the same
-    packed table when tied (or over its own packed table when not)."""
-    from salomi.quantizers.embedding import QuantEmbedding, embedding_names
+    packed table when tied (or over its own packed table when not). A head that is already a
+    module over a packed table (a QuantLinear, or a trained one) keeps its bias."""
+    from salomi.quantizers.embedding import QuantEmbedding
     from salomi.runtime.qlinear import QuantLinear
 
-    names = embedding_names(model)
+    mod_names = {m: n for n, m in model.named_modules()}
+    inp_name = mod_names.get(model.get_input_embeddings(), "")
     out_mod = model.get_output_embeddings()
-    out_name = names["output"] or next((n for n, m in model.named_modules() if m is out_mod), "")
-    inp = qf.embeddings.get(names["input"])
+    out_name = mod_names.get(out_mod, "") if out_mod is not None else ""
+    inp = embeddings.get(inp_name)
     if inp is None:
-        raise SalomiError(f"{qf.path}: packed embeddings {sorted(qf.embeddings)} do not match this architecture")
-    _set_module(model, names["input"], QuantEmbedding(inp))
-    head = qf.embeddings.get(names["output"]) if names["output"] else inp
-    if out_name and head is not None:
+        raise SalomiError(f"{path or 'model'}: packed embeddings {sorted(embeddings)} do not match this architecture")
+    _set_module(model, inp_name, QuantEmbedding(inp))
+    head = embeddings.get(out_name, inp)  # tied: the head is the input table
+    if out_name and (out_name in embeddings or _tied(model, out_mod)):
         bias = getattr(out_mod, "bias", None)
-        _set_module(model, out_name, QuantLinear(head, None if bias is None else torch.zeros(bias.shape), runtime))
+        if bias is not None:  # on a model still being built, a placeholder that load_state_dict fills
+            bias = torch.zeros(bias.shape) if bias.is_meta else bias.detach().cpu()
+        ql = QuantLinear(head, bias, runtime)
+        _set_module(model, out_name, ql if device is None else ql.to(device))
+
+
+def _tied(model: nn.Module, out_mod: nn.Module) -> bool:
+    """Whether the head shares the input table (config flag; or a plain head whose weight is the input's)."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        return True
+    w = getattr(out_mod, "weight", None)
+    return w is not None and w is getattr(model.get_input_embeddings(), "weight", None)
 
 
 def _is_tied_or_buffer(model: nn.Module, key: str) -> bool:

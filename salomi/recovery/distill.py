@@ -40,12 +40,19 @@ from torch import nn
 
 from salomi.calibration.sequential import block_output, capture_block_inputs
 from salomi.errors import SalomiError
-from salomi.recovery.trainable import TrainableLinear, describe_views, reused_weights
+from salomi.recovery.trainable import (
+    TrainableEmbedding,
+    TrainableLinear,
+    View,
+    describe_views,
+    make_view,
+    reused_weights,
+)
 
 CKPT_VERSION = 1
 # Settings that must match for --resume (steps may grow: the schedule is extension-safe).
-RESUME_KEYS = ("block_steps", "lr", "block_lr", "code_lr", "code_flip", "train_codes", "calib", "segments", "seg_len",
-               "batch", "seed")
+RESUME_KEYS = ("block_steps", "lr", "block_lr", "code_lr", "code_flip", "train_codes", "train_embed", "calib", "segments",
+               "seg_len", "batch", "seed")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -162,7 +169,7 @@ def _plain_head(model: nn.Module) -> nn.Module | None:
     return head
 
 
-def _kl_chunk(h: torch.Tensor, ref_logits_fn: Any, head: nn.Module, lo: int, hi: int) -> torch.Tensor:
+def _kl_chunk(h: torch.Tensor, ref_logits_fn: Any, head: Any, lo: int, hi: int) -> torch.Tensor:
     return _kl(head(h[lo:hi]), ref_logits_fn(lo, hi)) * (hi - lo)
 
 
@@ -186,6 +193,8 @@ def kl_loss(model: nn.Module, ref: nn.Module, ids: torch.Tensor, chunk: int = 25
         with torch.no_grad():
             return ref_head(hr[lo:hi])
 
+    if isinstance(head, TrainableLinear):  # a trained (tied) head: its weight built once per step, not per chunk
+        head = head.fixed_weight()
     n = h.shape[0]
     total = h.new_zeros(())
     for lo in range(0, n, chunk):
@@ -248,6 +257,9 @@ class Recovery:
             mod = TrainableLinear(packed, old.bias, cfg["train_codes"], cfg["code_flip"]).to(device)
             _set_module(self.model, name, mod)
             self.views[name] = mod
+        self.embed_views: dict[str, View] = {}  # packed embedding tables (a tied head shares the input's)
+        if qf.embeddings and cfg["train_embed"]:
+            self._train_embeddings()
         self.blocks = decoder_blocks(self.model)
         self.ref_blocks = decoder_blocks(ref.model)
         prefix = next(n for n, m in self.model.named_modules() if m is self.blocks)
@@ -255,6 +267,31 @@ class Recovery:
         self.n_blocks = len(self.blocks)
         self.total = self.n_blocks * cfg["block_steps"] + cfg["steps"]
         self.acts: dict[str, Any] | None = None  # block-stage activations, for block acts["block"]
+
+    def _train_embeddings(self) -> None:
+        """Swap the packed input table (and the head, tied or with its own packed table) for
+        modules that compute them from trainable views."""
+        from salomi.packing.model_file import _set_module
+        from salomi.runtime.qlinear import QuantLinear
+
+        names = {m: n for n, m in self.model.named_modules()}
+        for name, packed in self.qf.embeddings.items():
+            self.embed_views[name] = make_view(packed, self.cfg["train_codes"]).to(self.device)
+        inp_name = names[self.model.get_input_embeddings()]
+        if inp_name not in self.embed_views:
+            raise SalomiError(f"{self.qf.path}: packed embeddings {sorted(self.embed_views)} do not match this model")
+        _set_module(self.model, inp_name, TrainableEmbedding(self.embed_views[inp_name]))
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if isinstance(head, QuantLinear):
+            head_name = names[head]
+            view = self.embed_views.get(head_name, self.embed_views[inp_name])  # tied: the input's table
+            _set_module(self.model, head_name, TrainableLinear(view.p, head.bias, view=view).to(self.device))
+
+    def trained_views(self, kind: str, b: int) -> list[View]:
+        """The views a stage trains: block b's linears, or every linear and packed embedding table."""
+        if kind == "block":
+            return [self.views[n].view for n in self.block_views[b]]
+        return [m.view for m in self.views.values()] + list(self.embed_views.values())
 
     # -- schedule
     def stage_of(self, g: int) -> tuple[str, int, int]:
@@ -267,9 +304,9 @@ class Recovery:
         return self.cfg["block_steps"] if kind == "block" else self.cfg["steps"]
 
     def params(self, kind: str, b: int) -> list[dict[str, Any]]:
-        names = self.block_views[b] if kind == "block" else list(self.views)
-        cont = [c.delta for n in names for c in self.views[n].view.conts()]
-        codes = [p for n in names for p in self.views[n].view.code_params()]
+        views = self.trained_views(kind, b)
+        cont = [c.delta for v in views for c in v.conts()]
+        codes = [p for v in views for p in v.code_params()]
         lr = self.cfg["block_lr"] if kind == "block" else self.cfg["lr"]
         groups = [{"params": cont, "lr": lr}]
         if codes:
@@ -277,8 +314,7 @@ class Recovery:
         return [g for g in groups if g["params"]]
 
     def update_codes(self, kind: str, b: int) -> int:
-        names = self.block_views[b] if kind == "block" else list(self.views)
-        return sum(self.views[n].view.update_codes() for n in names)
+        return sum(v.update_codes() for v in self.trained_views(kind, b))
 
     def optimizer(self, kind: str, b: int) -> torch.optim.Optimizer | None:
         groups = self.params(kind, b)
@@ -325,14 +361,18 @@ class Recovery:
             return F.mse_loss(out, a["target"][idx.to(out.device)]) / a["power"]
         return kl_loss(self.model, self.ref.model, self.segs[idx].to(self.device))
 
+    def _all_views(self) -> dict[str, View]:
+        return {**{n: m.view for n, m in self.views.items()}, **{f"embeddings/{n}": v for n, v in self.embed_views.items()}}
+
     def state(self) -> dict[str, Any]:
-        return {n: {k: v.detach().cpu() for k, v in m.view.state_dict().items()} for n, m in self.views.items()}
+        return {n: {k: t.detach().cpu() for k, t in v.state_dict().items()} for n, v in self._all_views().items()}
 
     def load_state(self, st: dict[str, Any]) -> None:
-        if set(st) != set(self.views):
+        views = self._all_views()
+        if set(st) != set(views):
             raise SalomiError("checkpoint holds other layers than this file")
-        for n, m in self.views.items():
-            m.view.load_state_dict({k: v.to(self.device) for k, v in st[n].items()})
+        for n, v in views.items():
+            v.load_state_dict({k: t.to(self.device) for k, t in st[n].items()})
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
@@ -354,6 +394,7 @@ def run_recover(
     code_lr: float = 5e-3,
     code_flip: float = 0.0,
     train_codes: bool = False,
+    train_embed: bool = True,
     calib: str = "austen",
     segments: int = 64,
     seg_len: int = 256,
@@ -378,6 +419,8 @@ def run_recover(
     written; `resume=True` continues). stop_after: stop after this global step (as if
     interrupted). train_codes: also train the discrete codes by straight-through rounding; VQ codes
     only if code_flip > 0 (latent vectors, at most `code_flip` of a layer's codes moved per step).
+    train_embed: a packed embedding table (and the head tied to it) trains in the end-to-end stage
+    like a linear of its format; False keeps its bytes.
     eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
     calibration KL before/after, byte counts and (if evaluated) the before/after rows.
     """
@@ -387,7 +430,7 @@ def run_recover(
     from salomi.evaluation.evaluate import tokenize
     from salomi.packing.model_file import load_quantized
     from salomi.progress import bar as progress_bar
-    from salomi.recovery.repack import install_quantlinears, repack_views, save_recovered
+    from salomi.recovery.repack import install_embeddings, install_quantlinears, repack_views, save_recovered
 
     t0 = time.perf_counter()
     map_large_allocations()
@@ -410,7 +453,7 @@ def run_recover(
     segments -= segments % batch
     dev = _default_device(device)
     cfg = {"steps": steps, "block_steps": block_steps, "lr": lr, "block_lr": block_lr, "code_lr": code_lr,
-           "code_flip": code_flip, "train_codes": bool(train_codes), "calib": calib, "segments": segments, "seg_len": seg_len,
+           "code_flip": code_flip, "train_codes": bool(train_codes), "train_embed": bool(train_embed), "calib": calib, "segments": segments, "seg_len": seg_len,
            "batch": batch, "seed": seed}
     torch.manual_seed(seed)
 
@@ -432,7 +475,7 @@ def run_recover(
         ck = torch.load(ckpt, map_location="cpu", weights_only=True)
         if ck.get("version") != CKPT_VERSION or ck["source"]["sha256"] != src_sha:
             raise SalomiError(f"{ckpt}: checkpoint is for another input file; delete it or drop --resume")
-        added = {"code_flip": 0.0}  # settings newer than some checkpoints: absent means the old behaviour
+        added = {"code_flip": 0.0, "train_embed": False}  # settings newer than some checkpoints: absent means the old behaviour
         unused = set() if cfg["train_codes"] else {"code_lr", "code_flip"}  # no latent codes: no effect
         diff = [k for k in RESUME_KEYS if k not in unused and ck["config"].get(k, added.get(k)) != cfg[k]]
         if diff:
@@ -499,8 +542,8 @@ def run_recover(
             if kind == "block":
                 rec.finish_block(b)
             else:
-                for m in rec.views.values():
-                    m.view.snap_()
+                for v in rec.trained_views(kind, b):
+                    v.snap_()
         done = g + 1
         pbar.set_postfix_str(f"block {b + 1}/{rec.n_blocks} nmse {lv:.4g}" if kind == "block" else f"e2e kl {lv:.4g}")
         pbar.update(1)
@@ -516,18 +559,23 @@ def run_recover(
     rec.acts = None
 
     views_info = describe_views(rec.views)
+    if rec.embed_views:
+        views_info["embedding table"] = describe_views(rec.embed_views)
     packed = repack_views(rec.views)
+    embeddings = {**qf.embeddings, **repack_views(rec.embed_views)}
     install_quantlinears(rec.model, packed)
+    if rec.embed_views:
+        install_embeddings(rec.model, embeddings)
     kl_after = calib_kl(rec.model, ref.model, kl_segs, batch, dev)
     train_seconds = prev_seconds + time.perf_counter() - t0
     record = {
         "source": file.name, "source_sha256": src_sha[:16], "steps_done": done, "total_steps": rec.total,
         "complete": done >= rec.total, **{k: cfg[k] for k in ("steps", "block_steps", "lr", "block_lr", "code_lr",
-                                                              "code_flip", "train_codes", "segments", "seg_len", "batch", "seed")},
+                                                              "code_flip", "train_codes", "train_embed", "segments", "seg_len", "batch", "seed")},
         "calib": calib, "calib_kl": [round(kl_before, 6), round(kl_after, 6)], "seconds": round(train_seconds, 1),
         "git_commit": git_commit(),
     }
-    size = save_recovered(out, qf, rec.model.cpu(), packed, record)
+    size = save_recovered(out, qf, rec.model.cpu(), packed, record, embeddings)
     if done >= rec.total and not keep_ckpt:
         ckpt.unlink(missing_ok=True)
     total = rec.total

@@ -36,11 +36,12 @@ class RawTokenizer:
 
 
 def repack_views(views: dict[str, Any]) -> dict[str, PackedLinear]:
-    """name -> new PackedLinear from name -> TrainableLinear, checked against the original layout."""
+    """name -> new PackedLinear from name -> TrainableLinear (or View), checked against the original layout."""
     out: dict[str, PackedLinear] = {}
     for name, mod in views.items():
-        old = mod.view.p
-        new = mod.view.pack()
+        view = getattr(mod, "view", mod)
+        old = view.p
+        new = view.pack()
         new.validate()
         _same_packed_layout(name, old, new)
         out[name] = new
@@ -76,18 +77,34 @@ def install_quantlinears(model: nn.Module, packed: dict[str, PackedLinear]) -> N
         _set_module(model, name, ql.to(dev))
 
 
+def install_embeddings(model: nn.Module, embeddings: dict[str, PackedLinear]) -> None:
+    """Put the packed-table modules (QuantEmbedding, and a QuantLinear head) back where the trained ones were."""
+    from salomi.packing.model_file import install_packed_embeddings
+
+    dev = next((b.device for b in model.buffers()), torch.device("cpu"))
+    install_packed_embeddings(model, embeddings, "dequant", dev)
+
+
 def save_recovered(
-    out: str | Path, source: QuantizedFile, model: nn.Module, packed: dict[str, PackedLinear], record: dict[str, Any]
+    out: str | Path, source: QuantizedFile, model: nn.Module, packed: dict[str, PackedLinear], record: dict[str, Any],
+    embeddings: dict[str, PackedLinear] | None = None,
 ) -> int:
-    """Write the recovered file: source metadata + a "recovery" record (appended to any earlier ones)."""
+    """Write the recovered file: source metadata + a "recovery" record (appended to any earlier ones).
+    `embeddings`: the trained packed tables (default: the source's, unchanged)."""
     meta = {k: v for k, v in source.metadata.items()}
     prev = meta.get("recovery")
     meta["recovery"] = ([*prev] if isinstance(prev, list) else ([prev] if prev else [])) + [record]
     if len(packed) != len(source.packed) or set(packed) != set(source.packed):
         raise SalomiError("repack: the set of quantized layers changed")
     # keep the source's tokenizer encoding (files written before compression store raw bytes): same layout
+    if embeddings is None:
+        embeddings = source.embeddings
+    if set(embeddings) != set(source.embeddings):
+        raise SalomiError("repack: the set of packed embedding tables changed")
+    for name, p in embeddings.items():
+        _same_packed_layout(name, source.embeddings[name], p)
     size = save_quantized(out, model, RawTokenizer(source.tokenizer_files), packed, meta, float_dtype_of(source),
-                          source.embeddings, source.metadata.get("tokenizer_encoding") == "zlib")
+                          embeddings, source.metadata.get("tokenizer_encoding") == "zlib")
     check_same_layout(source.path, out)
     return size
 

@@ -30,7 +30,7 @@ What is trainable, per format:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -110,6 +110,10 @@ class View(nn.Module):
     def weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def weight_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx of weight() (an embedding lookup); formats whose rows decode alone override it."""
+        return self.weight().index_select(0, idx)
+
     def pack(self) -> PackedLinear:
         return PackedLinear(self.p.method, self.p.format, self.p.shape, self.new_tensors(), dict(self.p.params))
 
@@ -160,15 +164,22 @@ class GridView(View):
         else:
             self.inv = None
 
-    def codes(self) -> torch.Tensor:
+    def codes(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         if hasattr(self, "latent"):
-            return ste_round(self.latent, 0.0, float(self.levels))
-        return self.q.float()
+            u = self.latent if idx is None else self.latent.index_select(0, idx)
+            return ste_round(u, 0.0, float(self.levels))
+        return (self.q if idx is None else self.q.index_select(0, idx)).float()
 
-    def weight(self) -> torch.Tensor:
+    def weight(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         g = self.group
-        w = _expand(self.scale.value(), g) * (self.codes() - _expand(self.zero.value(), g))
+        scale, zero = self.scale.value(), self.zero.value()
+        if idx is not None:
+            scale, zero = scale.index_select(0, idx), zero.index_select(0, idx)
+        w = _expand(scale, g) * (self.codes(idx) - _expand(zero, g))
         return w if self.inv is None else w.index_select(1, self.inv)
+
+    def weight_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight(idx)
 
     def new_tensors(self) -> dict[str, np.ndarray]:
         t = dict(self.p.tensors)
@@ -495,9 +506,9 @@ class TrainableLinear(nn.Module):
     """A linear layer computing its weight from a View on every forward."""
 
     def __init__(self, packed: PackedLinear, bias: torch.Tensor | None, train_codes: bool = False,
-                 code_flip: float = 0.0) -> None:
+                 code_flip: float = 0.0, view: View | None = None) -> None:
         super().__init__()
-        self.view = make_view(packed, train_codes, code_flip)
+        self.view = view if view is not None else make_view(packed, train_codes, code_flip)  # shared: a tied head
         self.out_features, self.in_features = packed.shape
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone(), persistent=False)
         self.reuse_weight = False  # set by reused_weights()
@@ -521,8 +532,38 @@ class TrainableLinear(nn.Module):
             w = self.view.weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    def fixed_weight(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This layer as a function with its weight built once now, for many calls in one step
+        (the head over chunks of tokens): the weight's gradient from every call sums into the view."""
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters())):
+            return self  # no gradient: forward() builds (or reuses) the weight as usual
+        from torch.utils.checkpoint import checkpoint
+
+        w = checkpoint(self.view.weight, use_reentrant=False)
+        bias = self.bias
+        return lambda x: F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.view.p.format}, trainable: {self.view.trainable or '-'}"
+
+
+class TrainableEmbedding(nn.Module):
+    """A token embedding looked up through a View (shared with a tied head): only the rows
+    of the tokens in the batch are decoded, and only they get gradient."""
+
+    def __init__(self, view: View) -> None:
+        super().__init__()
+        self.view = view
+        self.num_embeddings, self.embedding_dim = view.p.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range for a vocabulary of {self.num_embeddings}")
+        uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+        return self.view.weight_rows(uniq)[inv].reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.view.p.format}, trainable: {self.view.trainable or '-'}"
 
 
 @contextmanager
@@ -540,11 +581,12 @@ def reused_weights(model: nn.Module) -> Iterator[None]:
             m.reuse_weight, m._cache = False, None
 
 
-def describe_views(views: dict[str, TrainableLinear]) -> dict[str, Any]:
-    """What is trained and what is frozen, per format (for the report)."""
+def describe_views(views: dict[str, Any]) -> dict[str, Any]:
+    """What is trained and what is frozen, per format (for the report); values are
+    TrainableLinears or Views."""
     out: dict[str, Any] = {}
     for mod in views.values():
-        v = mod.view
+        v = getattr(mod, "view", mod)
         e = out.setdefault(v.p.format, {"layers": 0, "trainable": v.trainable or "-", "frozen": v.frozen or "-",
                                         "trainable_values": 0, "latent_codes": 0})
         e["layers"] += 1
