@@ -123,21 +123,27 @@ def quantize(
     own_reference = reference is None  # loaded here, so quantized in place: no second copy of the weights
     budget_info: dict[str, Any] = {}  # how the recipe was chosen, recorded in the file
     if budget:
-        from salomi.mixed import DEFAULT_CANDIDATES, plan_recipe
+        from salomi.mixed import DEFAULT_CANDIDATES, make_plan
 
         budget_info = {"damage": damage, "candidates": list(candidates or DEFAULT_CANDIDATES)}
         reference = reference or load_reference(model)
-        recipe = plan_recipe(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
-                             candidates=budget_info["candidates"], calib=calib,
-                             segments=table_segments, seg_len=seg_len, seed=table_seed,
-                             float_dtype=float_dtype, damage=damage, progress=progress,
-                             embed=embed)
+        plan = make_plan(reference, target_linear_bpw=target_linear_bpw, target_model_bpw=target_model_bpw,
+                         candidates=budget_info["candidates"], calib=calib,
+                         segments=table_segments, seg_len=seg_len, seed=table_seed,
+                         float_dtype=float_dtype, damage=damage, progress=progress,
+                         embed=embed)
+        recipe = plan.recipe
+        if plan.embed_choices:  # several --embed choices: the plan picked one
+            budget_info["embed_choices"] = {k: round(v, 6) for k, v in plan.embed_choices.items()}
+            embed = plan.embed
         label = label or (f"budget:{target_linear_bpw}bpw" if target_linear_bpw is not None
                           else f"budget:model{target_model_bpw}bpw")
         method = "binary"
     start = time.perf_counter()
     quantizer = parse_method(method)
     embed_q = None
+    if embed and "," in embed:
+        raise SalomiError(f"--embed {embed!r}: several choices need a --model-bpw budget to choose between them")
     if embed:
         from salomi.quantizers.embedding import parse_embed_method
 

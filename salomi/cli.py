@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(damage: no forward passes, but it misjudges VQ layers), or the raw proxy (error)")
     q.add_argument("--embed", default=None,
                    help="also pack the token embedding table (= tied head) with rtn:K:gG or gptq:K:gG[+ls], "
-                        "e.g. gptq:4:g64; default: stored as --float-dtype")
+                        "e.g. gptq:4:g64; default: stored as --float-dtype. With --model-bpw, a comma-separated "
+                        "list (none = float) lets the budget choose, e.g. none,gptq:3:g64+ls,gptq:4:g64+ls")
     q.add_argument("--table-segments", type=int, default=None,
                    help="budget only: calibration segments of the (cached) sensitivity table "
                         "(default: --calib-segments, at most 16)")

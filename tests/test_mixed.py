@@ -257,3 +257,48 @@ def test_default_candidates_parse_and_fit_the_default_models_shapes() -> None:
         q = parse_method(spec)
         for shape in ((576, 576), (192, 576), (1536, 576), (576, 1536)):  # SmolLM2-135M's q/o, k/v, gate/up, down
             q.check_shape(shape)
+
+
+def test_model_budget_chooses_the_embedding(tiny_ref, tiny_llama_dir: Path, austen_slice: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model-bpw with several --embed choices: each choice's table KL is measured (and cached), the
+    linears get the best allocation of what each leaves, and the least total KL wins; the written file
+    uses that choice and meets the target; several choices without --model-bpw are refused."""
+    from salomi.mixed.sensitivity import embedding_damage
+
+    monkeypatch.setenv("SALOMI_CACHE", str(tmp_path))
+    cands = ["binary", "gptq:2:g32", "gptq:4:g32"]
+    kl = embedding_damage(tiny_ref, ["none", "rtn:2:g32", "rtn:4:g32"], calib=str(austen_slice), progress=False,
+                          **CALIB)
+    assert kl["none"] == 0.0 and 0.0 < kl["rtn:4:g32"] < kl["rtn:2:g32"]
+    assert len(list((tmp_path / "mixed").glob("sens-embed-*.json"))) == 1
+    # The tiny model is mostly embedding (50257 x 64): float16 costs ~15 model bpw, so a target in the
+    # 4-bit table's range is out of reach with "none" and leaves bytes unspent with the 2-bit table.
+    choices = "none,rtn:2:g32,rtn:4:g32"
+    params = sum(p.numel() for p in tiny_ref.model.parameters())
+    lo, hi = byte_range({n: {c: (ch["bytes"], 0.0) for c, ch in e["choices"].items()}
+                         for n, e in sensitivity_table(tiny_ref, cands, calib=str(austen_slice), progress=False,
+                                                       **CALIB)["layers"].items()})
+    fixed = fixed_file_bytes(tiny_ref, "float16", {"text": str(austen_slice), **CALIB}, "rtn:4:g32")
+    target = round((fixed + (lo + hi) / 2) * 8 / params, 4)
+    plan = make_plan(tiny_ref, target_model_bpw=target, candidates=cands, embed=choices, damage="kl", progress=False,
+                     calib=str(austen_slice), **CALIB)
+    assert set(plan.embed_choices) == {"rtn:2:g32", "rtn:4:g32"}
+    assert plan.embed == min(plan.embed_choices, key=plan.embed_choices.__getitem__)
+    assert plan.embed_choices[plan.embed] == pytest.approx(plan.damage + kl[plan.embed])
+    out = tmp_path / "m.salomi"
+    api.quantize(model=str(tiny_llama_dir), out=out, calib=str(austen_slice), progress=False, reference=tiny_ref,
+                 target_model_bpw=target, candidates=cands, embed=choices, **CALIB)
+    qf = load_quantized(out)
+    assert qf.metadata["recipe"]["embeddings"] == plan.embed and qf.embeddings
+    assert set(qf.metadata["recipe"]["budget"]["embed_choices"]) == set(plan.embed_choices)
+    assert plan.embed == "rtn:4:g32" and target - 0.01 <= qf.model_bpw <= target
+    with pytest.raises(SalomiError, match="need --model-bpw"):
+        make_plan(tiny_ref, target_linear_bpw=2.0, candidates=cands, embed=choices, progress=False,
+                  calib=str(austen_slice), **CALIB)
+    with pytest.raises(SalomiError, match=r"--embed none,rtn.*feasible model bpw range"):
+        make_plan(tiny_ref, target_model_bpw=1.0, candidates=cands, embed=choices, progress=False,
+                  calib=str(austen_slice), **CALIB)
+    with pytest.raises(SalomiError, match="budget to choose"):
+        api.quantize(model=str(tiny_llama_dir), method="binary", out=tmp_path / "x.salomi", embed=choices,
+                     progress=False, reference=tiny_ref, **CALIB)

@@ -36,7 +36,15 @@ import torch
 from salomi.errors import SalomiError
 from salomi.loading.models import linear_names
 from salomi.mixed.allocate import Allocation, allocate, byte_range
-from salomi.mixed.sensitivity import DEFAULT_CANDIDATES, KL_SEG_LEN, KL_SEGMENTS, sensitivity_table, table_costs
+from salomi.mixed.sensitivity import (
+    DEFAULT_CANDIDATES,
+    EMBED_FLOAT,
+    KL_SEG_LEN,
+    KL_SEGMENTS,
+    embedding_damage,
+    sensitivity_table,
+    table_costs,
+)
 
 # Bytes reserved for metadata api.quantize writes that we cannot know here (timings, model id,
 # the --method label), for header space padding, and for the alignment of the tensors stored after the linears.
@@ -61,10 +69,15 @@ class Plan:
     seconds: float
     table_key: str
     histogram: dict[str, int] = field(default_factory=dict)
+    embed: str | None = None  # how the embedding table is packed (None: float)
+    embed_choices: dict[str, float] = field(default_factory=dict)  # --embed choice -> total predicted damage
 
     def summary(self) -> str:
         hist = ", ".join(f"{k}: {v}" for k, v in sorted(self.histogram.items(), key=lambda kv: -kv[1]))
         extra = f", model bpw <= {self.predicted_model_bpw:.4f}" if self.predicted_model_bpw is not None else ""
+        if self.embed_choices:
+            extra += f", embedding {self.embed or EMBED_FLOAT} (" + ", ".join(
+                f"{k}: {v:.4g}" for k, v in self.embed_choices.items()) + ")"
         return (f"{self.target} bpw target {self.target_bpw}: linear bpw {self.predicted_linear_bpw:.4f}{extra}, "
                 f"predicted damage {self.damage:.4g}; {hist}")
 
@@ -150,7 +163,12 @@ def make_plan(
     table: dict[str, Any] | None = None,
     embed: str | None = None,
 ) -> Plan:
-    """Plan a per-layer recipe meeting exactly one of the two targets (see module doc)."""
+    """Plan a per-layer recipe meeting exactly one of the two targets (see module doc).
+
+    `embed` packs the embedding table; with --model-bpw it may list several choices
+    ("none,gptq:3:g64+ls,gptq:4:g64+ls"; "none" keeps it float): each gets the linears' best
+    allocation of what is left, and the one with the least total measured KL (the table's
+    single-layer KLs + the table's own, embedding_damage) wins."""
     from salomi.loading.models import load_reference
 
     start = time.perf_counter()
@@ -160,6 +178,13 @@ def make_plan(
     flag = "--bpw" if target_linear_bpw is not None else "--model-bpw"
     if not math.isfinite(target) or target <= 0:
         raise SalomiError(f"{flag} must be a positive number (got {target})")
+    embeds: list[str | None] = [e.strip() for e in embed.split(",")] if embed else [None]
+    if len(embeds) > 1 and target_model_bpw is None:
+        raise SalomiError(f"--embed {embed!r}: several embedding choices need --model-bpw (the linear target "
+                          f"does not count the table); give one, or use --model-bpw")
+    if len(embeds) > 1 and damage != "kl":
+        raise SalomiError(f"--embed {embed!r}: several embedding choices need --damage kl (the table's damage is "
+                          f"a measured KL)")
     ref = load_reference(reference) if isinstance(reference, str) else reference
     if table is None:
         kl = (KL_SEGMENTS, KL_SEG_LEN) if damage == "kl" else (0, KL_SEG_LEN)
@@ -169,6 +194,8 @@ def make_plan(
     layers = table["layers"]
     weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
     cands = ", ".join(table["candidates"])
+    chosen_embed = None if embeds[0] in (None, EMBED_FLOAT) else embeds[0]
+    embed_totals: dict[str, float] = {}
     if target_linear_bpw is not None:
         lo, hi = byte_range(costs)
         budget = math.floor(target * weights / 8)
@@ -180,17 +207,33 @@ def make_plan(
         model_bpw = None
     else:
         calib_info = {"text": calib, "segments": segments, "seg_len": seg_len, "seed": seed}
-        fixed = fixed_file_bytes(ref, float_dtype, calib_info, embed)
         params = sum(p.numel() for p in ref.model.parameters())
         share = {n: {c: (file_share(n, e["shape"], e["choices"][c], upper=True), d) for c, (_, d) in cs.items()}
                  for n, cs in costs.items() for e in [layers[n]]}
         lo, hi = byte_range(share)
-        budget = math.floor(target * params / 8) - fixed
-        rng = ((fixed + lo) * 8 / params, (fixed + hi) * 8 / params)
-        if not lo <= budget <= hi:
-            raise SalomiError(f"--model-bpw {target}: unreachable with the candidates ({cands}) and {float_dtype} "
-                              f"embeddings/head; the feasible model bpw range is {_fmt_range(*rng)}")
-        a = allocate(share, budget)
+        emb_kl = (embedding_damage(ref, [e for e in embeds if e], calib, segments, seg_len, seed, progress, cache)
+                  if len(embeds) > 1 else {})
+        best: tuple[float, Allocation, int, str | None] | None = None
+        ranges = []
+        for e in embeds:
+            spec = None if e in (None, EMBED_FLOAT) else e
+            fixed = fixed_file_bytes(ref, float_dtype, calib_info, spec)
+            budget = math.floor(target * params / 8) - fixed
+            ranges.append(((fixed + lo) * 8 / params, (fixed + hi) * 8 / params))
+            if budget < lo or (budget > hi and len(embeds) == 1):
+                continue
+            a = allocate(share, min(budget, hi))  # among several choices, one may leave bytes unspent
+            total = a.damage + (emb_kl.get(e, 0.0) if e else 0.0)
+            if len(embeds) > 1:
+                embed_totals[str(e)] = total
+            if best is None or total < best[0]:
+                best = (total, a, fixed, spec)
+        rng = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+        if best is None or target > rng[1]:
+            what = f"{float_dtype} embeddings/head" if embeds == [None] else f"--embed {embed}"
+            raise SalomiError(f"--model-bpw {target}: unreachable with the candidates ({cands}) and {what}; "
+                              f"the feasible model bpw range is {_fmt_range(*rng)}")
+        _, a, fixed, chosen_embed = best
         lin = sum(costs[n][c][0] for n, c in a.choice.items())
         alloc = Allocation(a.choice, lin, a.damage, a.budget, a.exact)
         model_bpw = (fixed + a.bytes) * 8 / params
@@ -199,7 +242,7 @@ def make_plan(
                 budget_bytes=alloc.budget, linear_bytes=alloc.bytes, linear_weights=weights,
                 predicted_linear_bpw=alloc.bytes * 8 / weights, predicted_model_bpw=model_bpw, damage=alloc.damage,
                 feasible_bpw=rng, exact=alloc.exact, seconds=time.perf_counter() - start, table_key=table["key"],
-                histogram=dict(Counter(recipe.values())))
+                histogram=dict(Counter(recipe.values())), embed=chosen_embed, embed_choices=embed_totals)
     if progress:
         print(f"[salomi] plan: {plan.summary()}", file=sys.stderr)
     return plan

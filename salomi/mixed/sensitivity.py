@@ -259,6 +259,63 @@ def sensitivity_table(
     return _select(stored, names, cands, key_s, info, need_kl=need_kl)
 
 
+EMBED_FLOAT = "none"  # the --embed choice that leaves the table in the file's float dtype
+
+
+def embedding_damage(
+    reference: Any,
+    specs: Sequence[str],
+    calib: str = "austen",
+    segments: int = 16,
+    seg_len: int = 512,
+    seed: int = 0,
+    progress: bool = True,
+    cache: bool = True,
+    kl_segments: int = KL_SEGMENTS,
+    kl_seg_len: int = KL_SEG_LEN,
+) -> dict[str, float]:
+    """{spec: measured KL(reference || model) per token when only the embedding table (and the head
+    tied to it, or its own packed head) is quantized with spec}; "none" costs 0. Measured on the same
+    held segments as the per-layer KLs of the sensitivity table, so the two add up in one budget;
+    cached beside it (keyed by the same weights and calibration tokens)."""
+    from salomi.quantizers.embedding import parse_embed_method, quantize_embeddings
+
+    model = reference.model
+    segs = calibration_tokens(reference.tokenizer, calib, segments, seg_len, seed)
+    kl_segs = calibration_tokens(reference.tokenizer, calib, kl_segments, kl_seg_len, seed + 1)
+    info = {"weights": _fingerprint(model), "emb": hashlib.blake2b(
+        model.get_input_embeddings().weight.detach().float().cpu().numpy().tobytes(), digest_size=12).hexdigest(),
+        "tokens": hashlib.blake2b(segs.numpy().tobytes(), digest_size=12).hexdigest(),
+        "kl_tokens": hashlib.blake2b(kl_segs.numpy().tobytes(), digest_size=12).hexdigest(), "version": TABLE_VERSION}
+    key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24]
+    path = _table_path(f"embed-{key}")
+    stored: dict[str, Any] = {"info": info, "kl": {}}
+    if cache and path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            stored = {"info": info, "kl": {}}
+    out: dict[str, float] = {}
+    probe = None
+    for spec in specs:
+        if spec == EMBED_FLOAT:
+            out[spec] = 0.0
+            continue
+        q = parse_embed_method(spec)
+        if q.spec not in stored["kl"]:
+            if probe is None:
+                probe = KLProbe(model, kl_segs)
+            if progress:
+                print(f"[salomi] embedding damage: {q.spec}", file=sys.stderr)
+            packed = quantize_embeddings(model, q, segs if q.needs_hessian else None)
+            swaps = [(model.get_submodule(n), p.dequantize()) for n, p in packed.items()]
+            stored["kl"][q.spec] = probe.kl_with_all(swaps, block=0)
+            if cache:
+                _write_json(path, stored)
+        out[spec] = float(stored["kl"][q.spec])
+    return out
+
+
 class KLProbe:
     """KL(reference || model) per token on fixed segments with one linear's weight swapped.
 
@@ -304,15 +361,22 @@ class KLProbe:
     @torch.no_grad()
     def kl_with(self, module: nn.Module, weight: torch.Tensor, block: int = 0) -> float:
         """KL with `module` (a linear of block `block`) holding `weight`."""
+        return self.kl_with_all([(module, weight)], block)
+
+    @torch.no_grad()
+    def kl_with_all(self, swaps: list[tuple[nn.Module, torch.Tensor]], block: int = 0) -> float:
+        """KL with each (module, weight) of `swaps` swapped in at once (modules of block `block`
+        or later; block 0 also covers the embedding table and the head)."""
         import torch.nn.functional as F
 
         from salomi.calibration.sequential import _set_weight
         from salomi.loading.models import linear_weight
 
-        orig = linear_weight(module).detach().clone()
+        origs = [linear_weight(m).detach().clone() for m, _ in swaps]
         kept = [self.blocks[j] for j in range(block)]
         stand_in = _Replay(self.block_inputs[block], self.tuple_out) if block > 0 else None
-        _set_weight(module, weight.to(orig.device, orig.dtype))
+        for (m, w), orig in zip(swaps, origs, strict=True):
+            _set_weight(m, w.to(orig.device, orig.dtype))
         for j in range(block):
             self.blocks[j] = stand_in if j == 0 else _PassThrough(self.tuple_out)
         try:
@@ -327,7 +391,8 @@ class KLProbe:
         finally:
             for j, b in enumerate(kept):
                 self.blocks[j] = b
-            _set_weight(module, orig)
+            for (m, _), orig in zip(swaps, origs, strict=True):
+                _set_weight(m, orig)
         return max(total / n, 0.0)
 
 
