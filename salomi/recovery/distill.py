@@ -12,7 +12,8 @@ calibration text (Austen by default; never the evaluation text):
    activations are pushed through it for the next block.
 2. end-to-end stage: `steps` Adam steps on all trainable values at once, minimising
    KL(reference || quantized) of the next-token distribution per token. The
-   reference's log-probs are computed per batch (no logits are stored).
+   reference's log-probs are computed per batch (no logits are stored). A packed
+   embedding table (and the head tied to it) trains here too, unless train_embed=False.
 
 Everything is a function of (seed, global step): the calibration segments, the batch
 order (a fresh permutation of the segments per stage and epoch) and the optimizer.

@@ -96,13 +96,13 @@ def save_recovered(
     meta["recovery"] = ([*prev] if isinstance(prev, list) else ([prev] if prev else [])) + [record]
     if len(packed) != len(source.packed) or set(packed) != set(source.packed):
         raise SalomiError("repack: the set of quantized layers changed")
-    # keep the source's tokenizer encoding (files written before compression store raw bytes): same layout
     if embeddings is None:
         embeddings = source.embeddings
     if set(embeddings) != set(source.embeddings):
         raise SalomiError("repack: the set of packed embedding tables changed")
     for name, p in embeddings.items():
         _same_packed_layout(name, source.embeddings[name], p)
+    # keep the source's tokenizer encoding (files written before compression store raw bytes): same layout
     size = save_quantized(out, model, RawTokenizer(source.tokenizer_files), packed, meta, float_dtype_of(source),
                           embeddings, source.metadata.get("tokenizer_encoding") == "zlib")
     check_same_layout(source.path, out)

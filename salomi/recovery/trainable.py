@@ -25,6 +25,9 @@ What is trainable, per format:
     X+lowrank X as above, plus lowrank.u_scale and lowrank.v_scale (relative); the int8 u, v by STE
     X+rot     X as above, in the rotated basis (the fixed Hadamard rotations are applied around it)
     other     frozen entirely (the layer keeps its exact bytes)
+
+A packed embedding table (grid) trains like a grid linear: TrainableEmbedding decodes only the
+looked-up rows, and a tied head is a TrainableLinear over the same view.
 """
 
 from __future__ import annotations
