@@ -36,12 +36,22 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) -> Path:
+    return _save_tiny(_tiny_llama_config(tied=True), gpt2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def untied_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) -> Path:
+    """The tiny Llama with its own output head (not tied to the embedding table)."""
+    return _save_tiny(_tiny_llama_config(tied=False), gpt2_tokenizer_dir,
+                      tmp_path_factory.mktemp("untied-llama"))
+
+
+def _tiny_llama_config(tied: bool):  # noqa: ANN202
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+    return LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=50257, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
-    return _save_tiny(cfg, gpt2_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+                      tie_word_embeddings=tied, bos_token_id=50256, eos_token_id=50256)
 
 
 @pytest.fixture(scope="session")

@@ -166,13 +166,18 @@ def test_vq_train_codes_recovery_moves_codes_and_resumes(tiny_llama_dir: Path, a
 
     with pytest.raises(SalomiError, match="code-flip"):
         run_recover(src, tmp_path / "bad.salomi", **{**kw, "code_flip": 1.5})
-    out = tmp_path / "part.salomi"
-    run_recover(src, out, stop_after=5, **kw)
+    _assert_resumes(src, tmp_path / "part.salomi", kw, full, b, codes, stop_after=5)
+
+
+def _assert_resumes(src: Path, out: Path, kw: dict, full: dict, full_file: container.Container, names: list[str],
+                    stop_after: int) -> None:
+    """Interrupted after `stop_after` steps and resumed: the same loss curve and the same `names` tensors."""
+    run_recover(src, out, stop_after=stop_after, **kw)
     r = run_recover(src, out, resume=True, **kw)
     np.testing.assert_allclose(r["losses"], full["losses"], rtol=0, atol=1e-6)
     c = container.load(out)
-    for n in codes:
-        assert np.array_equal(b.tensors[n], c.tensors[n]), n
+    for n in names:
+        assert np.array_equal(full_file.tensors[n], c.tensors[n]), n
 
 
 def _formats() -> list[str]:
@@ -280,18 +285,6 @@ def test_nearest_from_a_guess_equals_the_full_search() -> None:
             assert torch.equal(nearest_from(near, cb, guess), _nearest(near, cb))
 
 
-@pytest.fixture(scope="module")
-def untied_llama_dir(tmp_path_factory: pytest.TempPathFactory, gpt2_tokenizer_dir: Path) -> Path:
-    from transformers import LlamaConfig
-
-    from tests.conftest import _save_tiny
-
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=50257, max_position_embeddings=512,
-                      tie_word_embeddings=False, bos_token_id=50256, eos_token_id=50256)
-    return _save_tiny(cfg, gpt2_tokenizer_dir, tmp_path_factory.mktemp("untied-llama"))
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_embeddings_train_keep_layout_and_resume(tied: bool, tiny_llama_dir: Path, untied_llama_dir: Path,
                                                         austen_slice: Path, tmp_path: Path) -> None:
@@ -325,10 +318,4 @@ def test_packed_embeddings_train_keep_layout_and_resume(tied: bool, tiny_llama_d
     # The written file computes what training ended at (the KL after is measured on the repacked file).
     rows = api.evaluate_files([tmp_path / "full.salomi"], text=str(austen_slice), seq_len=32, windows=1, progress=False)
     assert rows[0]["ppl"] > 0
-    out = tmp_path / "part.salomi"
-    run_recover(src, out, stop_after=3, **kw)
-    r = run_recover(src, out, resume=True, **kw)
-    np.testing.assert_allclose(r["losses"], full["losses"], rtol=0, atol=1e-6)
-    cr = container.load(out)
-    for n in table:
-        assert np.array_equal(cb.tensors[n], cr.tensors[n]), n
+    _assert_resumes(src, tmp_path / "part.salomi", kw, full, cb, table, stop_after=3)
