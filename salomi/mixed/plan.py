@@ -143,6 +143,11 @@ def fixed_file_bytes(reference: Any, float_dtype: str = "float16", calib_info: d
     return size - lower + MARGIN_BYTES
 
 
+def _embed_spec(choice: str | None) -> str | None:
+    """The --embed method of one choice; None keeps the table float."""
+    return None if choice in (None, EMBED_FLOAT) else choice
+
+
 def _fmt_range(lo: float, hi: float) -> str:
     return f"{math.ceil(lo * 1e4) / 1e4:.4f}..{math.floor(hi * 1e4) / 1e4:.4f}"
 
@@ -194,7 +199,7 @@ def make_plan(
     layers = table["layers"]
     weights = sum(e["shape"][0] * e["shape"][1] for e in layers.values())
     cands = ", ".join(table["candidates"])
-    chosen_embed = None if embeds[0] in (None, EMBED_FLOAT) else embeds[0]
+    chosen_embed = _embed_spec(embeds[0])
     embed_totals: dict[str, float] = {}
     if target_linear_bpw is not None:
         lo, hi = byte_range(costs)
@@ -216,14 +221,14 @@ def make_plan(
         best: tuple[float, Allocation, int, str | None] | None = None
         ranges = []
         for e in embeds:
-            spec = None if e in (None, EMBED_FLOAT) else e
+            spec = _embed_spec(e)
             fixed = fixed_file_bytes(ref, float_dtype, calib_info, spec)
             budget = math.floor(target * params / 8) - fixed
             ranges.append(((fixed + lo) * 8 / params, (fixed + hi) * 8 / params))
             if budget < lo or (budget > hi and len(embeds) == 1):
                 continue
             a = allocate(share, min(budget, hi))  # among several choices, one may leave bytes unspent
-            total = a.damage + (emb_kl.get(e, 0.0) if e else 0.0)
+            total = a.damage + emb_kl.get(e, 0.0)  # "none" and a single choice cost 0 here
             if len(embeds) > 1:
                 embed_totals[str(e)] = total
             if best is None or total < best[0]:

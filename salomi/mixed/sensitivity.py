@@ -156,6 +156,14 @@ def _write_json(path, obj: dict[str, Any]) -> None:  # noqa: ANN001
     tmp.replace(path)
 
 
+def _read_json(path) -> dict[str, Any] | None:  # noqa: ANN001
+    """A cached table, or None if it is missing or unreadable (then it is rebuilt)."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
 def calibration_tokens(tokenizer: Any, calib: str, segments: int, seg_len: int, seed: int) -> torch.Tensor:
     """The calibration segments exactly as api.quantize draws them."""
     from salomi.api import _text_ids
@@ -202,13 +210,9 @@ def sensitivity_table(
     key_s = key.hexdigest()[:24]
     path = _table_path(key_s)
     stored: dict[str, Any] = {"info": info, "layers": {}}
-    if cache and path.exists():
-        try:
-            stored = json.loads(path.read_text())
-            if stored.get("info", {}).get("weights") != info["weights"]:
-                stored = {"info": info, "layers": {}}
-        except (OSError, ValueError):
-            stored = {"info": info, "layers": {}}
+    cached = _read_json(path) if cache else None
+    if cached is not None and cached.get("info", {}).get("weights") == info["weights"]:
+        stored = cached
     names = linear_names(model)
     need_kl = kl_segments > 0
     kl_probe = None
@@ -289,12 +293,7 @@ def embedding_damage(
         "kl_tokens": hashlib.blake2b(kl_segs.numpy().tobytes(), digest_size=12).hexdigest(), "version": TABLE_VERSION}
     key = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:24]
     path = _table_path(f"embed-{key}")
-    stored: dict[str, Any] = {"info": info, "kl": {}}
-    if cache and path.exists():
-        try:
-            stored = json.loads(path.read_text())
-        except (OSError, ValueError):
-            stored = {"info": info, "kl": {}}
+    stored: dict[str, Any] = (_read_json(path) if cache else None) or {"info": info, "kl": {}}
     out: dict[str, float] = {}
     probe = None
     for spec in specs:

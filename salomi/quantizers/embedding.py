@@ -13,6 +13,8 @@ get_output_embeddings), so every architecture `transformers` loads is covered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import nn
@@ -84,11 +86,15 @@ class QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.packed.method}, {self.packed.bpw:.3f} bpw"
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise IndexError(f"token id out of range for a vocabulary of {self.num_embeddings}")
-        uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
-        rows = dequantize_rows(self.packed, uniq)
-        return rows.to(ids.device)[inv].reshape(*ids.shape, self.embedding_dim)
+        return lookup_rows(ids, self.num_embeddings, self.embedding_dim, lambda rows: dequantize_rows(self.packed, rows))
+
+
+def lookup_rows(ids: torch.Tensor, vocab: int, dim: int, decode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Embedding lookup that decodes each distinct token's row once: decode(unique ids) -> [n, dim]."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise IndexError(f"token id out of range for a vocabulary of {vocab}")
+    uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
+    return decode(uniq).to(ids.device)[inv].reshape(*ids.shape, dim)
 
 
 @torch.no_grad()

@@ -560,10 +560,9 @@ class TrainableEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = view.p.shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise IndexError(f"token id out of range for a vocabulary of {self.num_embeddings}")
-        uniq, inv = torch.unique(ids.reshape(-1), return_inverse=True)
-        return self.view.weight_rows(uniq)[inv].reshape(*ids.shape, self.embedding_dim)
+        from salomi.quantizers.embedding import lookup_rows
+
+        return lookup_rows(ids, self.num_embeddings, self.embedding_dim, self.view.weight_rows)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.view.p.format}, trainable: {self.view.trainable or '-'}"
