@@ -147,6 +147,27 @@ def test_vq_codes_follow_their_latent_to_the_nearest_centroid() -> None:
     torch.testing.assert_close(v.weight().detach(), moved.dequantize(), rtol=1e-6, atol=1e-6)
 
 
+def test_vq_codebook_gradient_sums_per_centroid_also_after_codes_move() -> None:
+    """The codebook's gradient (a sparse one-hot matmul, cached per set of codes) equals the
+    scatter-add of embedding's backward, and follows codes moved in place."""
+    import torch.nn.functional as F
+
+    from salomi.quantizers.spec import parse_method
+
+    g = torch.Generator().manual_seed(2)
+    p = parse_method("vq:d2:k16").quantize(torch.randn(8, 32, generator=g))
+    v = make_view(p, train_codes=True, code_flip=1.0)
+    for _ in range(2):
+        up = torch.randn(8, 32, generator=g)
+        v.codebook.delta.grad = None
+        (v.weight() * up).sum().backward()
+        cb = v.codebook.value().detach().requires_grad_()
+        (F.embedding(v.codes, cb).reshape(8, 32) * v.scale.value().detach()[:, None] * up).sum().backward()
+        torch.testing.assert_close(v.codebook.delta.grad, cb.grad * v.codebook.mag)
+        with torch.no_grad():
+            v.codes.copy_((v.codes + 3) % 16)  # every code moves: a stale one-hot would give other sums
+
+
 def test_vq_train_codes_recovery_moves_codes_and_resumes(tiny_llama_dir: Path, austen_slice: Path,
                                                           tmp_path: Path) -> None:
     from salomi import api

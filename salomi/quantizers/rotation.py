@@ -87,42 +87,66 @@ def _mats(n: int) -> tuple[torch.Tensor, ...]:
             m = np.ones((1, 1), dtype=np.int64)
             while m.shape[0] < f:
                 m = np.kron(m, _BASES[2])
-        out.append(torch.from_numpy(m.astype(np.float32)))
+        out.append(torch.from_numpy(m.astype(np.float64)))
     return tuple(out)
 
 
-def transform(x: torch.Tensor, seed: int, inverse: bool = False) -> torch.Tensor:
-    """V x along the last dim (V = H diag(s) / sqrt(n)); with inverse, V^T x."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    s = _signs(n, seed).to(x.device, x.dtype)
+@lru_cache(maxsize=64)
+def _pair(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """H_n = kron(A, B) as two dense blocks, split where a + b is least (576 -> 12 x 48,
+    1536 -> 12 x 128), with 1/sqrt(n) folded into B. Two dense matmuls over the whole
+    tensor beat one small contraction (and a permuted copy) per Hadamard factor: ~4x
+    faster on the default model's weights, forward and backward."""
     mats = _mats(n)
-    y = (x if inverse else x * s).reshape(*lead, *(m.shape[0] for m in mats))
-    for axis, m in enumerate(mats):
-        # H_n = kron(blocks): contract each block with its own axis (H^T for the inverse).
-        m = m.to(x.device, x.dtype)
-        ax = len(lead) + axis
-        y = torch.movedim(torch.tensordot(y, m if inverse else m.T, dims=([ax], [0])), -1, ax)
-    y = y.reshape(*lead, n) * (1.0 / float(np.sqrt(n)))
+    sizes = [m.shape[0] for m in mats]
+    k = min(range(len(mats) + 1), key=lambda j: int(np.prod(sizes[:j])) + int(np.prod(sizes[j:])))
+    a, b = torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    for m in mats[:k]:
+        a = torch.kron(a, m)
+    for m in mats[k:]:
+        b = torch.kron(b, m)
+    return a.to(device, dtype), (b / float(np.sqrt(n))).to(device, dtype)
+
+
+def transform(x: torch.Tensor, seed: int, inverse: bool = False, dim: int = -1) -> torch.Tensor:
+    """V x along dim (-1: every row; 0: every column of a 2-D x), V = H diag(s) / sqrt(n);
+    with inverse, V^T x. Differentiable."""
+    if dim not in (-1, 0, x.dim() - 1):
+        raise ValueError("transform runs along the last dim or, for a 2-D tensor, dim 0")
+    last = dim != 0 or x.dim() == 1
+    n = x.shape[-1] if last else x.shape[0]
+    s = _signs(n, seed).to(x.device, x.dtype)
+    if not last:
+        s = s.reshape(n, *([1] * (x.dim() - 1)))
+    a, b = _pair(n, x.dtype, str(x.device))
+    if inverse:
+        a, b = a.T, b.T
+    y = x if inverse else x * s
+    na, nb = a.shape[0], b.shape[0]
+    if last:  # each row as an [na, nb] matrix X: A X B^T
+        shape = y.shape
+        y = y.reshape(-1, nb) @ b.T
+        y = torch.matmul(a, y.reshape(-1, na, nb)).reshape(shape)
+    else:  # each column likewise, over all columns at once
+        m = y.shape[1]
+        y = (a @ y.reshape(na, nb * m)).reshape(na, nb, m)
+        y = torch.matmul(b, y).reshape(n, m)
     return y * s if inverse else y
 
 
 def rotate_weight(w: torch.Tensor, seed: int) -> torch.Tensor:
     """W' = U W V^T (U from seed + 1 over the output dim, V from seed over the input dim)."""
-    wv = transform(w.float(), seed)  # rows: V w_r  ->  W V^T
-    return transform(wv.T.contiguous(), seed + 1).T.contiguous()  # columns: U (.)
+    return transform(transform(w.float(), seed), seed + 1, dim=0)
 
 
 def unrotate_weight(q: torch.Tensor, seed: int) -> torch.Tensor:
     """U^T Q V."""
-    qv = transform(q.float(), seed, inverse=True)
-    return transform(qv.T.contiguous(), seed + 1, inverse=True).T.contiguous()
+    return transform(transform(q.float(), seed, inverse=True), seed + 1, inverse=True, dim=0)
 
 
 def rotate_hessian(h: torch.Tensor, seed: int) -> torch.Tensor:
     """V H V^T (float64 in, float64 out)."""
-    hv = transform(h.double(), seed)
-    return transform(hv.T.contiguous(), seed)
+    return transform(transform(h.double(), seed), seed, dim=0)
 
 
 def rot_seed(p: PackedLinear, where: str | None = None) -> int:

@@ -33,6 +33,7 @@ looked-up rows, and a tied head is a TrainableLinear over the same view.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -68,6 +69,32 @@ def ste_sign(u: torch.Tensor) -> torch.Tensor:
     """+1 / -1 (u >= 0) forward, gradient of clamp(u, -1, 1)."""
     c = u.clamp(-1.0, 1.0)
     return c + (torch.where(u >= 0, 1.0, -1.0) - c).detach()
+
+
+class _Lookup(torch.autograd.Function):
+    """table[idx] whose backward sums the gradient per table row through a sparse [rows, len(idx)]
+    one-hot matrix (CSR, built once per set of codes): ~25x faster than embedding's backward on
+    a VQ layer's 100k-400k codes into 16-256 centroids (equal up to the order of float sums)."""
+
+    @staticmethod
+    def forward(ctx: Any, table: torch.Tensor, idx: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        ctx.onehot = onehot
+        return table.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return ctx.onehot @ grad.contiguous(), None, None
+
+
+def onehot_csr(idx: torch.Tensor, rows: int) -> torch.Tensor:
+    """The [rows, len(idx)] matrix with a 1 at (idx[j], j), as int32-indexed CSR."""
+    order = torch.argsort(idx, stable=True)
+    crow = torch.zeros(rows + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = torch.cumsum(torch.bincount(idx, minlength=rows), 0)
+    ones = torch.ones(len(idx), device=idx.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the matmul used here is long-standing
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow.int(), order.int(), ones, size=(rows, len(idx)), check_invariants=False)
 
 
 class Cont(nn.Module):
@@ -320,7 +347,10 @@ class VQView(View):
 
     def weight(self) -> torch.Tensor:
         o, i = self.p.shape
-        v = F.embedding(self.codes, self.codebook.value())
+        key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
+        if getattr(self, "_onehot", (None,))[0] != key:  # codes moved (update_codes) or changed device
+            self._onehot = (key, onehot_csr(self.codes, len(self.codebook.base)))
+        v = _Lookup.apply(self.codebook.value(), self.codes, self._onehot[1])
         if hasattr(self, "latent"):
             lat = self.latent * self.unit
             v = v + (lat - lat.detach())
