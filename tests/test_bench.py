@@ -57,3 +57,21 @@ def test_bad_rounds_and_failing_llamacpp_cmd_are_errors(tmp_path: Path) -> None:
         bench.run_bench([], rounds=0)
     with pytest.raises(SalomiError, match="--llamacpp-cmd failed"):
         bench.run_bench([], llamacpp_json=str(tmp_path / "x.json"), llamacpp_cmd="exit 3")
+
+
+def test_recovery_step_bench_times_real_steps(packed: Path, tmp_path: Path) -> None:
+    """bench/recovery_step.py runs the CLI's end-to-end steps: warm-up apart, the median of the timed ones."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recovery_step", Path(__file__).parents[1] / "bench" / "recovery_step.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    assert mod.main([str(packed), "--steps", "2", "--warmup", "1", "--segments", "4", "--seg-len", "32",
+                     "--batch", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert [s["warmup"] for s in r["steps"]] == [True, False, False]
+    assert all(s["seconds"] > 0 and s["loss"] >= 0 and s["minor_faults_M"] >= 0 for s in r["steps"])
+    assert r["median_step_s"] == pytest.approx((r["steps"][1]["seconds"] + r["steps"][2]["seconds"]) / 2)
+    assert r["peak_rss_mb"] > 0
