@@ -864,36 +864,20 @@ A5I void vq8_flush64(__m512i lo16, __m512i hi16, float scale, float acc[64]) {
     }
 }
 
-/* vq8_group_scalar for groups il0 and il1 at once (acc[0..31] = il0's rows, acc[32..63] = il1's). */
-A5VI void vq8_group2_body(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
-                         const int64_t tsz, float scale, float acc[64]) {
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512i lo16 = _mm512_setzero_si512(), hi16 = _mm512_setzero_si512();
-    for (int64_t v = v0; v < v1; v += 2) {
-        _mm_prefetch((const char *)(il0 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(il1 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
-        const __m512i r0 = vq8_lookup64(vq8_codes64(il0, il1, v * 32), T + (v - v0) * tsz, tsz);
-        const __m512i r1 = v + 1 < v1 ? vq8_lookup64(vq8_codes64(il0, il1, (v + 1) * 32), T + (v + 1 - v0) * tsz, tsz)
-                                      : _mm512_setzero_si512();
-        lo16 = _mm512_add_epi16(lo16, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
-        hi16 = _mm512_add_epi16(hi16, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
-    }
-    vq8_flush64(lo16, hi16, scale, acc);
-}
-
-/* 8 groups (256 rows) per table read: il0 is the first group's codes, gs the bytes from one
- * group to the next; the four group pairs share each column's table registers (a 256-entry
- * table is 4 zmm, read once per 256 rows instead of once per 64). Each pair's sums are
- * vq8_group2_body's, flushed in the same order. */
-A5VI void vq8_group8_body(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T, const int64_t tsz,
-                         float scale, float acc[256]) {
+/* vq8_group_scalar for np group pairs at once (np = 1: 64 rows; 4: 256 rows), il0 the first
+ * group's codes and gs the bytes from one group to the next (0: a lone last group beside itself).
+ * The pairs share each column's table registers (a 256-entry table is 4 zmm, read once per
+ * np * 64 rows), and with np = 4 the thread reads 8 code streams at once. acc[64 j ..] holds pair
+ * j's rows; every pair's sums and flush are the same whatever np: the same bits. */
+A5VI void vq8_groups_body(const uint8_t *il0, int64_t gs, const int np, int64_t v0, int64_t v1, const int8_t *T,
+                         const int64_t tsz, float scale, float *acc) {
     const __m512i ones = _mm512_set1_epi8(1);
     __m512i lo16[4], hi16[4];
-    for (int j = 0; j < 4; j++) lo16[j] = hi16[j] = _mm512_setzero_si512();
+    for (int j = 0; j < np; j++) lo16[j] = hi16[j] = _mm512_setzero_si512();
     for (int64_t v = v0; v < v1; v += 2) {
         const int has1 = v + 1 < v1;
         const vq8_treg ta = vq8_tload(T + (v - v0) * tsz, tsz), tb = vq8_tload(T + (v + has1 - v0) * tsz, tsz);
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < np; j++) {
             const uint8_t *g0 = il0 + 2 * j * gs, *g1 = g0 + gs;
             _mm_prefetch((const char *)(g0 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)(g1 + v * 32) + VQ8_PREFETCH, _MM_HINT_T0);
@@ -903,66 +887,42 @@ A5VI void vq8_group8_body(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1
             hi16[j] = _mm512_add_epi16(hi16[j], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
         }
     }
-    for (int j = 0; j < 4; j++) vq8_flush64(lo16[j], hi16[j], scale, acc + 64 * j);
+    for (int j = 0; j < np; j++) vq8_flush64(lo16[j], hi16[j], scale, acc + 64 * j);
+}
+
+A5VI void vq8_groups_tsz(const uint8_t *il0, int64_t gs, const int np, int64_t v0, int64_t v1, const int8_t *T,
+                        int64_t tsz, float scale, float *acc) {
+    switch (tsz) { /* a constant table size per loop */
+    case 16: vq8_groups_body(il0, gs, np, v0, v1, T, 16, scale, acc); break;
+    case 32: vq8_groups_body(il0, gs, np, v0, v1, T, 32, scale, acc); break;
+    case 64: vq8_groups_body(il0, gs, np, v0, v1, T, 64, scale, acc); break;
+    case 128: vq8_groups_body(il0, gs, np, v0, v1, T, 128, scale, acc); break;
+    default: vq8_groups_body(il0, gs, np, v0, v1, T, 256, scale, acc); break;
+    }
 }
 
 A5V static void vq8_group8_avx512(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T,
                                  int64_t tsz, float scale, float acc[256]) {
-    switch (tsz) { /* a constant table size per loop */
-    case 16: vq8_group8_body(il0, gs, v0, v1, T, 16, scale, acc); break;
-    case 32: vq8_group8_body(il0, gs, v0, v1, T, 32, scale, acc); break;
-    case 64: vq8_group8_body(il0, gs, v0, v1, T, 64, scale, acc); break;
-    case 128: vq8_group8_body(il0, gs, v0, v1, T, 128, scale, acc); break;
-    default: vq8_group8_body(il0, gs, v0, v1, T, 256, scale, acc); break;
-    }
+    vq8_groups_tsz(il0, gs, 4, v0, v1, T, tsz, scale, acc);
 }
 
 A5V static void vq8_group2_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
                                  int64_t tsz, float scale, float acc[64]) {
-    switch (tsz) { /* a constant table size per loop */
-    case 16: vq8_group2_body(il0, il1, v0, v1, T, 16, scale, acc); break;
-    case 32: vq8_group2_body(il0, il1, v0, v1, T, 32, scale, acc); break;
-    case 64: vq8_group2_body(il0, il1, v0, v1, T, 64, scale, acc); break;
-    case 128: vq8_group2_body(il0, il1, v0, v1, T, 128, scale, acc); break;
-    default: vq8_group2_body(il0, il1, v0, v1, T, 256, scale, acc); break;
-    }
+    vq8_groups_tsz(il0, il1 - il0, 1, v0, v1, T, tsz, scale, acc);
 }
 
-/* vq8_group_nib_avx2 for groups il0 and il1 at once (AVX512BW only: 16-entry tables). */
-A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
-                                     float scale, float acc[64]) {
-    const __m512i ones = _mm512_set1_epi8(1), low = _mm512_set1_epi8(15);
-    __m512i lo16 = _mm512_setzero_si512(), hi16 = _mm512_setzero_si512();
-    for (int64_t v = v0; v < v1; v += 2) {
-        _mm_prefetch((const char *)(il0 + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(il1 + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
-        const __m512i c = vq8_codes64(il0, il1, v / 2 * 32);
-        const int8_t *t = T + (v - v0) * 16;
-        const __m512i r0 = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t)),
-                                               _mm512_and_si512(c, low));
-        const __m512i r1 = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(t + 16))),
-                                               _mm512_and_si512(_mm512_srli_epi16(c, 4), low));
-        lo16 = _mm512_add_epi16(lo16, _mm512_maddubs_epi16(ones, _mm512_unpacklo_epi8(r0, r1)));
-        hi16 = _mm512_add_epi16(hi16, _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
-    }
-    vq8_flush64(lo16, hi16, scale, acc);
-}
-
-/* vq8_group2_nib_avx512 for 8 groups (256 rows) at once, il0 the first group's codes and gs the
- * bytes from one group to the next: each column pair's two 16-entry tables are read once for the
- * four group pairs, and the thread reads 8 code streams at once (a memory-level-parallelism
- * lever: on Ice Lake one read stream per thread reaches ~50% of the copy bandwidth, eight ~70%).
- * Each pair's sums and flush are vq8_group2_nib_avx512's: the same bits. */
-A5 static void vq8_group8_nib_avx512(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T,
-                                     float scale, float acc[256]) {
+/* vq8_groups_body for nibble codes (16-entry tables, two vector columns per code byte; AVX512BW
+ * only). */
+A5I void vq8_groups_nib(const uint8_t *il0, int64_t gs, const int np, int64_t v0, int64_t v1, const int8_t *T,
+                        float scale, float *acc) {
     const __m512i ones = _mm512_set1_epi8(1), low = _mm512_set1_epi8(15);
     __m512i lo16[4], hi16[4];
-    for (int j = 0; j < 4; j++) lo16[j] = hi16[j] = _mm512_setzero_si512();
+    for (int j = 0; j < np; j++) lo16[j] = hi16[j] = _mm512_setzero_si512();
     for (int64_t v = v0; v < v1; v += 2) {
         const int8_t *t = T + (v - v0) * 16;
         const __m512i ta = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)t)),
                       tb = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(t + 16)));
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < np; j++) {
             const uint8_t *g0 = il0 + 2 * j * gs, *g1 = g0 + gs;
             _mm_prefetch((const char *)(g0 + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
             _mm_prefetch((const char *)(g1 + v / 2 * 32) + VQ8_PREFETCH, _MM_HINT_T0);
@@ -973,7 +933,17 @@ A5 static void vq8_group8_nib_avx512(const uint8_t *il0, int64_t gs, int64_t v0,
             hi16[j] = _mm512_add_epi16(hi16[j], _mm512_maddubs_epi16(ones, _mm512_unpackhi_epi8(r0, r1)));
         }
     }
-    for (int j = 0; j < 4; j++) vq8_flush64(lo16[j], hi16[j], scale, acc + 64 * j);
+    for (int j = 0; j < np; j++) vq8_flush64(lo16[j], hi16[j], scale, acc + 64 * j);
+}
+
+A5 static void vq8_group2_nib_avx512(const uint8_t *il0, const uint8_t *il1, int64_t v0, int64_t v1, const int8_t *T,
+                                     float scale, float acc[64]) {
+    vq8_groups_nib(il0, il1 - il0, 1, v0, v1, T, scale, acc);
+}
+
+A5 static void vq8_group8_nib_avx512(const uint8_t *il0, int64_t gs, int64_t v0, int64_t v1, const int8_t *T,
+                                     float scale, float acc[256]) {
+    vq8_groups_nib(il0, gs, 4, v0, v1, T, scale, acc);
 }
 #endif
 
