@@ -145,3 +145,37 @@ def test_hessian_factor_does_not_depend_on_the_thread_count() -> None:
             assert torch.get_num_threads() == 2  # restored after the factorisation
     finally:
         torch.set_num_threads(n)
+
+
+def test_one_thread_section_restores_each_threads_count_when_entries_overlap() -> None:
+    """Two quantizations on two Python threads whose one-thread sections overlap, the main one
+    leaving first: each thread gets its own count back (torch's OpenMP count is per thread)."""
+    import threading
+
+    from salomi.quantizers.gptq import _one_cpu_thread
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other() -> None:
+        before = torch.get_num_threads()
+        with _one_cpu_thread():
+            inside.set()
+            release.wait(10)
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads() == before)
+
+    try:
+        t = threading.Thread(target=other)
+        with _one_cpu_thread():
+            t.start()
+            assert inside.wait(10)
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2  # back while the other section is still open
+        release.set()
+        t.join(10)
+        assert seen == [1, True] and torch.get_num_threads() == 2
+    finally:
+        release.set()
+        torch.set_num_threads(n)

@@ -47,7 +47,11 @@ def check_hessian(hessian: torch.Tensor | None, n_in: int, spec: str) -> None:
 def _one_cpu_thread() -> Iterator[None]:
     """LAPACK's blocked Cholesky rounds differently on 1 and 2 threads (seen as ~1e-13 in U), and a
     quantizer's later choices can amplify that into other codes: the factorisations run on one
-    thread so a file does not depend on torch's thread count (at <= 1536 columns it costs ~0.1 s)."""
+    thread so a file does not depend on torch's thread count (at <= 1536 columns it costs ~0.1 s).
+    With torch's OpenMP backend the count is per thread (a thread started meanwhile inherits it),
+    so saving and restoring it here is right even when quantizations overlap on several Python
+    threads; a shared save restored by the last one out would leave the others on one thread
+    (pinned by a test)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
