@@ -168,6 +168,52 @@ def test_vq_codebook_gradient_sums_per_centroid_also_after_codes_move() -> None:
             v.codes.copy_((v.codes + 3) % 16)  # every code moves: a stale one-hot would give other sums
 
 
+@pytest.mark.parametrize("spec", ["vq:d2:k16", "vq:d4:k64+ls+rot", "gptq:2:g32+rot"])
+def test_hand_written_backwards_match_autograd(spec: str) -> None:
+    """The VQ decode and the +rot unrotation have their own backward (nothing of weight size
+    saved; light VQ views skip checkpointing): same weight and same gradients as autograd
+    through embedding, the row scale and the transforms."""
+    import torch.nn.functional as F
+
+    from salomi.quantizers.rotation import unrotate_weight
+    from salomi.quantizers.spec import parse_method
+
+    g = torch.Generator().manual_seed(3)
+    q = parse_method(spec)
+    x = torch.randn(256, 64, generator=g)
+    p = q.quantize(torch.randn(24, 64, generator=g), 2 * x.T @ x / 256 if q.needs_hessian else None)
+    v = make_view(p)
+    inner = getattr(v, "inner", v)
+    assert v.light == spec.startswith("vq")
+    with torch.no_grad():
+        for c in v.conts():
+            c.delta.add_(0.01 * torch.randn(c.delta.shape, generator=g))
+    up = torch.randn(24, 64, generator=g)
+    (v.weight() * up).sum().backward()
+    got = [c.delta.grad.clone() for c in v.conts()]
+    for c in v.conts():
+        c.delta.grad = None
+    with torch.no_grad():
+        q0 = inner.weight()
+    if spec.startswith("vq"):
+        cb = inner.codebook.value().detach().requires_grad_()
+        sc = inner.scale.value().detach().requires_grad_()
+        q0 = F.embedding(inner.codes, cb).reshape(24, 64) * sc[:, None]
+        leaves = [(cb, inner.codebook), (sc, inner.scale)]
+    else:  # the grid's own view under the rotation, through autograd's transforms
+        q0 = inner.weight()
+        leaves = []
+    w = unrotate_weight(q0, v.seed) if hasattr(v, "inner") else q0
+    torch.testing.assert_close(v.weight().detach(), w.detach())
+    (w * up).sum().backward()
+    if leaves:
+        for a, (leaf, cont) in zip(got, leaves):
+            torch.testing.assert_close(a, leaf.grad * cont.mag, rtol=1e-4, atol=1e-6)
+    else:
+        for a, c in zip(got, v.conts()):
+            torch.testing.assert_close(a, c.delta.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_vq_train_codes_recovery_moves_codes_and_resumes(tiny_llama_dir: Path, austen_slice: Path,
                                                           tmp_path: Path) -> None:
     from salomi import api

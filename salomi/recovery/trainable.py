@@ -97,6 +97,46 @@ def onehot_csr(idx: torch.Tensor, rows: int) -> torch.Tensor:
         return torch.sparse_csr_tensor(crow.int(), order.int(), ones, size=(rows, len(idx)), check_invariants=False)
 
 
+class _VQDecode(torch.autograd.Function):
+    """codebook[codes] (as [out, in]) * scale[:, None] saving nothing of weight size: backward
+    rebuilds the lookup once. Keeps a VQ view's graph light enough to skip checkpointing."""
+
+    @staticmethod
+    def forward(ctx: Any, codebook: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, onehot: torch.Tensor,
+                shape: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(codebook, scale)
+        ctx.codes, ctx.onehot, ctx.shape = codes, onehot, shape
+        return codebook.index_select(0, codes).view(shape).mul_(scale[:, None])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        codebook, scale = ctx.saved_tensors
+        g_cb = g_scale = None
+        if ctx.needs_input_grad[0]:
+            g_cb = ctx.onehot @ (grad * scale[:, None]).view(-1, codebook.shape[1])
+        if ctx.needs_input_grad[1]:
+            g_scale = codebook.index_select(0, ctx.codes).view(ctx.shape).mul_(grad).sum(1)
+        return g_cb, g_scale, None, None, None
+
+
+class _Unrotate(torch.autograd.Function):
+    """unrotate_weight (W = U^T Q V) with its adjoint as backward (dQ = U dW V^T): nothing saved,
+    where autograd through the transforms would keep their intermediates."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, seed: int) -> torch.Tensor:
+        from salomi.quantizers.rotation import unrotate_weight
+
+        ctx.seed = seed
+        return unrotate_weight(q, seed)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        from salomi.quantizers.rotation import rotate_weight
+
+        return rotate_weight(grad, ctx.seed), None
+
+
 class Cont(nn.Module):
     """A stored continuous tensor made trainable: value = base + mag * delta."""
 
@@ -132,6 +172,7 @@ class View(nn.Module):
 
     trainable: str = ""
     frozen: str = ""
+    light = False  # weight()'s graph saves nothing of weight size: no need to checkpoint it
 
     def __init__(self, p: PackedLinear) -> None:
         super().__init__()
@@ -325,6 +366,7 @@ class VQView(View):
             self.latent = nn.Parameter(c[codes] / self.unit)
         else:
             self.trainable, self.frozen = "codebook, scale", "codes (train them with --train-codes --code-flip F)"
+            self.light = True
             self.register_buffer("codes", codes, persistent=False)
 
     @torch.no_grad()
@@ -350,10 +392,11 @@ class VQView(View):
         key = (self.codes.data_ptr(), self.codes._version, self.codes.device)
         if getattr(self, "_onehot", (None,))[0] != key:  # codes moved (update_codes) or changed device
             self._onehot = (key, onehot_csr(self.codes, len(self.codebook.base)))
+        if not hasattr(self, "latent"):
+            return _VQDecode.apply(self.codebook.value(), self.scale.value(), self.codes, self._onehot[1], (o, i))
         v = _Lookup.apply(self.codebook.value(), self.codes, self._onehot[1])
-        if hasattr(self, "latent"):
-            lat = self.latent * self.unit
-            v = v + (lat - lat.detach())
+        lat = self.latent * self.unit
+        v = v + (lat - lat.detach())
         return v.reshape(o, i) * self.scale.value()[:, None]
 
     def new_tensors(self) -> dict[str, np.ndarray]:
@@ -513,11 +556,10 @@ class RotView(View):
         self.inner = make_view(split_rot(p), train_codes, code_flip)
         self.seed = int(p.params["rot_seed"])
         self.trainable, self.frozen = self.inner.trainable, self.inner.frozen
+        self.light = self.inner.light
 
     def weight(self) -> torch.Tensor:
-        from salomi.quantizers.rotation import unrotate_weight
-
-        return unrotate_weight(self.inner.weight(), self.seed)
+        return _Unrotate.apply(self.inner.weight(), self.seed)
 
     def new_tensors(self) -> dict[str, np.ndarray]:
         return self.inner.new_tensors()
@@ -555,7 +597,7 @@ class TrainableLinear(nn.Module):
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, self.view.weight())
             w = self._cache[1]
-        elif torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters()):
+        elif not self.view.light and torch.is_grad_enabled() and any(p.requires_grad for p in self.view.parameters()):
             # Recompute the weight's intermediates in backward instead of keeping them: only
             # the weight itself (needed by the matmul's backward) stays alive per layer.
             from torch.utils.checkpoint import checkpoint
@@ -572,7 +614,7 @@ class TrainableLinear(nn.Module):
             return self  # no gradient: forward() builds (or reuses) the weight as usual
         from torch.utils.checkpoint import checkpoint
 
-        w = checkpoint(self.view.weight, use_reentrant=False)
+        w = self.view.weight() if self.view.light else checkpoint(self.view.weight, use_reentrant=False)
         bias = self.bias
         return lambda x: F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
