@@ -386,3 +386,30 @@ def test_packed_embeddings_train_keep_layout_and_resume(tied: bool, tiny_llama_d
     rows = api.evaluate_files([tmp_path / "full.salomi"], text=str(austen_slice), seq_len=32, windows=1, progress=False)
     assert rows[0]["ppl"] > 0
     _assert_resumes(src, tmp_path / "part.salomi", kw, full, cb, table, stop_after=3)
+
+
+def test_reference_hidden_states_cached_per_segment(packed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end-to-end loss reads the reference's last hidden states from a per-segment cache:
+    the same loss as computing them on the batch, each segment computed once, and no cache
+    past REF_CACHE_BYTES."""
+    from salomi.api import reference_for
+    from salomi.recovery import distill
+
+    qf = load_quantized(packed)
+    ref = reference_for(qf, None)
+    ref.model.eval()
+    segs = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    cfg = dict(steps=3, block_steps=0, lr=1e-3, block_lr=2e-3, code_lr=5e-3, train_codes=False, code_flip=0.0,
+               train_embed=True, calib="austen", segments=6, seg_len=16, batch=2, seed=0)
+    rec = distill.Recovery(qf, ref, segs, cfg, torch.device("cpu"))
+    seen: set[int] = set()
+    for s in range(3):
+        idx = distill.batch_indices(6, 2, 0, rec.n_blocks, s)
+        seen |= set(idx.tolist())
+        with torch.no_grad():
+            got = rec.loss("e2e", -1, s)
+            want = distill.kl_loss(rec.model, ref.model, segs[idx])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert set(rec._ref_have.nonzero().flatten().tolist()) == seen
+    monkeypatch.setattr(distill, "REF_CACHE_BYTES", 0)
+    assert rec.ref_hidden(torch.tensor([0, 1])) is None

@@ -51,6 +51,10 @@ from salomi.recovery.trainable import (
 )
 
 CKPT_VERSION = 1
+# The end-to-end stage keeps the reference's last hidden states per calibration segment (the
+# reference body then runs once per segment, not once per step) while they take at most this:
+# 512 x 256 tokens of SmolLM2 (576 wide, float32) are 302 MB.
+REF_CACHE_BYTES = 1 << 30
 # Settings that must match for --resume (steps may grow: the schedule is extension-safe).
 RESUME_KEYS = ("block_steps", "lr", "block_lr", "code_lr", "code_flip", "train_codes", "train_embed", "calib", "segments",
                "seg_len", "batch", "seed")
@@ -174,11 +178,13 @@ def _kl_chunk(h: torch.Tensor, ref_logits_fn: Any, head: Any, lo: int, hi: int) 
     return _kl(head(h[lo:hi]), ref_logits_fn(lo, hi)) * (hi - lo)
 
 
-def kl_loss(model: nn.Module, ref: nn.Module, ids: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def kl_loss(model: nn.Module, ref: nn.Module, ids: torch.Tensor, chunk: int = 256,
+            ref_hidden: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL(reference || model) per token, with the logits made `chunk` tokens at a time:
     [tokens, vocab] tensors (about 8 of them between both softmaxes and the backward) are
     what dominates the end-to-end stage's memory, so each chunk's logits are recomputed in
-    backward instead of kept. Same value as _kl on the full logits (pinned by a test)."""
+    backward instead of kept. Same value as _kl on the full logits (pinned by a test).
+    ref_hidden: the reference's last hidden states for ids, if already known (plain heads only)."""
     head, ref_head = _plain_head(model), _plain_head(ref)
     if head is None or ref_head is None:
         with torch.no_grad():
@@ -186,8 +192,11 @@ def kl_loss(model: nn.Module, ref: nn.Module, ids: torch.Tensor, chunk: int = 25
         return _kl(model(ids, use_cache=False).logits, ref_logits)
     from torch.utils.checkpoint import checkpoint
 
-    with torch.no_grad():
-        hr = ref.base_model(ids, use_cache=False)[0].flatten(0, -2)
+    if ref_hidden is not None:
+        hr = ref_hidden.flatten(0, -2)
+    else:
+        with torch.no_grad():
+            hr = ref.base_model(ids, use_cache=False)[0].flatten(0, -2)
     h = model.base_model(ids, use_cache=False)[0].flatten(0, -2)
 
     def ref_logits(lo: int, hi: int) -> torch.Tensor:
@@ -268,6 +277,8 @@ class Recovery:
         self.n_blocks = len(self.blocks)
         self.total = self.n_blocks * cfg["block_steps"] + cfg["steps"]
         self.acts: dict[str, Any] | None = None  # block-stage activations, for block acts["block"]
+        self._ref_h: torch.Tensor | None = None  # the reference's last hidden states per segment (ref_hidden)
+        self._ref_have = torch.zeros(0, dtype=torch.bool)
 
     def _train_embeddings(self) -> None:
         """Swap the packed input table (and the head, tied or with its own packed table) for
@@ -360,7 +371,29 @@ class Recovery:
             a = self.acts
             out = a["qcall"](self.blocks[b], a["q"][idx.to(a["q"].device)])
             return F.mse_loss(out, a["target"][idx.to(out.device)]) / a["power"]
-        return kl_loss(self.model, self.ref.model, self.segs[idx].to(self.device))
+        return kl_loss(self.model, self.ref.model, self.segs[idx].to(self.device), ref_hidden=self.ref_hidden(idx))
+
+    @torch.no_grad()
+    def ref_hidden(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The reference's last hidden states for segments idx, each computed once (alone, so
+        the values do not depend on which batch first asked: a resumed run gets the same) and
+        kept while they fit in REF_CACHE_BYTES; None where the head is not plain (no cache)."""
+        if _plain_head(self.model) is None or _plain_head(self.ref.model) is None:
+            return None
+        head = self.ref.model.get_output_embeddings().weight
+        if len(self.segs) * self.segs.shape[1] * head.shape[1] * head.element_size() > REF_CACHE_BYTES:
+            return None
+        for i in idx.tolist():
+            if i < len(self._ref_have) and self._ref_have[i]:
+                continue
+            h = self.ref.model.base_model(self.segs[i : i + 1].to(self.device), use_cache=False)[0][0]
+            if self._ref_h is None:
+                self._ref_h = h.new_empty(len(self.segs), *h.shape)
+                self._ref_have = torch.zeros(len(self.segs), dtype=torch.bool)
+            self._ref_h[i] = h
+            self._ref_have[i] = True
+        assert self._ref_h is not None
+        return self._ref_h[idx.to(self._ref_h.device)]
 
     def _all_views(self) -> dict[str, View]:
         return {**{n: m.view for n, m in self.views.items()}, **{f"embeddings/{n}": v for n, v in self.embed_views.items()}}
