@@ -95,7 +95,7 @@ def _mats(n: int) -> tuple[torch.Tensor, ...]:
 def _pair(n: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     """H_n = kron(A, B) as two dense blocks, split where a + b is least (576 -> 12 x 48,
     1536 -> 12 x 128), with 1/sqrt(n) folded into B. Two dense matmuls over the whole
-    tensor beat one small contraction (and a permuted copy) per Hadamard factor: ~4x
+    tensor beat one small contraction (and a permuted copy) per Hadamard factor: 3-4x
     faster on the default model's weights, forward and backward."""
     mats = _mats(n)
     sizes = [m.shape[0] for m in mats]
