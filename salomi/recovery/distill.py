@@ -277,8 +277,7 @@ class Recovery:
         self.n_blocks = len(self.blocks)
         self.total = self.n_blocks * cfg["block_steps"] + cfg["steps"]
         self.acts: dict[str, Any] | None = None  # block-stage activations, for block acts["block"]
-        self._ref_h: torch.Tensor | None = None  # the reference's last hidden states per segment (ref_hidden)
-        self._ref_have = torch.zeros(0, dtype=torch.bool)
+        self._ref_h: dict[int, torch.Tensor] = {}  # segment -> the reference's last hidden states (ref_hidden)
 
     def _train_embeddings(self) -> None:
         """Swap the packed input table (and the head, tied or with its own packed table) for
@@ -384,16 +383,9 @@ class Recovery:
         if len(self.segs) * self.segs.shape[1] * head.shape[1] * head.element_size() > REF_CACHE_BYTES:
             return None
         for i in idx.tolist():
-            if i < len(self._ref_have) and self._ref_have[i]:
-                continue
-            h = self.ref.model.base_model(self.segs[i : i + 1].to(self.device), use_cache=False)[0][0]
-            if self._ref_h is None:
-                self._ref_h = h.new_empty(len(self.segs), *h.shape)
-                self._ref_have = torch.zeros(len(self.segs), dtype=torch.bool)
-            self._ref_h[i] = h
-            self._ref_have[i] = True
-        assert self._ref_h is not None
-        return self._ref_h[idx.to(self._ref_h.device)]
+            if i not in self._ref_h:
+                self._ref_h[i] = self.ref.model.base_model(self.segs[i : i + 1].to(self.device), use_cache=False)[0][0]
+        return torch.stack([self._ref_h[i] for i in idx.tolist()])
 
     def _all_views(self) -> dict[str, View]:
         return {**{n: m.view for n, m in self.views.items()}, **{f"embeddings/{n}": v for n, v in self.embed_views.items()}}
