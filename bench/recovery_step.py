@@ -45,15 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     from salomi.data.texts import load_text
     from salomi.evaluation.evaluate import tokenize
     from salomi.packing.model_file import load_quantized
-    from salomi.recovery.distill import Recovery
+    from salomi.recovery.distill import Recovery, recovery_config
 
     qf = load_quantized(a.file)
     ref = reference_for(qf, None)
     ref.model.eval()
     segs = calibration_segments(tokenize(ref.tokenizer, load_text("austen")), a.segments, a.seg_len, 0, "austen")
-    cfg = dict(steps=a.warmup + a.steps, block_steps=0, lr=1e-3, block_lr=2e-3, code_lr=5e-3, train_codes=False,
-               code_flip=0.0, train_embed=True, calib="austen", segments=a.segments, seg_len=a.seg_len,
-               batch=a.batch, seed=0)
+    cfg = recovery_config(steps=a.warmup + a.steps, block_steps=0, segments=a.segments, seg_len=a.seg_len, batch=a.batch)
     rec = Recovery(qf, ref, segs, cfg, torch.device("cpu"))
     opt = rec.optimizer("e2e", -1)
     rows = []
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         r1 = resource.getrusage(resource.RUSAGE_SELF)
         row = {"step": s, "warmup": s < a.warmup, "seconds": round(time.perf_counter() - t0, 2),
                "user": round(r1.ru_utime - r0.ru_utime, 2), "sys": round(r1.ru_stime - r0.ru_stime, 2),
-               "minor_faults_M": round((r1.ru_minflt - r0.ru_minflt) / 1e6, 2), "loss": round(float(loss), 5)}
+               "minor_faults_M": round((r1.ru_minflt - r0.ru_minflt) / 1e6, 2), "loss": round(loss.item(), 5)}
         rows.append(row)
         print(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     timed = [r["seconds"] for r in rows if not r["warmup"]]

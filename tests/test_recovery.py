@@ -399,8 +399,7 @@ def test_reference_hidden_states_cached_per_segment(packed: Path, monkeypatch: p
     ref = reference_for(qf, None)
     ref.model.eval()
     segs = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(0))
-    cfg = dict(steps=3, block_steps=0, lr=1e-3, block_lr=2e-3, code_lr=5e-3, train_codes=False, code_flip=0.0,
-               train_embed=True, calib="austen", segments=6, seg_len=16, batch=2, seed=0)
+    cfg = distill.recovery_config(steps=3, block_steps=0, segments=6, seg_len=16, batch=2)
     rec = distill.Recovery(qf, ref, segs, cfg, torch.device("cpu"))
     seen: set[int] = set()
     for s in range(3):
@@ -413,3 +412,19 @@ def test_reference_hidden_states_cached_per_segment(packed: Path, monkeypatch: p
         assert set(rec._ref_h) == seen
     monkeypatch.setattr(distill, "REF_CACHE_BYTES", 0)
     assert rec.ref_hidden(torch.tensor([0, 1])) is None
+
+
+def test_recovery_config_has_run_recovers_defaults_and_checks_settings() -> None:
+    import inspect
+
+    from salomi.errors import SalomiError
+    from salomi.recovery import distill
+
+    run_defaults = {k: p.default for k, p in inspect.signature(run_recover).parameters.items()}
+    cfg = distill.recovery_config()
+    assert cfg == {k: run_defaults[k] for k in cfg}  # one set of defaults for the CLI, the bench and the tests
+    assert set(distill.RESUME_KEYS) <= set(cfg)
+    assert distill.recovery_config(segments=11, batch=4)["segments"] == 8
+    for bad in ({"steps": -1}, {"block_steps": -1}, {"batch": 0}, {"segments": 3, "batch": 4}, {"code_flip": 1.5}):
+        with pytest.raises(SalomiError):
+            distill.recovery_config(**bad)

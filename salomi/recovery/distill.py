@@ -407,6 +407,35 @@ def _default_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def recovery_config(
+    *,
+    steps: int = 100,
+    block_steps: int = 20,
+    lr: float = 1e-3,
+    block_lr: float = 2e-3,
+    code_lr: float = 5e-3,
+    code_flip: float = 0.0,
+    train_codes: bool = False,
+    train_embed: bool = True,
+    calib: str = "austen",
+    segments: int = 64,
+    seg_len: int = 256,
+    batch: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The settings a Recovery runs on (run_recover's defaults), checked; segments rounded down to whole batches."""
+    for name, v in (("steps", steps), ("block_steps", block_steps)):
+        if v < 0:
+            raise SalomiError(f"{name} must be >= 0 (got {v})")
+    if batch < 1 or segments < batch:
+        raise SalomiError(f"need segments >= batch >= 1 (got segments={segments}, batch={batch})")
+    if not 0 <= code_flip <= 1:
+        raise SalomiError(f"--code-flip is a share of a layer's codes per step, in [0, 1] (got {code_flip})")
+    return {"steps": steps, "block_steps": block_steps, "lr": lr, "block_lr": block_lr, "code_lr": code_lr,
+            "code_flip": code_flip, "train_codes": bool(train_codes), "train_embed": bool(train_embed), "calib": calib,
+            "segments": segments - segments % batch, "seg_len": seg_len, "batch": batch, "seed": seed}
+
+
 def run_recover(
     file: str | Path,
     out: str | Path,
@@ -463,24 +492,17 @@ def run_recover(
     file, out = Path(file), Path(out)
     if file.resolve() == out.resolve():
         raise SalomiError("--out must differ from the input file (the input is the starting point)")
-    for name, v in (("steps", steps), ("block_steps", block_steps)):
-        if v < 0:
-            raise SalomiError(f"{name} must be >= 0 (got {v})")
-    if batch < 1 or segments < batch:
-        raise SalomiError(f"need segments >= batch >= 1 (got segments={segments}, batch={batch})")
-    if not 0 <= code_flip <= 1:
-        raise SalomiError(f"--code-flip is a share of a layer's codes per step, in [0, 1] (got {code_flip})")
+    cfg = recovery_config(steps=steps, block_steps=block_steps, lr=lr, block_lr=block_lr, code_lr=code_lr,
+                          code_flip=code_flip, train_codes=train_codes, train_embed=train_embed, calib=calib,
+                          segments=segments, seg_len=seg_len, batch=batch, seed=seed)
     if ckpt_every < 1:
         raise SalomiError(f"checkpoint interval must be >= 1 (got {ckpt_every})")
     if budget_minutes is not None and budget_minutes <= 0:
         raise SalomiError(f"--budget-minutes must be positive (got {budget_minutes})")
     if eval_windows:
         _check_texts(calib, eval_text)
-    segments -= segments % batch
+    segments = cfg["segments"]
     dev = _default_device(device)
-    cfg = {"steps": steps, "block_steps": block_steps, "lr": lr, "block_lr": block_lr, "code_lr": code_lr,
-           "code_flip": code_flip, "train_codes": bool(train_codes), "train_embed": bool(train_embed), "calib": calib, "segments": segments, "seg_len": seg_len,
-           "batch": batch, "seed": seed}
     torch.manual_seed(seed)
 
     qf = load_quantized(file)
