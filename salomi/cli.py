@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from salomi.errors import SalomiError
 
@@ -142,14 +143,18 @@ def cmd_bench(a: argparse.Namespace) -> None:
     _write_json(a.json, rows)
 
 
+def recover_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """`salomi recover`'s options as run_recover's training settings (recovery_config's keywords)."""
+    return {"steps": a.steps, "block_steps": a.block_steps, "lr": a.lr, "block_lr": a.block_lr, "code_lr": a.code_lr,
+            "code_flip": a.code_flip, "train_codes": a.train_codes, "train_embed": not a.freeze_embed,
+            "calib": a.calib, "segments": a.calib_segments, "seg_len": a.calib_len, "batch": a.batch, "seed": a.seed}
+
+
 def cmd_recover(a: argparse.Namespace) -> None:
     from salomi.recovery import format_report, run_recover
 
-    res = run_recover(a.file, a.out, steps=a.steps, budget_minutes=a.budget_minutes, resume=a.resume,
-                      block_steps=a.block_steps, lr=a.lr, block_lr=a.block_lr, code_lr=a.code_lr,
-                      code_flip=a.code_flip, train_codes=a.train_codes, train_embed=not a.freeze_embed, calib=a.calib, segments=a.calib_segments,
-                      seg_len=a.calib_len, batch=a.batch, seed=a.seed,
-                      ckpt_every=a.ckpt_every, eval_text=a.eval_text, eval_windows=a.eval_windows, model=a.model)
+    res = run_recover(a.file, a.out, budget_minutes=a.budget_minutes, resume=a.resume, ckpt_every=a.ckpt_every,
+                      eval_text=a.eval_text, eval_windows=a.eval_windows, model=a.model, **recover_settings(a))
     print(format_report(res))
     _write_json(a.json, res)
 

@@ -414,17 +414,41 @@ def test_reference_hidden_states_cached_per_segment(packed: Path, monkeypatch: p
     assert rec.ref_hidden(torch.tensor([0, 1])) is None
 
 
-def test_recovery_config_has_run_recovers_defaults_and_checks_settings() -> None:
-    import inspect
-
+def test_recovery_config_checks_settings(packed: Path, tmp_path: Path) -> None:
     from salomi.errors import SalomiError
     from salomi.recovery import distill
 
-    run_defaults = {k: p.default for k, p in inspect.signature(run_recover).parameters.items()}
     cfg = distill.recovery_config()
-    assert cfg == {k: run_defaults[k] for k in cfg}  # one set of defaults for the CLI, the bench and the tests
     assert set(distill.RESUME_KEYS) <= set(cfg)
     assert distill.recovery_config(segments=11, batch=4)["segments"] == 8
     for bad in ({"steps": -1}, {"block_steps": -1}, {"batch": 0}, {"segments": 3, "batch": 4}, {"code_flip": 1.5}):
         with pytest.raises(SalomiError):
             distill.recovery_config(**bad)
+        with pytest.raises(SalomiError):  # run_recover's settings are recovery_config's, checked before any work
+            run_recover(packed, tmp_path / "out.salomi", **bad)
+    with pytest.raises(TypeError):  # a misspelt setting is an error, not a silent default
+        run_recover(packed, tmp_path / "out.salomi", setps=3)
+
+
+def test_cli_recover_defaults_are_the_apis() -> None:
+    from salomi.cli import build_parser, recover_settings
+    from salomi.recovery import distill
+
+    a = build_parser().parse_args(["recover", "f.salomi", "--out", "g.salomi"])
+    assert distill.recovery_config(**recover_settings(a)) == distill.recovery_config()
+    a = build_parser().parse_args(["recover", "f.salomi", "--out", "g.salomi", "--freeze-embed", "--calib-segments", "9"])
+    cfg = distill.recovery_config(**recover_settings(a))
+    assert cfg["train_embed"] is False and cfg["segments"] == 8
+
+
+def test_cli_recover_runs_and_keeps_bpw(packed: Path, austen_slice: Path, tmp_path: Path) -> None:
+    import json
+
+    from salomi.cli import main
+
+    out, j = tmp_path / "r.salomi", tmp_path / "r.json"
+    rc = main(["recover", str(packed), "--out", str(out), "--steps", "2", "--block-steps", "0", "--calib", str(austen_slice),
+               "--calib-segments", "4", "--calib-len", "32", "--batch", "2", "--eval-windows", "0", "--json", str(j)])
+    res = json.loads(j.read_text())
+    assert rc == 0 and res["steps_done"] == 2 and len(res["losses"]) == 2
+    assert load_quantized(out).linear_bpw == load_quantized(packed).linear_bpw

@@ -423,7 +423,7 @@ def recovery_config(
     batch: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The settings a Recovery runs on (run_recover's defaults), checked; segments rounded down to whole batches."""
+    """The settings of a recovery run (run_recover's **settings), checked; segments rounded down to whole batches."""
     for name, v in (("steps", steps), ("block_steps", block_steps)):
         if v < 0:
             raise SalomiError(f"{name} must be >= 0 (got {v})")
@@ -439,22 +439,9 @@ def recovery_config(
 def run_recover(
     file: str | Path,
     out: str | Path,
-    steps: int = 100,
     budget_minutes: float | None = None,
     resume: bool = False,
     *,
-    block_steps: int = 20,
-    lr: float = 1e-3,
-    block_lr: float = 2e-3,
-    code_lr: float = 5e-3,
-    code_flip: float = 0.0,
-    train_codes: bool = False,
-    train_embed: bool = True,
-    calib: str = "austen",
-    segments: int = 64,
-    seg_len: int = 256,
-    batch: int = 4,
-    seed: int = 0,
     ckpt_every: int = 25,
     eval_text: str = "brown",
     eval_windows: int = 16,
@@ -466,9 +453,11 @@ def run_recover(
     reference: Any = None,
     stop_after: int | None = None,
     keep_ckpt: bool = False,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Recover the quality of packed `file` by distillation; write `out` (same formats, same bpw).
 
+    settings: recovery_config's keywords (steps, block_steps, lr, calib, segments, batch, seed, ...).
     steps: end-to-end (KL) steps; block_steps: steps per block in the block stage before it.
     budget_minutes: stop cleanly after the step that crosses the budget (checkpoint + result
     written; `resume=True` continues). stop_after: stop after this global step (as if
@@ -492,16 +481,14 @@ def run_recover(
     file, out = Path(file), Path(out)
     if file.resolve() == out.resolve():
         raise SalomiError("--out must differ from the input file (the input is the starting point)")
-    cfg = recovery_config(steps=steps, block_steps=block_steps, lr=lr, block_lr=block_lr, code_lr=code_lr,
-                          code_flip=code_flip, train_codes=train_codes, train_embed=train_embed, calib=calib,
-                          segments=segments, seg_len=seg_len, batch=batch, seed=seed)
+    cfg = recovery_config(**settings)
+    calib, batch, seed = cfg["calib"], cfg["batch"], cfg["seed"]
     if ckpt_every < 1:
         raise SalomiError(f"checkpoint interval must be >= 1 (got {ckpt_every})")
     if budget_minutes is not None and budget_minutes <= 0:
         raise SalomiError(f"--budget-minutes must be positive (got {budget_minutes})")
     if eval_windows:
         _check_texts(calib, eval_text)
-    segments = cfg["segments"]
     dev = _default_device(device)
     torch.manual_seed(seed)
 
@@ -510,7 +497,7 @@ def run_recover(
     ref = reference or reference_for(qf, model)
     ref.model.to(dev).eval()
     ids = tokenize(ref.tokenizer, load_text(calib))
-    segs = calibration_segments(ids, segments, seg_len, seed, calib)
+    segs = calibration_segments(ids, cfg["segments"], cfg["seg_len"], seed, calib)
 
     rec = Recovery(qf, ref, segs, cfg, dev)
     kl_segs = segs[: max(batch, min(kl_segments, len(segs)))]
