@@ -117,6 +117,7 @@ def quantize(
     another seed. `true_sequential` takes each group of a block's linears (q/k/v, o, gate/up, down)
     with the groups before it already quantized; False takes a block's Hessians in one float pass.
     """
+    commit = git_commit()  # the code this run loaded, not the checkout's state when it ends
     table_segments = min(segments, TABLE_SEGMENTS) if table_segments is None else table_segments
     table_seed = seed if table_seed is None else table_seed
     budget = target_linear_bpw is not None or target_model_bpw is not None
@@ -211,7 +212,7 @@ def quantize(
                    **({"budget": budget_info} if budget else {})},
         "calibration": calib_info,
         "quantize": {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_rss_mb()), "seed": seed,
-                     "git_commit": git_commit(), "torch": torch.__version__},
+                     "git_commit": commit, "torch": torch.__version__},
     }
     size = save_quantized(out, ref.model, ref.tokenizer, packed, meta, fdtype, embeddings)
     partial.unlink(missing_ok=True)

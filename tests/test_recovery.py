@@ -452,3 +452,29 @@ def test_cli_recover_runs_and_keeps_bpw(packed: Path, austen_slice: Path, tmp_pa
     res = json.loads(j.read_text())
     assert rc == 0 and res["steps_done"] == 2 and len(res["losses"]) == 2
     assert load_quantized(out).linear_bpw == load_quantized(packed).linear_bpw
+
+
+def test_files_record_the_commit_their_run_started_on(packed: Path, tiny_llama_dir: Path, austen_slice: Path,
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run of many minutes records the code it loaded: the commit when it started, not once the work is done
+    (here the checkout "moves on" as soon as the calibration text is cut, before any quantizing or training)."""
+    from salomi import api
+    from salomi.calibration import data
+
+    moved: list[bool] = []
+    cut = data.calibration_segments
+
+    def calibration_segments(*a: object, **k: object) -> torch.Tensor:
+        moved.append(True)
+        return cut(*a, **k)
+
+    monkeypatch.setattr(data, "calibration_segments", calibration_segments)
+    monkeypatch.setattr(api, "git_commit", lambda: "later00" if moved else "start000")
+    q = tmp_path / "q.salomi"
+    api.quantize(model=str(tiny_llama_dir), method="gptq:2:g32", out=q, progress=False, segments=4, seg_len=32,
+                calib=str(austen_slice))
+    assert moved and load_quantized(q).metadata["quantize"]["git_commit"] == "start000"
+    moved.clear()
+    out = tmp_path / "r.salomi"
+    run_recover(packed, out, steps=1, block_steps=0, calib=str(austen_slice), **SMALL)
+    assert moved and load_quantized(out).metadata["recovery"][-1]["git_commit"] == "start000"

@@ -477,6 +477,7 @@ def run_recover(
     from salomi.recovery.repack import install_embeddings, install_quantlinears, repack_views, save_recovered
 
     t0 = time.perf_counter()
+    commit = git_commit()  # the code this run loaded, not the checkout's state when it ends
     map_large_allocations()
     file, out = Path(file), Path(out)
     if file.resolve() == out.resolve():
@@ -608,7 +609,7 @@ def run_recover(
         "complete": done >= rec.total, **{k: cfg[k] for k in ("steps", "block_steps", "lr", "block_lr", "code_lr",
                                                               "code_flip", "train_codes", "train_embed", "segments", "seg_len", "batch", "seed")},
         "calib": calib, "calib_kl": [round(kl_before, 6), round(kl_after, 6)], "seconds": round(train_seconds, 1),
-        "git_commit": git_commit(),
+        "git_commit": commit,
     }
     size = save_recovered(out, qf, rec.model.cpu(), packed, record, embeddings)
     if done >= rec.total and not keep_ckpt:
