@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     qf = load_quantized(a.file)
     ref = reference_for(qf, None)
     ref.model.eval()
-    segs = calibration_segments(tokenize(ref.tokenizer, load_text("austen")), a.segments, a.seg_len, 0, "austen")
     cfg = recovery_config(steps=a.warmup + a.steps, block_steps=0, segments=a.segments, seg_len=a.seg_len, batch=a.batch)
+    segs = calibration_segments(tokenize(ref.tokenizer, load_text(cfg["calib"])), cfg["segments"], cfg["seg_len"],
+                                cfg["seed"], cfg["calib"])
     rec = Recovery(qf, ref, segs, cfg, torch.device("cpu"))
     opt = rec.optimizer("e2e", -1)
     rows = []

@@ -423,7 +423,13 @@ def recovery_config(
     batch: int = 4,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The settings of a recovery run (run_recover's **settings), checked; segments rounded down to whole batches."""
+    """The settings of a recovery run (run_recover's **settings), checked; segments rounded down to whole batches.
+
+    steps: end-to-end (KL) steps; block_steps: steps per block in the block stage before it.
+    train_codes: also train the discrete codes by straight-through rounding; VQ codes only if
+    code_flip > 0 (latent vectors, at most `code_flip` of a layer's codes moved per step).
+    train_embed: a packed embedding table (and the head tied to it) trains in the end-to-end stage
+    like a linear of its format; False keeps its bytes."""
     for name, v in (("steps", steps), ("block_steps", block_steps)):
         if v < 0:
             raise SalomiError(f"{name} must be >= 0 (got {v})")
@@ -458,14 +464,9 @@ def run_recover(
     """Recover the quality of packed `file` by distillation; write `out` (same formats, same bpw).
 
     settings: recovery_config's keywords (steps, block_steps, lr, calib, segments, batch, seed, ...).
-    steps: end-to-end (KL) steps; block_steps: steps per block in the block stage before it.
     budget_minutes: stop cleanly after the step that crosses the budget (checkpoint + result
     written; `resume=True` continues). stop_after: stop after this global step (as if
-    interrupted). train_codes: also train the discrete codes by straight-through rounding; VQ codes
-    only if code_flip > 0 (latent vectors, at most `code_flip` of a layer's codes moved per step).
-    train_embed: a packed embedding table (and the head tied to it) trains in the end-to-end stage
-    like a linear of its format; False keeps its bytes.
-    eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
+    interrupted). eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
     calibration KL before/after, byte counts and (if evaluated) the before/after rows.
     """
     from salomi.api import git_commit, map_large_allocations, peak_rss_mb, reference_for
@@ -606,9 +607,8 @@ def run_recover(
     train_seconds = prev_seconds + time.perf_counter() - t0
     record = {
         "source": file.name, "source_sha256": src_sha[:16], "steps_done": done, "total_steps": rec.total,
-        "complete": done >= rec.total, **{k: cfg[k] for k in ("steps", "block_steps", "lr", "block_lr", "code_lr",
-                                                              "code_flip", "train_codes", "train_embed", "segments", "seg_len", "batch", "seed")},
-        "calib": calib, "calib_kl": [round(kl_before, 6), round(kl_after, 6)], "seconds": round(train_seconds, 1),
+        "complete": done >= rec.total, **cfg,
+        "calib_kl": [round(kl_before, 6), round(kl_after, 6)], "seconds": round(train_seconds, 1),
         "git_commit": commit,
     }
     size = save_recovered(out, qf, rec.model.cpu(), packed, record, embeddings)
