@@ -4,7 +4,7 @@ Builds the same Recovery the CLI builds (end-to-end stage, every stored value tr
 embedding table included), runs --warmup steps, then --steps timed steps, and prints per
 step: wall seconds, user and system CPU seconds, minor page faults (the allocator's cost:
 every tensor of 1 MB or more is a fresh mapping) and the loss; then the median step time
-and the peak resident memory. The malloc setting is the CLI's (map_large_allocations).
+and the peak resident memory. The malloc is the CLI's: mimalloc (re-executed; SALOMI_ALLOCATOR=system for glibc's, with map_large_allocations).
 
     python bench/recovery_step.py FILE [--steps 4] [--warmup 1] [--segments 64] [--batch 4] [--json OUT]
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from salomi.allocator import active_allocator, reexec_under_mimalloc  # noqa: E402
 from salomi.api import map_large_allocations, peak_rss_mb  # noqa: E402
 
 
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    if argv is None:  # as `salomi recover` runs: under mimalloc unless SALOMI_ALLOCATOR=system
+        reexec_under_mimalloc("bench/recovery_step.py")
     map_large_allocations()
 
     import torch
@@ -71,8 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     timed = [r["seconds"] for r in rows if not r["warmup"]]
     out = {"file": a.file, "threads": torch.get_num_threads(), "segments": a.segments, "batch": a.batch,
            "seg_len": a.seg_len, "steps": rows, "median_step_s": statistics.median(timed) if timed else None,
-           "peak_rss_mb": round(peak_rss_mb())}
-    print(f"median step {out['median_step_s']} s over {len(timed)} steps; peak RSS {out['peak_rss_mb']} MB")
+           "peak_rss_mb": round(peak_rss_mb()), "allocator": active_allocator()}
+    print(f"median step {out['median_step_s']} s over {len(timed)} steps; peak RSS {out['peak_rss_mb']} MB; "
+          f"{out['allocator']} malloc")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -478,3 +478,33 @@ def test_files_record_the_commit_their_run_started_on(packed: Path, tiny_llama_d
     out = tmp_path / "r.salomi"
     run_recover(packed, out, steps=1, block_steps=0, calib=str(austen_slice), **SMALL)
     assert moved and load_quantized(out).metadata["recovery"][-1]["git_commit"] == "start000"
+
+
+def test_recover_command_runs_under_mimalloc_with_the_same_result(packed: Path, austen_slice: Path,
+                                                                  tmp_path: Path) -> None:
+    """`salomi recover` re-executes itself with mimalloc preloaded (salomi/allocator.py); the training is the
+    same bits either way, and SALOMI_ALLOCATOR=system keeps glibc's malloc."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from salomi.allocator import mimalloc_library
+
+    assert mimalloc_library() is not None, "cmeel-mimalloc (a dependency on Linux) is not installed"
+    runs = {}
+    for choice in ("default", "system"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SALOMI_ALLOCATOR") and k != "LD_PRELOAD"}
+        if choice == "system":
+            env["SALOMI_ALLOCATOR"] = "system"
+        out, j = tmp_path / f"{choice}.salomi", tmp_path / f"{choice}.json"
+        subprocess.run([sys.executable, "-m", "salomi.cli", "recover", str(packed), "--out", str(out), "--steps", "2",
+                        "--block-steps", "0", "--calib", str(austen_slice), "--calib-segments", "4", "--calib-len", "32",
+                        "--batch", "2", "--eval-windows", "0", "--json", str(j)], env=env, check=True, timeout=300)
+        runs[choice] = json.loads(j.read_text())
+    assert runs["default"]["allocator"] == "mimalloc" and runs["system"]["allocator"] == "system"
+    assert runs["default"]["losses"] == runs["system"]["losses"]
+    a, b = load_quantized(tmp_path / "default.salomi"), load_quantized(tmp_path / "system.salomi")
+    for name, p in a.packed.items():
+        for key, t in p.tensors.items():
+            assert np.array_equal(np.asarray(t), np.asarray(b.packed[name].tensors[key])), (name, key)

@@ -469,6 +469,7 @@ def run_recover(
     interrupted). eval_windows: 0 skips the final held-out evaluation. Returns a dict with the loss curve,
     calibration KL before/after, byte counts and (if evaluated) the before/after rows.
     """
+    from salomi.allocator import active_allocator
     from salomi.api import git_commit, map_large_allocations, peak_rss_mb, reference_for
     from salomi.calibration.data import calibration_segments
     from salomi.data.texts import load_text
@@ -628,7 +629,7 @@ def run_recover(
         "linear_bpw_before": qf.linear_bpw, "linear_bpw_after": new.linear_bpw,
         "model_bpw_before": qf.model_bpw, "model_bpw_after": new.model_bpw,
         "header_bytes_added": size - qf.file_bytes, "views": views_info,
-        "seconds": train_seconds, "peak_rss_mb": peak_rss_mb(), "device": str(dev),
+        "seconds": train_seconds, "peak_rss_mb": peak_rss_mb(), "device": str(dev), "allocator": active_allocator(),
     }
     if eval_windows:
         from salomi.api import evaluate_files
@@ -649,7 +650,7 @@ def format_report(res: dict[str, Any]) -> str:
         f"linear {res['linear_bpw_after']:.4f} bpw (input {res['linear_bpw_before']:.4f})",
         f"steps {res['steps_done']}/{res['total_steps']}" + (f" (stopped: {res['stopped']}; continue with --resume)"
                                                               if res["stopped"] else "")
-        + f", {res['seconds']:.0f}s; calibration KL {res['calib_kl_before']:.4f} -> {res['calib_kl_after']:.4f}",
+        + f", {res['seconds']:.0f}s ({res.get('allocator', 'system')} malloc); calibration KL {res['calib_kl_before']:.4f} -> {res['calib_kl_after']:.4f}",
     ]
     if "eval_before" in res:
         b, a = res["eval_before"], res["eval_after"]
