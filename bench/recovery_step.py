@@ -6,7 +6,7 @@ step: wall seconds, user and system CPU seconds, minor page faults (the allocato
 every tensor of 1 MB or more is a fresh mapping) and the loss; then the median step time
 and the peak resident memory. The malloc is the CLI's: mimalloc (re-executed; SALOMI_ALLOCATOR=system for glibc's, with map_large_allocations).
 
-    python bench/recovery_step.py FILE [--steps 4] [--warmup 1] [--segments 64] [--batch 4] [--json OUT]
+    python bench/recovery_step.py FILE [--steps 4] [--warmup 1] [--segments 64] [--batch 4] [--body-dtype bfloat16] [--json OUT]
 
 Run it at two commits on a quiet machine to compare step times (docs/RESULTS.md, "recover").
 """
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segments", type=int, default=64)
     ap.add_argument("--seg-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--body-dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     if argv is None:  # as `salomi recover` runs: under mimalloc unless SALOMI_ALLOCATOR=system
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     qf = load_quantized(a.file)
     ref = reference_for(qf, None)
     ref.model.eval()
-    cfg = recovery_config(steps=a.warmup + a.steps, block_steps=0, segments=a.segments, seg_len=a.seg_len, batch=a.batch)
+    cfg = recovery_config(steps=a.warmup + a.steps, block_steps=0, segments=a.segments, seg_len=a.seg_len, batch=a.batch,
+                          body_dtype=a.body_dtype)
     segs = calibration_segments(tokenize(ref.tokenizer, load_text(cfg["calib"])), cfg["segments"], cfg["seg_len"],
                                 cfg["seed"], cfg["calib"])
     rec = Recovery(qf, ref, segs, cfg, torch.device("cpu"))
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     timed = [r["seconds"] for r in rows if not r["warmup"]]
-    out = {"file": a.file, "threads": torch.get_num_threads(), "segments": a.segments, "batch": a.batch,
+    out = {"file": a.file, "threads": torch.get_num_threads(), "body_dtype": a.body_dtype, "segments": a.segments, "batch": a.batch,
            "seg_len": a.seg_len, "steps": rows, "median_step_s": statistics.median(timed) if timed else None,
            "peak_rss_mb": round(peak_rss_mb()), "allocator": active_allocator()}
     print(f"median step {out['median_step_s']} s over {len(timed)} steps; peak RSS {out['peak_rss_mb']} MB; "

@@ -147,7 +147,8 @@ def recover_settings(a: argparse.Namespace) -> dict[str, Any]:
     """`salomi recover`'s options as run_recover's training settings (recovery_config's keywords)."""
     return {"steps": a.steps, "block_steps": a.block_steps, "lr": a.lr, "block_lr": a.block_lr, "code_lr": a.code_lr,
             "code_flip": a.code_flip, "train_codes": a.train_codes, "train_embed": not a.freeze_embed,
-            "calib": a.calib, "segments": a.calib_segments, "seg_len": a.calib_len, "batch": a.batch, "seed": a.seed}
+            "calib": a.calib, "segments": a.calib_segments, "seg_len": a.calib_len, "batch": a.batch, "seed": a.seed,
+            "body_dtype": a.body_dtype}
 
 
 def cmd_recover(a: argparse.Namespace) -> None:
@@ -295,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --train-codes, also train VQ codes: the largest share of a VQ layer's codes moved "
                         "per step (default 0: VQ codes stay; moving them raised the loss on the 2.10 budget file, "
                         "see docs/RESULTS.md)")
+    r.add_argument("--body-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="bfloat16: the end-to-end stage runs the model body under bf16 autocast (faster matmuls on "
+                        "CPUs with bf16 dot products); trained values, head and reference stay float32")
     r.add_argument("--calib", default="austen", help="calibration text (never the eval text)")
     r.add_argument("--calib-segments", type=int, default=64)
     r.add_argument("--calib-len", type=int, default=256)

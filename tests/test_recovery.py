@@ -508,3 +508,23 @@ def test_recover_command_runs_under_mimalloc_with_the_same_result(packed: Path, 
     for name, p in a.packed.items():
         for key, t in p.tensors.items():
             assert np.array_equal(np.asarray(t), np.asarray(b.packed[name].tensors[key])), (name, key)
+
+
+def test_bf16_body_trains_close_to_float32_and_must_match_on_resume(packed: Path, austen_slice: Path,
+                                                                     tmp_path: Path) -> None:
+    """--body-dtype bfloat16: the body's matmuls run in bf16 (so the losses are not float32's bits), the
+    trained file keeps its bytes, the losses stay within a few percent, and a resume may not switch dtype."""
+    from salomi.errors import SalomiError
+
+    runs = {}
+    for dt in ("float32", "bfloat16"):
+        out = tmp_path / f"{dt}.salomi"
+        runs[dt] = run_recover(packed, out, steps=3, block_steps=0, calib=str(austen_slice), body_dtype=dt,
+                               stop_after=2 if dt == "bfloat16" else None, **SMALL)
+        assert load_quantized(out).linear_bpw == load_quantized(packed).linear_bpw
+    f32, b16 = runs["float32"]["losses"], runs["bfloat16"]["losses"]
+    assert f32[:2] != b16 and len(b16) == 2
+    assert all(abs(a - b) <= 0.05 * a for a, b in zip(f32, b16)), (f32, b16)
+    with pytest.raises(SalomiError, match="body_dtype"):
+        run_recover(packed, tmp_path / "bfloat16.salomi", steps=3, block_steps=0, calib=str(austen_slice),
+                    resume=True, **SMALL)

@@ -590,6 +590,13 @@ class TrainableLinear(nn.Module):
         self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The weight is built in float32 even under autocast (recovery's bf16 body): the hand-written
+        # backwards of the views expect the dtypes of their forward; only the matmul runs in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            w = self._weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def _weight(self) -> torch.Tensor:
         if self.reuse_weight and not torch.is_grad_enabled():
             # Many no-grad batches through an unchanged view (pushing calibration activations
             # through a block): rebuild the weight only when a stored value changed in place.
@@ -605,7 +612,7 @@ class TrainableLinear(nn.Module):
             w = checkpoint(self.view.weight, use_reentrant=False)
         else:
             w = self.view.weight()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return w
 
     def fixed_weight(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """This layer as a function with its weight built once now, for many calls in one step
@@ -634,7 +641,8 @@ class TrainableEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         from salomi.quantizers.embedding import lookup_rows
 
-        return lookup_rows(ids, self.num_embeddings, self.embedding_dim, self.view.weight_rows)
+        with torch.autocast(ids.device.type, enabled=False):  # float32 rows, as TrainableLinear's weight
+            return lookup_rows(ids, self.num_embeddings, self.embedding_dim, self.view.weight_rows)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.view.p.format}, trainable: {self.view.trainable or '-'}"
