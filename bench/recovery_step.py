@@ -3,7 +3,7 @@
 Builds the same Recovery the CLI builds (end-to-end stage, every stored value trainable,
 embedding table included), runs --warmup steps, then --steps timed steps, and prints per
 step: wall seconds, user and system CPU seconds, minor page faults (the allocator's cost:
-every tensor of 1 MB or more is a fresh mapping) and the loss; then the median step time
+under glibc every tensor of 1 MB or more is a fresh mapping) and the loss; then the median step time
 and the peak resident memory. The malloc is the CLI's: mimalloc (re-executed; SALOMI_ALLOCATOR=system for glibc's, with map_large_allocations).
 
     python bench/recovery_step.py FILE [--steps 4] [--warmup 1] [--segments 64] [--batch 4] [--body-dtype bfloat16] [--json OUT]
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--segments", type=int, default=64)
     ap.add_argument("--seg-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--body-dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--body-dtype", default="float32", help="float32 or bfloat16 (recovery_config checks it)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     if argv is None:  # as `salomi recover` runs: under mimalloc unless SALOMI_ALLOCATOR=system

@@ -4,7 +4,7 @@ Recovery allocates and frees thousands of weight-sized tensors per step. With gl
 they either fragment the heap (16 GB resident; see api.map_large_allocations) or, served by
 mmap as we ask, come back as fresh zero pages every step: 3.4 M page faults and ~30% of the
 CPU time in the kernel. mimalloc with purging off keeps freed pages mapped and reuses them
-without that fragmentation: the same losses, no faults, half the step time (docs/RESULTS.md,
+without that fragmentation: the same losses, no faults, 1.5-1.9x faster steps (docs/RESULTS.md,
 "Session 23"). mimalloc must be loaded before the interpreter's first malloc, so the command
 re-executes itself once with LD_PRELOAD set; SALOMI_ALLOCATOR=system opts out.
 """

@@ -296,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --train-codes, also train VQ codes: the largest share of a VQ layer's codes moved "
                         "per step (default 0: VQ codes stay; moving them raised the loss on the 2.10 budget file, "
                         "see docs/RESULTS.md)")
-    r.add_argument("--body-dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="bfloat16: the end-to-end stage runs the model body under bf16 autocast (faster matmuls on "
+    r.add_argument("--body-dtype", default="float32",
+                   help="float32 (default) or bfloat16: the end-to-end stage runs the model body under bf16 autocast (faster matmuls on "
                         "CPUs with bf16 dot products); trained values, head and reference stay float32")
     r.add_argument("--calib", default="austen", help="calibration text (never the eval text)")
     r.add_argument("--calib-segments", type=int, default=64)
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Long runs re-execute themselves under mimalloc (salomi/allocator.py): recovery steps 2x, table fits ~15% faster.
+# Long runs re-execute themselves under mimalloc (salomi/allocator.py): recovery steps 1.5-1.9x, table fits ~15% faster.
 FAST_MALLOC_COMMANDS = ("recover", "quantize")
 
 

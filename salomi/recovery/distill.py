@@ -670,7 +670,7 @@ def format_report(res: dict[str, Any]) -> str:
         f"linear {res['linear_bpw_after']:.4f} bpw (input {res['linear_bpw_before']:.4f})",
         f"steps {res['steps_done']}/{res['total_steps']}" + (f" (stopped: {res['stopped']}; continue with --resume)"
                                                               if res["stopped"] else "")
-        + f", {res['seconds']:.0f}s ({res.get('allocator', 'system')} malloc); calibration KL {res['calib_kl_before']:.4f} -> {res['calib_kl_after']:.4f}",
+        + f", {res['seconds']:.0f}s ({res['allocator']} malloc); calibration KL {res['calib_kl_before']:.4f} -> {res['calib_kl_after']:.4f}",
     ]
     if "eval_before" in res:
         b, a = res["eval_before"], res["eval_after"]
